@@ -1,0 +1,3 @@
+from fedlm.cli.main import FedLMCLI, cli, main
+
+__all__ = ["FedLMCLI", "cli", "main"]

@@ -1,0 +1,230 @@
+"""The p-tuning LightningModule: a frozen causal LM and a trainable prompt encoder."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from fedlm.model.backbone import DEFAULT_BACKBONE, Dtype, load_backbone
+from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, initial_table
+from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX, PromptTemplate
+
+
+# The frozen backbone is in eval mode on purpose; Lightning's warning about it would only alarm users.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint made for another backbone or encoder shape."""
+
+
+class PTuningModule(L.LightningModule):
+    """P-tuning of a frozen causal LM for text classification by scoring label words.
+
+    Args:
+        backbone: hub id, local model directory, ``.gguf`` file, or ``smollm2-135m-instruct`` (offline default).
+        dtype: dtype of the frozen backbone; the encoder always trains in fp32.
+        template: where virtual tokens, ``{sentence}`` and ``{label}`` go.
+        label_words: class name -> the text the model should produce after the prompt.
+        encoder: the prompt encoder's shape.
+        lr, weight_decay, warmup_steps: AdamW on the encoder, linear warm-up then constant.
+        max_length: longest sequence in tokens; longer sentences are truncated.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        dtype: Dtype = "fp32",
+        template: str = FPB_TEMPLATE,
+        label_words: dict[str, str] | None = None,
+        encoder: PromptEncoderConfig | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_length: int = 512,
+    ) -> None:
+        super().__init__()
+        encoder = PromptEncoderConfig(**encoder) if isinstance(encoder, dict) else encoder or PromptEncoderConfig()
+        label_words = dict(label_words or FPB_LABEL_WORDS)
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "backbone": backbone,
+                "dtype": dtype,
+                "template": template,
+                "label_words": label_words,
+                "encoder": asdict(encoder),
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "warmup_steps": warmup_steps,
+                "max_length": max_length,
+            }
+        )
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+
+        loaded = load_backbone(backbone, dtype)
+        self.backbone = loaded.model
+        self.backbone_source = loaded.source
+        self.tokenizer = loaded.tokenizer
+        self.template = PromptTemplate(template, loaded.tokenizer, encoder.virtual_tokens, label_words, max_length)
+        embeddings = self.backbone.get_input_embeddings().weight
+        tokenize = lambda text: loaded.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        self.encoder = PromptEncoder(encoder, embeddings.shape[1], initial_table(encoder, embeddings, tokenize))
+
+        num_classes = len(label_words)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.val_metrics, self.test_metrics = metrics.clone(prefix="val/"), metrics.clone(prefix="test/")
+        self.val_class_f1, self.test_class_f1 = (MulticlassF1Score(num_classes, average=None) for _ in range(2))
+        self.val_confusion, self.test_confusion = (MulticlassConfusionMatrix(num_classes) for _ in range(2))
+
+    # -- the frozen backbone -------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "PTuningModule":
+        super().train(mode)
+        self.backbone.eval()  # dropout and similar stay off in the frozen LM
+        return self
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "connect"):
+            datamodule.connect(self.template)
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def input_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with the encoder's virtual-token rows placed where the template put them."""
+        token_embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
+        table = self.encoder().to(token_embeds.dtype)  # computed once per step, shared by the batch
+        virtual = batch["virtual_index"]
+        return torch.where((virtual >= 0).unsqueeze(-1), table[virtual.clamp(min=0)], token_embeds)
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The base model without the LM head: logits are needed only at a few positions.
+        out = self.backbone.base_model(inputs_embeds=self.input_embeddings(batch), attention_mask=batch["attention_mask"])
+        return out.last_hidden_state
+
+    def answer_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities of the answer tokens (flattened) and the batch row each belongs to."""
+        targets = targets[:, 1:]
+        predicts_answer = targets != IGNORE_INDEX  # position t predicts token t+1
+        logits = self.backbone.get_output_embeddings()(hidden[:, :-1][predicts_answer]).float()
+        token_log_probs = -F.cross_entropy(logits, targets[predicts_answer], reduction="none")
+        return token_log_probs, predicts_answer.nonzero()[:, 0]
+
+    def loss_and_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean answer-token loss of the gold labels, and the (batch, classes) log-probability of each label word.
+
+        Classification is constrained scoring: the label word with the highest log-probability wins.
+        """
+        hidden = self.hidden_states(batch)
+        loss = -self.answer_log_probs(hidden, batch["targets"])[0].mean()
+        if self.template.single_token_answers:
+            # Every label word is one token: the gold pass already holds all of their scores.
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last_prompt = hidden[rows, batch["prompt_length"] - 1]
+            log_probs = F.log_softmax(self.backbone.get_output_embeddings()(last_prompt).float(), dim=-1)
+            return loss, log_probs[:, [answer[0] for answer in self.template.answers]]
+        candidates = {k: v.to(self.device) for k, v in self.template.candidates(batch).items()}
+        token_log_probs, rows = self.answer_log_probs(self.hidden_states(candidates), candidates["targets"])
+        totals = torch.zeros(len(candidates["label"]), device=self.device).index_add_(0, rows, token_log_probs)
+        return loss, totals.view(-1, len(self.template.answers))
+
+    # -- Lightning steps -----------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = -self.answer_log_probs(self.hidden_states(batch), batch["targets"])[0].mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], split: str) -> None:
+        loss, scores = self.loss_and_scores(batch)
+        preds, labels = scores.argmax(-1), batch["label"]
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(preds, labels)
+        getattr(self, f"{split}_class_f1").update(preds, labels)
+        getattr(self, f"{split}_confusion").update(preds, labels)
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        self.log_dict(metrics, prog_bar=True, batch_size=len(labels))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_per_class("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_per_class("test")
+
+    def _log_per_class(self, split: str) -> None:
+        """Per-class F1 and the confusion matrix, as scalars so that every logger can keep them."""
+        names = self.template.label_names
+        class_f1, confusion = getattr(self, f"{split}_class_f1"), getattr(self, f"{split}_confusion")
+        for name, f1 in zip(names, class_f1.compute()):
+            self.log(f"{split}/f1_{name}", f1)
+        matrix = confusion.compute()
+        for i, true in enumerate(names):
+            for j, pred in enumerate(names):
+                self.log(f"{split}/confusion/{true}_as_{pred}", matrix[i, j].float(), reduce_fx="sum")
+        class_f1.reset()
+        confusion.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        _, scores = self.loss_and_scores(batch)
+        probs = scores.softmax(-1)  # renormalized over the label words
+        return {
+            "label": [self.template.label_names[i] for i in probs.argmax(-1).tolist()],
+            "probs": probs.cpu(),
+        }
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        warmup = max(self.warmup_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints: encoder, inference table and hyperparameters; never the frozen LM ---------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.encoder.refresh_table()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
+        for key, value in self.encoder.state_dict().items():
+            checkpoint["state_dict"]["encoder." + key] = value
+        checkpoint["fedlm"] = {"backbone": self.backbone_source, "embed_dim": self.encoder.input_table.shape[1]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("fedlm")
+        if saved is None:
+            raise CheckpointMismatchError("this checkpoint was not written by fedlm (no 'fedlm' entry).")
+        if saved["embed_dim"] != self.encoder.input_table.shape[1]:
+            raise CheckpointMismatchError(
+                f"the checkpoint was trained on backbone {saved['backbone']!r} (embedding size {saved['embed_dim']}), "
+                f"but model.backbone={self.backbone_source!r} has embedding size {self.encoder.input_table.shape[1]}; "
+                "set model.backbone to the checkpoint's backbone."
+            )
+        own = self.encoder.state_dict()
+        for key, value in checkpoint["state_dict"].items():
+            name = key.removeprefix("encoder.")
+            if key.startswith("encoder.") and (name not in own or own[name].shape != value.shape):
+                raise CheckpointMismatchError(
+                    f"checkpoint tensor {key} {tuple(value.shape)} does not fit this model's encoder "
+                    f"({tuple(own[name].shape) if name in own else 'absent'}); set model.encoder to the values "
+                    "the checkpoint was trained with (see its hyper_parameters)."
+                )
+        # The frozen LM is not stored; put the loaded one back so that strict loading still checks the rest.
+        checkpoint["state_dict"].update({"backbone." + k: v for k, v in self.backbone.state_dict().items()})
+

@@ -1,0 +1,126 @@
+"""Prompt encoders: the only trainable part of fedlm, and the only thing federated clients exchange.
+
+Each encoder maps a learned input table of shape (virtual tokens, hidden) to the virtual-token embeddings
+fed to the frozen LM. In eval mode the output does not change between calls, so it is computed once and
+kept as the *inference table* (a buffer, saved in checkpoints, so prediction needs no encoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+EncoderType = Literal["mlp", "lstm", "embedding"]
+
+
+@dataclass
+class PromptEncoderConfig:
+    type: EncoderType = "mlp"
+    virtual_tokens: int | list[int] = 10  # a list gives one block per <|VIRTUAL_PROMPT_i|> marker
+    hidden_size: int = 512
+    num_layers: int = 2  # mlp: linear layers; lstm: stacked LSTM layers
+    dropout: float = 0.0
+    init_text: str | None = None  # None: random init; else the backbone embeddings of this text, repeated
+
+    @property
+    def total_virtual_tokens(self) -> int:
+        return self.virtual_tokens if isinstance(self.virtual_tokens, int) else sum(self.virtual_tokens)
+
+    def validate(self) -> None:
+        if self.type not in ("mlp", "lstm", "embedding"):
+            raise ValueError(f"model.encoder.type={self.type!r} is unknown; use 'mlp', 'lstm' or 'embedding'.")
+        counts = [self.virtual_tokens] if isinstance(self.virtual_tokens, int) else self.virtual_tokens
+        if not counts or any(n <= 0 for n in counts):
+            raise ValueError(f"model.encoder.virtual_tokens={self.virtual_tokens!r} must be positive (e.g. 10).")
+        if self.hidden_size <= 0 or self.num_layers <= 0:
+            raise ValueError("model.encoder.hidden_size and model.encoder.num_layers must be positive.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.encoder.dropout={self.dropout} must be in [0, 1).")
+
+
+def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class PromptEncoder(nn.Module):
+    def __init__(self, config: PromptEncoderConfig, embed_dim: int, init: torch.Tensor) -> None:
+        """``init`` is the (virtual tokens, embed_dim) starting input table (random or from a text)."""
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.input_table = nn.Parameter(init.detach().clone().float())
+        if config.type == "mlp":
+            hidden = [config.hidden_size] * (config.num_layers - 1)
+            self.head: nn.Module = mlp([embed_dim, *hidden, embed_dim], config.dropout)
+        elif config.type == "lstm":
+            self.lstm = nn.LSTM(
+                embed_dim,
+                config.hidden_size,
+                num_layers=config.num_layers,
+                dropout=config.dropout if config.num_layers > 1 else 0.0,
+                bidirectional=True,
+                batch_first=True,
+            )
+            self.head = mlp([2 * config.hidden_size, config.hidden_size, embed_dim], config.dropout)
+        self.register_buffer("inference_table", torch.zeros_like(self.input_table.data))
+        self._table_fresh = False
+
+    def compute(self) -> torch.Tensor:
+        if self.config.type == "embedding":
+            return self.input_table
+        x = self.input_table
+        if self.config.type == "lstm":
+            x = self.lstm(x.unsqueeze(0))[0].squeeze(0)
+        return self.head(x)
+
+    def forward(self) -> torch.Tensor:
+        """The virtual-token embeddings, (virtual tokens, embed_dim)."""
+        if self.training:
+            return self.compute()
+        if not self._table_fresh:
+            self.refresh_table()
+        return self.inference_table
+
+    @torch.no_grad()
+    def refresh_table(self) -> None:
+        was_training = self.training
+        self.eval()
+        self.inference_table.copy_(self.compute())
+        self._table_fresh = True
+        self.train(was_training)
+
+    def train(self, mode: bool = True) -> "PromptEncoder":
+        if mode:
+            self._table_fresh = False  # parameters are about to change
+        return super().train(mode)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        # A checkpoint's table was refreshed when it was saved, so it matches the loaded parameters.
+        self._table_fresh = prefix + "inference_table" in state_dict
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def initial_table(
+    config: PromptEncoderConfig, embeddings: torch.Tensor, tokenize: Any, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random rows with the backbone embeddings' scale, or the embeddings of ``config.init_text`` repeated."""
+    n = config.total_virtual_tokens
+    embeddings = embeddings.detach().float()
+    if config.init_text is None:
+        return torch.randn(n, embeddings.shape[1], generator=generator) * embeddings.std()
+    ids = tokenize(config.init_text)
+    if not ids:
+        raise ValueError(f"model.encoder.init_text={config.init_text!r} tokenizes to nothing.")
+    ids = (ids * (n // len(ids) + 1))[:n]
+    return embeddings[torch.tensor(ids)].clone()

@@ -1,0 +1,122 @@
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REAL_FPB, train_tokenizer
+
+from fedlm.data import DataError, FinancialPhraseBank, TextClassificationFiles
+from fedlm.data.sources import read_phrasebank, split_examples
+from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, PromptTemplate
+
+TEMPLATE = PromptTemplate(FPB_TEMPLATE, train_tokenizer(), 3, FPB_LABEL_WORDS)
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-8"])
+def test_phrasebank_lines_parse_in_both_encodings(tmp_path: Path, encoding: str) -> None:
+    file = write(tmp_path / "f.txt", "Profit rose to EUR 5 mn ; margin 3 % @ both@positive\n\nA café opened .@neutral\n", encoding)
+    examples = read_phrasebank(file)
+    assert [(e.text, e.label) for e in examples] == [
+        ("Profit rose to EUR 5 mn ; margin 3 % @ both", "positive"),
+        ("A café opened .", "neutral"),
+    ]
+    assert examples[1].origin == f"{file}:3"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("fine sentence@neutral\nno label separator here\n", r"f\.txt:2: no '@'"),
+        ("fine sentence@neutral\nbad label@bullish\n", r"f\.txt:2: unknown label 'bullish'"),
+        ("@neutral\n", r"f\.txt:1: empty sentence"),
+        ("\n\n", "holds no examples"),
+    ],
+)
+def test_phrasebank_errors_name_file_and_line(tmp_path: Path, content: str, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        read_phrasebank(write(tmp_path / "f.txt", content))
+
+
+def test_missing_folder_names_the_field_and_the_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEDLM_FPB_DIR", raising=False)
+    with pytest.raises(DataError, match="pass data.path .* FEDLM_FPB_DIR"):
+        FinancialPhraseBank().setup("fit")
+    with pytest.raises(DataError, match=f"{tmp_path}/Sentences_AllAgree.txt does not exist"):
+        FinancialPhraseBank(path=str(tmp_path)).setup("fit")
+
+
+def test_environment_variable_gives_the_folder(synthetic_fpb: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDLM_FPB_DIR", str(synthetic_fpb))
+    data = FinancialPhraseBank()
+    data.setup("fit")
+    assert sum(len(v) for v in data.splits.values()) == 120
+
+
+def test_empty_split_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "fpb"
+    folder.mkdir()
+    write(folder / "Sentences_AllAgree.txt", "one@neutral\ntwo@positive\n")
+    with pytest.raises(DataError, match="the 'val' split is empty"):
+        FinancialPhraseBank(path=str(folder)).setup("fit")
+
+
+@pytest.mark.skipif(not REAL_FPB.is_dir(), reason="Financial PhraseBank is not beside the project")
+def test_nemo_split_of_the_real_all_agree_file_is_1811_226_227() -> None:
+    data = FinancialPhraseBank(path=str(REAL_FPB))
+    data.setup("fit")
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 1811, "val": 226, "test": 227}
+    again = FinancialPhraseBank(path=str(REAL_FPB))
+    again.setup("fit")
+    assert data.splits == again.splits
+    texts = {split: {e.text for e in examples} for split, examples in data.splits.items()}
+    assert sum(len(v) for v in texts.values()) >= 2264 - 10  # a few duplicate sentences exist in the file
+
+
+def test_split_is_seeded_and_complete(synthetic_fpb: Path) -> None:
+    examples = read_phrasebank(synthetic_fpb / "Sentences_AllAgree.txt")
+    a, b, c = (split_examples(examples, 0.8, seed) for seed in (1, 1, 2))
+    assert a == b and a != c
+    assert sorted(e.origin for split in a.values() for e in split) == sorted(e.origin for e in examples)
+    assert [len(a[s]) for s in ("train", "val", "test")] == [96, 12, 12]
+
+
+def test_dataloader_pads_dynamically(synthetic_fpb: Path) -> None:
+    data = FinancialPhraseBank(path=str(synthetic_fpb), batch_size=4)
+    data.setup("fit")
+    data.connect(TEMPLATE)
+    lengths = [batch["input_ids"].shape[1] for batch in data.val_dataloader()]
+    longest = [max(int(m.sum()) for m in batch["attention_mask"]) for batch in data.val_dataloader()]
+    assert lengths == longest  # each batch is padded to its own longest example, not a global length
+
+
+def test_jsonl_and_csv_tables_with_custom_fields(tmp_path: Path) -> None:
+    rows = [{"headline": f"profit rose {i} .", "tone": ["positive", "negative", "neutral"][i % 3]} for i in range(30)]
+    jsonl = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows))
+    csv = write(tmp_path / "d.csv", "headline,tone\n" + "\n".join(f'"{r["headline"]}",{r["tone"]}' for r in rows))
+    for file in (jsonl, csv):
+        data = TextClassificationFiles(train_file=str(file), text_field="headline", label_field="tone")
+        data.setup("fit")
+        assert [len(data.splits[s]) for s in ("train", "val", "test")] == [24, 3, 3]
+        data.connect(TEMPLATE)
+        assert len(data.encoded("train")) == 24
+
+
+def test_table_errors_name_the_field_and_line(tmp_path: Path) -> None:
+    file = write(tmp_path / "d.jsonl", '{"text": "a", "label": "neutral"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: no value for field 'label'"):
+        TextClassificationFiles(train_file=str(file)).setup("fit")
+    with pytest.raises(DataError, match="val_file and data.test_file both"):
+        TextClassificationFiles(train_file=str(file), val_file=str(file))
+
+
+def test_label_outside_the_label_words_names_its_line(tmp_path: Path) -> None:
+    file = write(tmp_path / "d.jsonl", "\n".join('{"text": "x", "label": "%s"}' % lab for lab in ["neutral"] * 9 + ["bullish"]))
+    data = TextClassificationFiles(train_file=str(file), val_file=str(file), test_file=str(file))
+    data.setup("fit")
+    data.connect(TEMPLATE)
+    with pytest.raises(DataError, match=r"d\.jsonl:10: label 'bullish' is not in model.label_words"):
+        data.encoded("train")

@@ -1,0 +1,165 @@
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedlm.data import FinancialPhraseBank
+from fedlm.model import CheckpointMismatchError, PTuningModule
+from fedlm.model.template import EncodedExample
+
+
+def tiny_module(backbone: str, **kwargs) -> PTuningModule:
+    torch.manual_seed(0)
+    encoder = kwargs.pop("encoder", {"type": "mlp", "virtual_tokens": 3, "hidden_size": 16})
+    return PTuningModule(backbone=backbone, encoder=encoder, lr=1e-2, **kwargs)
+
+
+def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def batch_of(module: PTuningModule, sentences: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    return module.template.collate([module.template.encode(s, label) for s, label in sentences])
+
+
+SENTENCES = [("profit rose in the quarter .", "positive"), ("loss widened this year .", "negative")]
+
+
+def single_token_words(module: PTuningModule) -> dict[str, str]:
+    """Three label words that the tiny tokenizer keeps as one token each."""
+    words = []
+    for token_id in range(len(module.tokenizer)):
+        text = module.tokenizer.decode([token_id])
+        if text.startswith(" ") and module.tokenizer(text, add_special_tokens=False).input_ids == [token_id]:
+            words.append(text)
+    return dict(zip(["negative", "neutral", "positive"], words[:3]))
+
+
+def test_backbone_is_frozen_in_eval_mode_and_unchanged_by_training(tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    module = tiny_module(tiny_model_dir)
+    before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in module.encoder.named_parameters()}
+    trainer(tmp_path, limit_val_batches=0).fit(module, FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))
+    assert all(not p.requires_grad and p.grad is None for p in module.backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
+    assert any(not torch.equal(encoder_before[k], v) for k, v in module.encoder.named_parameters())
+    module.train()
+    assert not module.backbone.training and module.encoder.training
+
+
+def test_virtual_rows_replace_the_placeholder_embeddings(tiny_model_dir: str) -> None:
+    module = tiny_module(tiny_model_dir).eval()
+    batch = batch_of(module, SENTENCES)
+    embeds = module.input_embeddings(batch)
+    table = module.encoder()
+    tokens = module.backbone.get_input_embeddings()(batch["input_ids"])
+    for row in range(2):
+        for pos, v in enumerate(batch["virtual_index"][row].tolist()):
+            expected = table[v] if v >= 0 else tokens[row, pos]
+            assert torch.equal(embeds[row, pos], expected)
+    assert (batch["virtual_index"][:, :3] == torch.arange(3)).all()  # the default template starts with them
+
+
+def reference_scores(module: PTuningModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Label-word log-probabilities from the full Hugging Face forward, one candidate at a time."""
+    rows = []
+    for row in range(len(batch["label"])):
+        n = int(batch["prompt_length"][row])
+        scores = []
+        for answer in module.template.answers:
+            single = module.template.collate(
+                [
+                    EncodedExample(
+                        batch["input_ids"][row, :n].tolist() + answer,
+                        batch["virtual_index"][row, :n].tolist() + [-1] * len(answer),
+                        n,
+                        0,
+                    )
+                ]
+            )
+            logits = module.backbone(inputs_embeds=module.input_embeddings(single)).logits[0].float()
+            log_probs = F.log_softmax(logits, -1)
+            scores.append(sum(log_probs[n - 1 + i, t] for i, t in enumerate(answer)))
+        rows.append(torch.stack(scores))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("words", ["multi-token", "single-token"])
+def test_label_scores_equal_the_full_model_forward(tiny_model_dir: str, words: str) -> None:
+    module = tiny_module(tiny_model_dir)
+    if words == "single-token":
+        module = tiny_module(tiny_model_dir, label_words=single_token_words(module))
+        assert module.template.single_token_answers
+    else:
+        assert not module.template.single_token_answers
+    module.eval()
+    batch = batch_of(module, SENTENCES + [("the board met in Helsinki for the period according to the report .", "neutral")])
+    with torch.no_grad():
+        loss, scores = module.loss_and_scores(batch)
+        expected = reference_scores(module, batch)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+    gold = expected[torch.arange(3), batch["label"]]
+    answer_tokens = torch.tensor([len(module.template.answers[i]) for i in batch["label"]])
+    torch.testing.assert_close(loss, -(gold.sum() / answer_tokens.sum()), atol=1e-4, rtol=1e-4)
+
+
+def test_scoring_picks_the_label_a_hand_built_model_prefers(tiny_gpt2_dir: str) -> None:
+    module = tiny_module(tiny_gpt2_dir)
+    words = single_token_words(module)
+    module = tiny_module(tiny_gpt2_dir, label_words=words).eval()
+    positive = module.template.answers[module.template.label_ids["positive"]][0]
+    with torch.no_grad():
+        # Final layer norm outputs a constant vector aligned with the " positive" token's (tied) embedding.
+        wte = module.backbone.transformer.wte.weight
+        wte[positive] *= 50
+        module.backbone.transformer.ln_f.weight.zero_()
+        module.backbone.transformer.ln_f.bias.copy_(wte[positive])
+        module.encoder.refresh_table()
+        predictions = module.predict_step(batch_of(module, SENTENCES), 0)
+    assert predictions["label"] == ["positive", "positive"]
+    assert (predictions["probs"][:, 2] > 0.99).all()
+
+
+def test_checkpoint_round_trip_restores_predictions_and_holds_no_backbone(tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    module = tiny_module(tiny_model_dir, encoder={"type": "lstm", "virtual_tokens": 4, "hidden_size": 8, "dropout": 0.1})
+    data = FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8)
+    fit = trainer(tmp_path, limit_val_batches=0)
+    fit.fit(module, data)
+    path = tmp_path / "encoder.ckpt"
+    fit.save_checkpoint(path)
+
+    raw = torch.load(path, weights_only=True)
+    assert not any(k.startswith("backbone.") for k in raw["state_dict"])
+    assert "encoder.inference_table" in raw["state_dict"]
+    assert raw["hyper_parameters"]["encoder"]["type"] == "lstm"
+    assert path.stat().st_size < 1_000_000
+
+    module.eval()
+    batch = batch_of(module, SENTENCES)
+    with torch.no_grad():
+        expected = module.predict_step(batch, 0)["probs"]
+    restored = PTuningModule.load_from_checkpoint(path, weights_only=True).eval()
+    assert restored.encoder._table_fresh  # prediction uses the saved table, not a recomputation
+    with torch.no_grad():
+        assert torch.equal(restored.predict_step(batch, 0)["probs"], expected)
+
+
+def test_checkpoint_for_another_encoder_shape_is_refused(tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    fit = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    fit.fit(tiny_module(tiny_model_dir), FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))
+    fit.save_checkpoint(tmp_path / "a.ckpt")
+    other = tiny_module(tiny_model_dir, encoder={"type": "mlp", "virtual_tokens": 5, "hidden_size": 16})
+    with pytest.raises(CheckpointMismatchError, match="model.encoder"):
+        trainer(tmp_path).test(other, FinancialPhraseBank(path=str(synthetic_fpb)), ckpt_path=tmp_path / "a.ckpt")
