@@ -53,7 +53,15 @@ def build_tiny(arch: str, directory: Path) -> Path:
     tokenizer = train_tokenizer()
     torch.manual_seed(0)
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=128,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model = GPT2LMHeadModel(config)
     else:
         config = LlamaConfig(
@@ -64,6 +72,9 @@ def build_tiny(arch: str, directory: Path) -> Path:
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=128,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
         model = LlamaForCausalLM(config)
     model.save_pretrained(directory)

@@ -6,17 +6,61 @@ the resolved result.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
+from typing import Any
 
+from lightning import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from fedlm.checkpointing import AtomicCheckpointIO
 from fedlm.data import FinancialPhraseBank, TextClassificationData
+from fedlm.federation import ClientStrategy, FederatedLoop, FederationConfig
 from fedlm.model import PTuningModule
 
 
 class FedLMCLI(LightningCLI):
+    """LightningCLI plus an optional top-level ``federation:`` section (absent or null: centralized)."""
+
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.set_defaults({"data": {"class_path": f"{FinancialPhraseBank.__module__}.FinancialPhraseBank"}})
+        parser.add_argument("--federation", type=FederationConfig | None, default=None, help="federated rounds")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint (test_metrics.json)"
+        )
+
+    def after_fit(self) -> None:
+        if not self._get(self.config, "test_after_fit"):
+            return
+        has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
+        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+        if self.trainer.is_global_zero:
+            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            summary = {"checkpoint": self.trainer.checkpoint_callback.best_model_path if has_best else None, **results[0]}
+            (folder / "test_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"[fedlm] test metrics written to {folder / 'test_metrics.json'}", flush=True)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if not trainer_config.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        federation = self._get(self.config_init, "federation")
+        if federation is None:
+            return super().instantiate_trainer(**kwargs)
+        callbacks = trainer_config.get("callbacks") or []
+        kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), FederatedLoop(federation)]
+        kwargs["use_distributed_sampler"] = False  # each client samples its own shard
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            # Under torchrun: one process per rank, clients as process groups, no world-wide DDP.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            if trainer_config.get("strategy", "auto") == "auto":
+                kwargs["strategy"] = ClientStrategy()
+            kwargs["devices"], kwargs["num_nodes"] = local, world // local
+        return super().instantiate_trainer(**kwargs)
 
 
 def cli(args: list[str] | None = None) -> FedLMCLI:

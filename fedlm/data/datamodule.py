@@ -6,11 +6,15 @@ examples until the model connects its template in ``setup``; each split is then 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from fedlm.data.partition import iid_partition
+from fedlm.data.sampler import ClientBlock, RoundBatchSampler, ShardSampler
 from fedlm.data.sources import (
     Agreement,
     DataError,
@@ -21,6 +25,9 @@ from fedlm.data.sources import (
     split_examples,
 )
 from fedlm.model.template import EncodedExample, PromptTemplate, TemplateError
+
+if TYPE_CHECKING:
+    from fedlm.federation.topology import Topology
 
 SPLITS_FOR_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -37,28 +44,107 @@ class EncodedDataset(Dataset):
 
 
 class TextClassificationData(L.LightningDataModule):
-    """Base class: subclasses say where the examples come from (``load_splits``)."""
+    """Base class: subclasses say where the examples come from (``load_splits``, ``read_file``).
 
-    def __init__(self, batch_size: int = 16, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
+    Training batches come from a seeded ``RoundBatchSampler`` in centralized and federated runs alike, so a
+    run is reproducible from its seeds and one client holding all data trains exactly like centralized.
+
+    Args:
+        client_files: one training file per client, in the same format as the dataset (a site holds only its
+            own file; a rank opens only the files of the clients it hosts). Without it, the training split is
+            partitioned IID among the clients with ``partition_seed``. Validation and test stay shared.
+        local_client, local_clients: train without federation on client ``local_client``'s data alone, out of
+            ``local_clients`` clients (the local-only baseline: the same shard that client has when federated).
+        shuffle_seed: seed of the training batch order.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        client_files: list[str] | None = None,
+        partition_seed: int = 1234,
+        local_client: int | None = None,
+        local_clients: int | None = None,
+        shuffle_seed: int = 1234,
+    ) -> None:
         super().__init__()
+        if (local_client is None) != (local_clients is None) or (
+            local_client is not None and not 0 <= local_client < local_clients
+        ):
+            raise DataError(
+                f"data.local_client={local_client} and data.local_clients={local_clients}: give both, with "
+                "0 <= local_client < local_clients, or neither."
+            )
         if batch_size <= 0:
             raise DataError(f"data.batch_size={batch_size} must be positive.")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.client_files, self.partition_seed = client_files, partition_seed
+        self.local_client, self.local_clients = local_client, local_clients
+        self.shuffle_seed = shuffle_seed
         self.splits: dict[str, list[Example]] = {}
         self.template: PromptTemplate | None = None
         self._encoded: dict[str, EncodedDataset] = {}
+        # Set by federate(); the centralized defaults are one client that holds the whole training split.
+        self.train_examples: list[Example] | None = None
+        self.blocks: list[ClientBlock] | None = None
+        self.rank_in_client, self.ranks_per_client = 0, 1
+        self.eval_shard: tuple[int, int] | None = None  # (rank, world): each rank evaluates its share
 
     def load_splits(self) -> dict[str, list[Example]]:
+        raise NotImplementedError
+
+    def read_file(self, path: str) -> list[Example]:
+        """Read one client's training file (same format as the dataset)."""
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
         if not self.splits:
             self.splits = self.load_splits()
+        if self.local_client is not None and self.train_examples is None:
+            self.train_examples = self.client_examples(self.local_client, self.local_clients)
         for split in SPLITS_FOR_STAGE.get(stage, ()):
+            if split == "train" and self.train_examples is not None:
+                continue
             if not self.splits.get(split):
                 raise DataError(f"the {split!r} split is empty ({type(self).__name__}); check the data path and sizes.")
+
+    def client_examples(self, client: int, num_clients: int) -> list[Example]:
+        """A client's training examples: its own file, or its part of an IID partition of the train split."""
+        if self.client_files is not None:
+            if len(self.client_files) != num_clients:
+                raise DataError(
+                    f"data.client_files has {len(self.client_files)} entries for {num_clients} clients; give one "
+                    "training file per client."
+                )
+            return self.read_file(self.client_files[client])
+        train = self.splits["train"]
+        return [train[i] for i in iid_partition(len(train), num_clients, self.partition_seed)[client]]
+
+    def federate(self, topology: Topology, local_steps: int | None, local_epochs: float | None) -> list[ClientBlock]:
+        """Keep only the training examples of the clients this rank hosts; return their per-round blocks."""
+        if self.local_client is not None:
+            raise DataError("data.local_client trains one client alone; remove it, or the federation section.")
+        hosted = topology.hosted_clients
+        shards = {k: self.client_examples(k, topology.num_clients) for k in hosted}
+        global_batch = self.batch_size * topology.ranks_per_client
+        blocks, start = [], 0
+        for k in hosted:
+            size = len(shards[k])
+            if size == 0:
+                raise DataError(f"client {k} has no training examples; check data.client_files or federation.clients.")
+            steps = local_steps if local_steps is not None else math.ceil(local_epochs * size / global_batch)
+            blocks.append(ClientBlock(k, tuple(range(start, start + size)), max(1, steps)))
+            start += size
+        self.train_examples = [example for k in hosted for example in shards[k]]
+        self.blocks = blocks
+        self.rank_in_client, self.ranks_per_client = topology.rank_in_client, topology.ranks_per_client
+        self.eval_shard = (topology.rank, topology.world_size) if topology.world_size > 1 else None
+        self._encoded.pop("train", None)
+        return blocks
 
     def connect(self, template: PromptTemplate) -> None:
         """Called by the model: encode with its tokenizer and template."""
@@ -69,8 +155,9 @@ class TextClassificationData(L.LightningDataModule):
         if self.template is None:
             raise RuntimeError("the datamodule is not connected to a model template; call connect(model.template).")
         if split not in self._encoded:
+            source = self.train_examples if split == "train" and self.train_examples is not None else self.splits[split]
             examples = []
-            for example in self.splits[split]:
+            for example in source:
                 try:
                     examples.append(self.template.encode(example.text, example.label))
                 except TemplateError as err:
@@ -78,27 +165,35 @@ class TextClassificationData(L.LightningDataModule):
             self._encoded[split] = EncodedDataset(examples)
         return self._encoded[split]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def train_dataloader(self) -> DataLoader:
         assert self.template is not None
+        dataset = self.encoded("train")
+        blocks = self.blocks or [
+            ClientBlock(0, tuple(range(len(dataset))), math.ceil(len(dataset) / self.batch_size))
+        ]
+        sampler = RoundBatchSampler(blocks, self.batch_size, self.shuffle_seed, self.rank_in_client, self.ranks_per_client)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.template.collate, num_workers=self.num_workers)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        assert self.template is not None
+        dataset = self.encoded(split)
+        sampler = ShardSampler(len(dataset), *self.eval_shard) if self.eval_shard else None
         return DataLoader(
-            self.encoded(split),
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=sampler,
             collate_fn=self.template.collate,
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")
 
 
 class FinancialPhraseBank(TextClassificationData):
@@ -107,6 +202,7 @@ class FinancialPhraseBank(TextClassificationData):
     Args:
         path: the ``FinancialPhraseBank-v1.0`` folder; defaults to the ``FEDLM_FPB_DIR`` environment variable.
         agreement: which file: sentences with at least 50, 66, 75 percent or all annotators agreeing.
+        **kwargs: batching, client and seed options of ``TextClassificationData``.
     """
 
     def __init__(
@@ -115,17 +211,21 @@ class FinancialPhraseBank(TextClassificationData):
         agreement: Agreement = "all",
         train_fraction: float = 0.8,
         split_seed: int = 1234,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(**kwargs)
         self.path, self.agreement = path, agreement
         self.train_fraction, self.split_seed = train_fraction, split_seed
 
     def load_splits(self) -> dict[str, list[Example]]:
         examples = read_phrasebank(phrasebank_file(self.path, self.agreement))
         return split_examples(examples, self.train_fraction, self.split_seed)
+
+    def read_file(self, path: str) -> list[Example]:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise DataError(f"data.client_files: {file} does not exist.")
+        return read_phrasebank(file)
 
 
 class TextClassificationFiles(TextClassificationData):
@@ -145,19 +245,19 @@ class TextClassificationFiles(TextClassificationData):
         label_field: str = "label",
         train_fraction: float = 0.8,
         split_seed: int = 1234,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(**kwargs)
         if (val_file is None) != (test_file is None):
             raise DataError("give data.val_file and data.test_file both, or neither (then train_file is split).")
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.text_field, self.label_field = text_field, label_field
         self.train_fraction, self.split_seed = train_fraction, split_seed
 
+    def read_file(self, path: str) -> list[Example]:
+        return read_table(Path(path).expanduser(), self.text_field, self.label_field)
+
     def load_splits(self) -> dict[str, list[Example]]:
-        read = lambda file: read_table(Path(file).expanduser(), self.text_field, self.label_field)  # noqa: E731
         if self.files["val"] is None:
-            return split_examples(read(self.files["train"]), self.train_fraction, self.split_seed)
-        return {split: read(file) for split, file in self.files.items()}
+            return split_examples(self.read_file(self.files["train"]), self.train_fraction, self.split_seed)
+        return {split: self.read_file(file) for split, file in self.files.items()}

@@ -1,0 +1,78 @@
+"""Batch samplers that make federated and centralized runs reproducible batch for batch.
+
+Each client draws from an endless stream of its own examples: shuffle 0, then shuffle 1, ... each seeded from
+(seed, client, pass). A round takes the next ``steps`` global batches of that stream, so what a client sees
+depends only on the seed, its data and the round index: not on which rank hosts it, nor on whether the run was
+resumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch.utils.data import Sampler
+
+from fedlm.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class ClientBlock:
+    client: int
+    indices: tuple[int, ...]  # the client's examples, as indices into the training dataset
+    steps: int  # local optimizer steps per round
+
+
+class RoundBatchSampler(Sampler[list[int]]):
+    """Per round (Lightning epoch): ``block.steps`` batches of each block's client, blocks in order.
+
+    With ``ranks_per_client > 1`` every rank of a client walks the same stream and takes its own slice of each
+    global batch, which is data parallelism within the client.
+    """
+
+    def __init__(
+        self, blocks: list[ClientBlock], batch_size: int, seed: int, rank_in_client: int = 0, ranks_per_client: int = 1
+    ) -> None:
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.rank_in_client, self.ranks_per_client = rank_in_client, ranks_per_client
+        self.round = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at every epoch, i.e. every round."""
+        self.round = epoch
+
+    def __len__(self) -> int:
+        return sum(block.steps for block in self.blocks)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        global_batch = self.batch_size * self.ranks_per_client
+        for block in self.blocks:
+            start = self.round * block.steps * global_batch
+            for step in range(block.steps):
+                first = start + step * global_batch + self.rank_in_client * self.batch_size
+                yield [block.indices[self._position(block.client, len(block.indices), p)] for p in range(first, first + self.batch_size)]
+
+    def _position(self, client: int, size: int, position: int) -> int:
+        shuffle, offset = divmod(position, size)
+        return _permutation(self.seed, client, shuffle, size)[offset]
+
+
+@lru_cache(maxsize=64)
+def _permutation(seed: int, client: int, shuffle: int, size: int) -> list[int]:
+    generator = torch.Generator().manual_seed(derive_seed("data", seed, client, shuffle))
+    return torch.randperm(size, generator=generator).tolist()
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world``-th example from ``rank``, without the padding DistributedSampler adds (honest metrics)."""
+
+    def __init__(self, size: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, size, world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)

@@ -1,0 +1,230 @@
+"""Federated rounds: topology, data streams, and real multi-process torchrun runs on gloo."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import synthetic_sentences
+
+from fedlm.data import FinancialPhraseBank
+from fedlm.data.partition import iid_partition
+from fedlm.data.sampler import ClientBlock, RoundBatchSampler
+from fedlm.federation import FederationConfig, Topology, TopologyError
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+# -- topology, partition, sampler ------------------------------------------------------------------------
+
+
+def test_topology_maps_ranks_to_clients_both_ways() -> None:
+    groups = [Topology(2, 4, r) for r in range(4)]
+    assert [t.hosted_clients for t in groups] == [[0], [0], [1], [1]]
+    assert [t.rank_in_client for t in groups] == [0, 1, 0, 1]
+    assert groups[3].client_ranks(1) == [2, 3]
+    simulated = [Topology(4, 2, r) for r in range(2)]
+    assert [t.hosted_clients for t in simulated] == [[0, 1], [2, 3]]
+    assert Topology(3, 1, 0).hosted_clients == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("clients", "world"), [(2, 3), (3, 2), (4, 6)])
+def test_world_size_that_does_not_fit_the_clients_is_refused(clients: int, world: int) -> None:
+    with pytest.raises(TopologyError, match=f"world size {world} does not fit federation.clients={clients}"):
+        Topology(clients, world, 0)
+
+
+def test_iid_partition_is_disjoint_complete_near_equal_and_seeded() -> None:
+    parts = iid_partition(1811, 3, seed=1)
+    assert sorted(i for p in parts for i in p) == list(range(1811))
+    assert [len(p) for p in parts] == [603, 604, 604]
+    assert parts == iid_partition(1811, 3, seed=1) and parts != iid_partition(1811, 3, seed=2)
+    with pytest.raises(ValueError, match="federation.clients=5 is more than the 4 training examples"):
+        iid_partition(4, 5, seed=0)
+
+
+def test_round_sampler_streams_do_not_depend_on_the_hosting_rank() -> None:
+    a, b = ClientBlock(0, tuple(range(0, 10)), 3), ClientBlock(1, tuple(range(10, 17)), 2)
+    together = RoundBatchSampler([a, b], batch_size=4, seed=3)
+    alone_b = RoundBatchSampler([ClientBlock(1, tuple(range(0, 7)), 2)], batch_size=4, seed=3)
+    for round_index in range(3):
+        together.set_epoch(round_index)
+        alone_b.set_epoch(round_index)
+        batches = list(together)
+        assert len(batches) == 5 and all(len(x) == 4 for x in batches)
+        assert all(i < 10 for x in batches[:3] for i in x) and all(i >= 10 for x in batches[3:] for i in x)
+        assert [[i - 10 for i in x] for x in batches[3:]] == list(alone_b)
+
+
+def test_round_sampler_covers_each_client_once_per_pass_and_splits_batches_over_client_ranks() -> None:
+    block = ClientBlock(0, tuple(range(12)), 3)
+    single = RoundBatchSampler([block], batch_size=4, seed=0)
+    assert sorted(i for x in single for i in x) == list(range(12))  # one round = one pass here
+    ranks = [RoundBatchSampler([block], 2, 0, rank_in_client=r, ranks_per_client=2) for r in range(2)]
+    for step, (x0, x1) in enumerate(zip(*ranks)):
+        assert x0 + x1 == list(single)[step]  # rank 0 and rank 1 take the two halves of each global batch
+
+
+def test_federation_config_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match="exactly one of federation.local_steps and federation.local_epochs"):
+        FederationConfig(clients=3, rounds=2).validate()
+    with pytest.raises(ValueError, match="federation.rounds=0"):
+        FederationConfig(clients=3, rounds=0, local_steps=1).validate()
+
+
+def test_client_files_give_each_client_only_its_own_file(synthetic_fpb: Path, tmp_path: Path) -> None:
+    files = []
+    for k, n in enumerate([5, 9]):
+        path = tmp_path / f"site{k}.txt"
+        path.write_text("\n".join(f"{s}@{label}" for s, label in synthetic_sentences(n, seed=k)))
+        files.append(str(path))
+    data = FinancialPhraseBank(path=str(synthetic_fpb), client_files=files + [str(tmp_path / "missing.txt")])
+    data.setup("fit")
+    blocks = data.federate(Topology(3, 3, 1), local_steps=None, local_epochs=1.0)
+    assert [(b.client, len(b.indices)) for b in blocks] == [(1, 9)]  # rank 1 never opens the other files
+    assert [e.origin.split(":")[0] for e in data.train_examples] == [files[1]] * 9
+    with pytest.raises(Exception, match="data.client_files: .*missing.txt does not exist"):
+        data.federate(Topology(3, 3, 2), local_steps=1, local_epochs=None)
+    with pytest.raises(Exception, match="data.client_files has 3 entries for 2 clients"):
+        data.federate(Topology(2, 1, 0), local_steps=1, local_epochs=None)
+
+
+def test_local_only_run_trains_on_exactly_the_shard_its_client_has_when_federated(synthetic_fpb: Path) -> None:
+    federated = FinancialPhraseBank(path=str(synthetic_fpb))
+    federated.setup("fit")
+    federated.federate(Topology(3, 1, 0), local_steps=1, local_epochs=None)
+    for client in range(3):
+        alone = FinancialPhraseBank(path=str(synthetic_fpb), local_client=client, local_clients=3)
+        alone.setup("fit")
+        shard = federated.train_examples[federated.blocks[client].indices[0] : federated.blocks[client].indices[-1] + 1]
+        assert alone.train_examples == shard and len(shard) == 32
+    with pytest.raises(Exception, match="data.local_client=3 and data.local_clients=3"):
+        FinancialPhraseBank(path=str(synthetic_fpb), local_client=3, local_clients=3)
+
+
+# -- real runs -------------------------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, backbone: str, fpb: Path, federation: dict | None, **trainer) -> Path:
+    config = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": False,
+            "enable_checkpointing": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 1,
+            "default_root_dir": str(tmp_path),
+            **trainer,
+        },
+        "model": {"backbone": backbone, "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8}, "lr": 0.05},
+        "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 4}},
+        "federation": federation,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_ranks(tmp_path: Path, config: Path, nproc: int, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    out = tmp_path / f"out-{nproc}"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    if nproc == 1:
+        launcher = [sys.executable]
+    result = subprocess.run(
+        [*launcher, str(TESTS / "federated_worker.py"), str(out), "fit", "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    records = [torch.load(out / f"rank{r}.pt") for r in range(nproc)] if result.returncode == 0 else []
+    return result, records
+
+
+FEDERATION = {"clients": 2, "rounds": 3, "local_steps": 3, "weighting": "samples", "seed": 5}
+
+
+def check_rounds(records: list[dict], clients_of_rank: list[int]) -> None:
+    for round_index in range(3):
+        rounds = [r["rounds"][round_index] for r in records]
+        # after averaging, every rank holds bitwise the same global encoder
+        for other in rounds[1:]:
+            assert torch.equal(other["global"], rounds[0]["global"])
+        # before averaging, ranks of one client agree and different clients differ
+        local = {}
+        for rank, client in enumerate(clients_of_rank):
+            params = rounds[rank]["client_params"][client]
+            if client in local:
+                assert torch.equal(params, local[client])
+            local[client] = params
+        values = list(local.values())
+        assert all(not torch.equal(values[0], v) for v in values[1:])
+        # the global encoder is the sample-weighted average of the clients' encoders
+        weights = {k: w for r in rounds for k, w in r["weights"].items()}
+        expected = sum(weights[k] * local[k].double() for k in local) / sum(weights.values())
+        torch.testing.assert_close(rounds[0]["global"], expected.float(), rtol=0, atol=1e-6)
+        # the frozen LM never changes
+        assert len({r["backbone"] for r in rounds}) == 1
+    first_backbone = records[0]["rounds"][0]["backbone"]
+    assert all(r["rounds"][-1]["backbone"] == first_backbone for r in records)
+
+
+def test_two_clients_of_two_ranks(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    result, records = run_ranks(tmp_path, write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION), 4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_rounds(records, clients_of_rank=[0, 0, 1, 1])
+    assert "2 clients, 2 rank(s) per client" in result.stdout
+
+
+def test_four_clients_of_one_rank(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "clients": 4})
+    result, records = run_ranks(tmp_path, config, 4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_rounds(records, clients_of_rank=[0, 1, 2, 3])
+
+
+def test_single_process_simulation_equals_the_multi_process_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
+    result, (simulated,) = run_ranks(tmp_path, config, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 clients, 1 rank(s) per client, hosting client 0" in result.stdout
+    result, records = run_ranks(tmp_path, config, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for round_index in range(3):
+        torch.testing.assert_close(simulated["rounds"][round_index]["global"], records[0]["rounds"][round_index]["global"])
+        for client in (0, 1):
+            torch.testing.assert_close(
+                simulated["rounds"][round_index]["client_params"][client],
+                records[client]["rounds"][round_index]["client_params"][client],
+            )
+
+
+def test_world_wide_ddp_collapses_clients_and_is_detected(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    """Negative control: with gradients synced over the world, clients stop being clients."""
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION, strategy="ddp")
+    result, _ = run_ranks(tmp_path, config, 2)
+    assert result.returncode != 0
+    assert "CollapsedClientsError: all clients ended the round with identical encoders" in result.stderr
+
+
+def test_one_client_with_all_data_trains_exactly_like_centralized(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    for name in ("c", "f"):
+        (tmp_path / name).mkdir()
+    central = write_config(tmp_path / "c", tiny_gpt2_dir, synthetic_fpb, None, max_epochs=3)
+    result, (centralized,) = run_ranks(tmp_path / "c", central, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_client = {"clients": 1, "rounds": 3, "local_epochs": 1.0, "seed": 5}
+    result, (federated,) = run_ranks(tmp_path / "f", write_config(tmp_path / "f", tiny_gpt2_dir, synthetic_fpb, one_client), 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(federated["losses"]) == len(centralized["losses"]) == 3 * 24  # 96 examples / batch 4, 3 epochs
+    assert federated["losses"] == centralized["losses"]  # step for step
+    assert torch.equal(federated["rounds"][-1]["global"], centralized["rounds"][-1]["global"])
