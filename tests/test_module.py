@@ -163,3 +163,15 @@ def test_checkpoint_for_another_encoder_shape_is_refused(tiny_model_dir: str, sy
     other = tiny_module(tiny_model_dir, encoder={"type": "mlp", "virtual_tokens": 5, "hidden_size": 16})
     with pytest.raises(CheckpointMismatchError, match="model.encoder"):
         trainer(tmp_path).test(other, FinancialPhraseBank(path=str(synthetic_fpb)), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_validate_before_fit_then_validate_during_fit(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    """Metric state made under validate's inference mode must not break fit's no-grad validation."""
+    module = tiny_module(tiny_gpt2_dir)
+    data = FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8)
+    run = trainer(tmp_path, max_steps=-1, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    before = run.validate(module, data, verbose=False)[0]
+    run.fit(module, data)
+    after = run.callback_metrics
+    assert sum(v for k, v in before.items() if k.startswith("val/confusion/")) == 8
+    assert sum(float(v) for k, v in after.items() if k.startswith("val/confusion/")) == 8

@@ -164,6 +164,18 @@ class PTuningModule(L.LightningModule):
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log_dict(metrics, prog_bar=True, batch_size=len(labels))
 
+    def on_validation_epoch_start(self) -> None:
+        self._reset_per_class("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_per_class("test")
+
+    def _reset_per_class(self, split: str) -> None:
+        # Reset here, not after logging: state made under `validate`'s inference mode could not be updated by
+        # fit's validation (no-grad mode) later.
+        getattr(self, f"{split}_class_f1").reset()
+        getattr(self, f"{split}_confusion").reset()
+
     def on_validation_epoch_end(self) -> None:
         self._log_per_class("val")
 
@@ -180,8 +192,6 @@ class PTuningModule(L.LightningModule):
         for i, true in enumerate(names):
             for j, pred in enumerate(names):
                 self.log(f"{split}/confusion/{true}_as_{pred}", matrix[i, j].float(), reduce_fx="sum")
-        class_f1.reset()
-        confusion.reset()
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         _, scores = self.loss_and_scores(batch)
