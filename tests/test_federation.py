@@ -228,3 +228,24 @@ def test_one_client_with_all_data_trains_exactly_like_centralized(tiny_gpt2_dir:
     assert len(federated["losses"]) == len(centralized["losses"]) == 3 * 24  # 96 examples / batch 4, 3 epochs
     assert federated["losses"] == centralized["losses"]  # step for step
     assert torch.equal(federated["rounds"][-1]["global"], centralized["rounds"][-1]["global"])
+
+
+def test_round_checkpoint_holds_the_round_index_and_the_global_encoder(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    from fedlm.cli import cli
+
+    config = write_config(
+        tmp_path,
+        tiny_gpt2_dir,
+        synthetic_fpb,
+        FEDERATION,
+        enable_checkpointing=True,
+        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],
+    )
+    run = cli(["fit", "--config", str(config)])
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if "FederatedLoop" in k]
+    assert state["completed_rounds"] == checkpoint["epoch"] + 1 == 3
+    encoder = torch.cat([checkpoint["state_dict"][f"encoder.{n}"].reshape(-1) for n, _ in run.model.encoder.named_parameters()])
+    assert torch.equal(state["global_params"], encoder)
+    assert not any(k.startswith("backbone.") for k in checkpoint["state_dict"])
+    assert not list((tmp_path / "ckpt").glob("*.partial"))

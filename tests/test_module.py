@@ -151,7 +151,7 @@ def test_checkpoint_round_trip_restores_predictions_and_holds_no_backbone(tiny_m
     with torch.no_grad():
         expected = module.predict_step(batch, 0)["probs"]
     restored = PTuningModule.load_from_checkpoint(path, weights_only=True).eval()
-    assert restored.encoder._table_fresh  # prediction uses the saved table, not a recomputation
+    assert restored.encoder._table_params is not None  # prediction uses the saved table, not a recomputation
     with torch.no_grad():
         assert torch.equal(restored.predict_step(batch, 0)["probs"], expected)
 
@@ -175,3 +175,16 @@ def test_validate_before_fit_then_validate_during_fit(tiny_gpt2_dir: str, synthe
     after = run.callback_metrics
     assert sum(v for k, v in before.items() if k.startswith("val/confusion/")) == 8
     assert sum(float(v) for k, v in after.items() if k.startswith("val/confusion/")) == 8
+
+
+def test_validation_during_fit_sees_the_trained_encoder(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    """Lightning flips .training flags between training and validation; the inference table must follow."""
+    module = tiny_module(tiny_gpt2_dir)
+    run = trainer(tmp_path, max_steps=-1, max_epochs=2, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=1)
+    run.fit(module, FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(module.encoder(), module.encoder.compute())
+        batch = next(iter(run.datamodule.val_dataloader()))
+        loss, _ = module.loss_and_scores(batch)
+    torch.testing.assert_close(run.callback_metrics["val/loss"], loss)

@@ -210,10 +210,7 @@ class PTuningModule(L.LightningModule):
     # -- checkpoints: encoder, inference table and hyperparameters; never the frozen LM ---------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.encoder.refresh_table()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
-        for key, value in self.encoder.state_dict().items():
-            checkpoint["state_dict"]["encoder." + key] = value
         checkpoint["fedlm"] = {"backbone": self.backbone_source, "embed_dim": self.encoder.input_table.shape[1]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,8 +1,10 @@
 """Prompt encoders: the only trainable part of fedlm, and the only thing federated clients exchange.
 
 Each encoder maps a learned input table of shape (virtual tokens, hidden) to the virtual-token embeddings
-fed to the frozen LM. In eval mode the output does not change between calls, so it is computed once and
-kept as the *inference table* (a buffer, saved in checkpoints, so prediction needs no encoder).
+fed to the frozen LM. In eval mode the output depends only on the parameters, so it is computed once and kept
+as the *inference table* (a buffer, saved in checkpoints, so prediction needs no encoder). The table is
+recomputed whenever the parameters differ from those it was computed from, however they changed (optimizer
+step, FedAvg, load_state_dict): mode flags are no signal, since Lightning restores ``.training`` directly.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
 EncoderType = Literal["mlp", "lstm", "embedding"]
 
@@ -71,7 +74,8 @@ class PromptEncoder(nn.Module):
             )
             self.head = mlp([2 * config.hidden_size, config.hidden_size, embed_dim], config.dropout)
         self.register_buffer("inference_table", torch.zeros_like(self.input_table.data))
-        self._table_fresh = False
+        self._table_params: torch.Tensor | None = None  # the parameters the table was computed from
+        self.register_load_state_dict_post_hook(_loaded_table_is_current)
 
     def compute(self) -> torch.Tensor:
         if self.config.type == "embedding":
@@ -85,30 +89,35 @@ class PromptEncoder(nn.Module):
         """The virtual-token embeddings, (virtual tokens, embed_dim)."""
         if self.training:
             return self.compute()
-        if not self._table_fresh:
-            self.refresh_table()
+        self.refresh_table()
         return self.inference_table
+
+    def _parameters_now(self) -> torch.Tensor:
+        return parameters_to_vector(self.parameters()).detach()
 
     @torch.no_grad()
     def refresh_table(self) -> None:
+        """Recompute the inference table (in eval mode: no dropout) unless the parameters are unchanged."""
+        params = self._parameters_now()
+        if self._table_params is not None and torch.equal(params, self._table_params):
+            return
         was_training = self.training
         self.eval()
         self.inference_table.copy_(self.compute())
-        self._table_fresh = True
         self.train(was_training)
+        self._table_params = params
 
-    def train(self, mode: bool = True) -> "PromptEncoder":
-        if mode:
-            self._table_fresh = False  # parameters are about to change
-        return super().train(mode)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        # A checkpoint's table was refreshed when it was saved, so it matches the loaded parameters.
-        self._table_fresh = prefix + "inference_table" in state_dict
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        self.refresh_table()  # a saved table always matches the saved parameters
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _loaded_table_is_current(module: PromptEncoder, incompatible_keys: Any) -> None:
+    """A loaded table was saved with the loaded parameters, so it is current: prediction needs no recomputation."""
+    module._table_params = module._parameters_now()
 
 
 def initial_table(
