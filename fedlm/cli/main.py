@@ -53,6 +53,7 @@ class FedLMCLI(LightningCLI):
         callbacks = trainer_config.get("callbacks") or []
         kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), FederatedLoop(federation)]
         kwargs["use_distributed_sampler"] = False  # each client samples its own shard
+        kwargs["max_epochs"] = federation.rounds  # one epoch per round
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:
             # Under torchrun: one process per rank, clients as process groups, no world-wide DDP.
