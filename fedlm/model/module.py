@@ -13,6 +13,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from fedlm.model.backbone import DEFAULT_BACKBONE, Dtype, load_backbone
+from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, initial_table
 from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX, PromptTemplate
 
@@ -36,6 +37,10 @@ class PTuningModule(L.LightningModule):
         encoder: the prompt encoder's shape.
         lr, weight_decay, warmup_steps: AdamW on the encoder, linear warm-up then constant.
         max_length: longest sequence in tokens; longer sentences are truncated.
+        cache_prefix: compute the frozen LM's key/values of the text before the first virtual token once per
+            distinct prefix and run forward/backward over the rest only (exact; needs a template that starts with
+            text, e.g. ``"{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"``).
+        cache_dtype: storage dtype of the cached key/values; bf16 halves the memory at a small loss of precision.
     """
 
     def __init__(
@@ -49,6 +54,8 @@ class PTuningModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         max_length: int = 512,
+        cache_prefix: bool = False,
+        cache_dtype: Dtype = "fp32",
     ) -> None:
         super().__init__()
         encoder = PromptEncoderConfig(**encoder) if isinstance(encoder, dict) else encoder or PromptEncoderConfig()
@@ -65,6 +72,8 @@ class PTuningModule(L.LightningModule):
                 "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps,
                 "max_length": max_length,
+                "cache_prefix": cache_prefix,
+                "cache_dtype": cache_dtype,
             }
         )
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
@@ -74,6 +83,13 @@ class PTuningModule(L.LightningModule):
         self.backbone_source = loaded.source
         self.tokenizer = loaded.tokenizer
         self.template = PromptTemplate(template, loaded.tokenizer, encoder.virtual_tokens, label_words, max_length)
+        if cache_prefix and isinstance(self.template.pieces[0], int):
+            raise ValueError(
+                f"model.cache_prefix=true caches the text before the first virtual token, but model.template="
+                f"{template!r} starts with a virtual token, so there is nothing to cache. Put text first, e.g. "
+                "'{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}', or set model.cache_prefix=false."
+            )
+        self.prefix_cache = PrefixCache(self.backbone, cache_dtype) if cache_prefix else None
         embeddings = self.backbone.get_input_embeddings().weight
         tokenize = lambda text: loaded.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
         self.encoder = PromptEncoder(encoder, embeddings.shape[1], initial_table(encoder, embeddings, tokenize))
@@ -110,10 +126,26 @@ class PTuningModule(L.LightningModule):
         virtual = batch["virtual_index"]
         return torch.where((virtual >= 0).unsqueeze(-1), table[virtual.clamp(min=0)], token_embeds)
 
-    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # The base model without the LM head: logits are needed only at a few positions.
-        out = self.backbone.base_model(inputs_embeds=self.input_embeddings(batch), attention_mask=batch["attention_mask"])
-        return out.last_hidden_state
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Last hidden states and the batch they align with: the batch itself, or its suffixes if the prefix is cached.
+
+        The base model without the LM head: logits are needed only at a few positions.
+        """
+        if self.prefix_cache is None:
+            out = self.backbone.base_model(
+                inputs_embeds=self.input_embeddings(batch), attention_mask=batch["attention_mask"]
+            )
+            return out.last_hidden_state, batch
+        prefixes, suffix = split_at_first_virtual(batch)
+        past, past_mask = self.prefix_cache.past(prefixes)
+        out = self.backbone.base_model(
+            inputs_embeds=self.input_embeddings(suffix),
+            attention_mask=torch.cat([past_mask, suffix["attention_mask"]], dim=1),
+            position_ids=suffix["position_ids"],
+            past_key_values=past,
+            use_cache=True,
+        )
+        return out.last_hidden_state, suffix
 
     def answer_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the answer tokens (flattened) and the batch row each belongs to."""
@@ -128,25 +160,40 @@ class PTuningModule(L.LightningModule):
 
         Classification is constrained scoring: the label word with the highest log-probability wins.
         """
-        hidden = self.hidden_states(batch)
-        loss = -self.answer_log_probs(hidden, batch["targets"])[0].mean()
+        hidden, aligned = self.hidden_states(batch)
+        loss = -self.answer_log_probs(hidden, aligned["targets"])[0].mean()
         if self.template.single_token_answers:
             # Every label word is one token: the gold pass already holds all of their scores.
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            last_prompt = hidden[rows, batch["prompt_length"] - 1]
+            last_prompt = hidden[rows, aligned["prompt_length"] - 1]
             log_probs = F.log_softmax(self.backbone.get_output_embeddings()(last_prompt).float(), dim=-1)
             return loss, log_probs[:, [answer[0] for answer in self.template.answers]]
         candidates = {k: v.to(self.device) for k, v in self.template.candidates(batch).items()}
-        token_log_probs, rows = self.answer_log_probs(self.hidden_states(candidates), candidates["targets"])
+        hidden, aligned = self.hidden_states(candidates)
+        token_log_probs, rows = self.answer_log_probs(hidden, aligned["targets"])
         totals = torch.zeros(len(candidates["label"]), device=self.device).index_add_(0, rows, token_log_probs)
         return loss, totals.view(-1, len(self.template.answers))
 
     # -- Lightning steps -----------------------------------------------------------------------------------
 
+    def train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean answer-token loss of the gold labels: what training minimizes."""
+        hidden, aligned = self.hidden_states(batch)
+        return -self.answer_log_probs(hidden, aligned["targets"])[0].mean()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = -self.answer_log_probs(self.hidden_states(batch), batch["targets"])[0].mean()
+        loss = self.train_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_cache_size()
+
+    def _log_cache_size(self) -> None:
+        """This process's prefix cache (in a federated run: its own clients' and evaluation prefixes)."""
+        if self.prefix_cache is not None:
+            self.log("cache/bytes", float(self.prefix_cache.nbytes))
+            self.log("cache/entries", float(len(self.prefix_cache)))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -178,9 +225,11 @@ class PTuningModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_per_class("val")
+        self._log_cache_size()
 
     def on_test_epoch_end(self) -> None:
         self._log_per_class("test")
+        self._log_cache_size()
 
     def _log_per_class(self, split: str) -> None:
         """Per-class F1 and the confusion matrix, as scalars so that every logger can keep them."""

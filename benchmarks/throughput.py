@@ -1,0 +1,220 @@
+"""Steady-state training throughput: Hugging Face PEFT p-tuning vs fedlm's prefix and cached-prefix layouts.
+
+All methods train the same prompt encoder shape (PEFT's MLP: three linear layers) on the same frozen backbone,
+sentences, label words, batch size and batch order, with the same plain PyTorch loop (AdamW on the encoder), so
+the figures compare what each layout costs per step, not the training frameworks around it:
+
+(a) PEFT ``PromptEncoderConfig`` (MLP, ``task_type="CAUSAL_LM"``): virtual tokens before the whole input, loss from
+    the model's own ``labels`` path;
+(b) fedlm with ``<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}``: the same layout;
+(c) fedlm with ``{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}`` and ``cache_prefix=True``: the first epoch
+    (every prefix computed once) and later epochs (every prefix cached) are reported apart.
+
+Each method runs in a process of its own so that the peak memory printed is its own. Data: the training split of
+Financial PhraseBank (``--fpb-dir`` or ``FEDLM_FPB_DIR``; CC BY-NC-SA, never commit it). Needs ``peft``
+(``pip install -r benchmarks/requirements.txt``) and fedlm importable from this checkout (the editable install, or
+``PYTHONPATH=.``):
+
+    python benchmarks/throughput.py --fpb-dir ~/data/FinancialPhraseBank-v1.0 --steps 50 --warmup 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import random
+import resource
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from itertools import cycle, islice
+from typing import Any
+
+import torch
+from peft import PromptEncoderConfig, get_peft_model
+
+from fedlm.data.sources import Example, phrasebank_file, read_phrasebank, split_examples
+from fedlm.model import PTuningModule, PromptTemplate, load_backbone
+from fedlm.model.backbone import DEFAULT_BACKBONE
+from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX
+
+CACHED_TEMPLATE = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
+METHODS = {
+    "peft": "(a) PEFT p-tuning",
+    "fedlm-prefix": "(b) fedlm, prefix template",
+    "fedlm-cached": "(c) fedlm, cached prefix",
+}
+Batch = dict[str, torch.Tensor]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="fedlm backbone: alias, model directory or hub id")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--fpb-dir", default=None, help="FinancialPhraseBank-v1.0 folder (default: $FEDLM_FPB_DIR)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="backbone dtype")
+    parser.add_argument("--cache-dtype", choices=["fp32", "bf16"], default="fp32", help="cached key/value dtype")
+    parser.add_argument("--examples", type=int, default=None, help="use only the first N training examples")
+    parser.add_argument("--virtual-tokens", type=int, default=10)
+    parser.add_argument("--encoder-hidden", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    if min(args.batch_size, args.steps) <= 0 or args.warmup < 0:
+        parser.error("--batch-size and --steps must be positive, --warmup at least 0.")
+    return args
+
+
+def training_examples(args: argparse.Namespace) -> list[Example]:
+    """The training split in a seeded order: every method sees the same batches in the same order."""
+    examples = split_examples(read_phrasebank(phrasebank_file(args.fpb_dir, "all")), 0.8, args.seed)["train"]
+    random.Random(args.seed).shuffle(examples)
+    return examples[: args.examples]
+
+
+def chunks(examples: list[Example], size: int) -> list[list[Example]]:
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+def peft_batch(template: PromptTemplate, examples: list[Example]) -> Batch:
+    """The prefix template's tokens without the virtual slots (PEFT inserts its own), labels on the answer only."""
+    rows = []
+    for example in examples:
+        encoded = template.encode(example.text, example.label)
+        ids = [t for t, v in zip(encoded.input_ids, encoded.virtual_index) if v < 0]
+        answer = encoded.prompt_length - template.total_virtual_tokens
+        rows.append((ids, [IGNORE_INDEX] * answer + ids[answer:]))
+    length = max(len(ids) for ids, _ in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), length), template.pad_id),
+        "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
+        "labels": torch.full((len(rows), length), IGNORE_INDEX),
+    }
+    for row, (ids, labels) in enumerate(rows):
+        batch["input_ids"][row, : len(ids)] = torch.tensor(ids)
+        batch["attention_mask"][row, : len(ids)] = 1
+        batch["labels"][row, : len(ids)] = torch.tensor(labels)
+    return batch
+
+
+LossFn = Callable[[Batch], torch.Tensor]
+
+
+def peft_setup(args: argparse.Namespace, examples: list[Example]) -> tuple[LossFn, list[Batch], list[torch.Tensor]]:
+    loaded = load_backbone(args.backbone, args.dtype)
+    config = PromptEncoderConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=args.virtual_tokens,
+        encoder_reparameterization_type="MLP",
+        encoder_hidden_size=args.encoder_hidden,
+    )
+    model = get_peft_model(loaded.model, config).to(args.device)
+    model.eval()  # the frozen LM without dropout, as in fedlm; PEFT's encoder has no dropout either
+    template = PromptTemplate(FPB_TEMPLATE, loaded.tokenizer, args.virtual_tokens, FPB_LABEL_WORDS)
+    batches = [peft_batch(template, chunk) for chunk in chunks(examples, args.batch_size)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return lambda batch: model(**batch).loss, batches, params
+
+
+def fedlm_setup(args: argparse.Namespace, examples: list[Example], cached: bool) -> tuple[PTuningModule, list[Batch]]:
+    """The module with PEFT's encoder shape (an MLP of three linear layers), and the collated batches."""
+    encoder = dict(type="mlp", virtual_tokens=args.virtual_tokens, hidden_size=args.encoder_hidden, num_layers=3)
+    module = PTuningModule(
+        backbone=args.backbone,
+        dtype=args.dtype,
+        template=CACHED_TEMPLATE if cached else FPB_TEMPLATE,
+        encoder=encoder,
+        cache_prefix=cached,
+        cache_dtype=args.cache_dtype,
+    )
+    encode = module.template.encode
+    batches = [module.template.collate([encode(e.text, e.label) for e in c]) for c in chunks(examples, args.batch_size)]
+    return module.to(args.device).train(), batches
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def throughput(step: Callable[[Batch], None], batches: Iterable[Batch], device: str) -> float:
+    """Examples per second over ``batches``."""
+    sync(device)
+    start, examples = time.perf_counter(), 0
+    for batch in batches:
+        step(batch)
+        examples += len(batch["input_ids"])
+    sync(device)
+    return examples / (time.perf_counter() - start)
+
+
+def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, then time; in a process of its own so that the peak memory is this method's."""
+    torch.manual_seed(args.seed)
+    examples = training_examples(args)
+    module = None
+    if method == "peft":
+        loss_fn, batches, params = peft_setup(args, examples)
+    else:
+        module, batches = fedlm_setup(args, examples, cached=method == "fedlm-cached")
+        loss_fn, params = module.train_loss, list(module.encoder.parameters())
+    batches = [{k: v.to(args.device) for k, v in batch.items()} for batch in batches]
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+
+    def step(batch: Batch) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(batch).backward()
+        optimizer.step()
+
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    result: dict[str, Any] = {}
+    throughput(step, islice(cycle(batches), args.warmup), args.device)
+    if module is not None and module.prefix_cache is not None:
+        module.prefix_cache.clear()  # the warm-up filled some; the first epoch starts cold
+        result["first epoch"] = throughput(step, batches, args.device)
+        result["cache"] = (len(module.prefix_cache), module.prefix_cache.nbytes)
+    result["steady"] = throughput(step, islice(cycle(batches), args.warmup, args.warmup + args.steps), args.device)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    if args.device.startswith("cuda"):
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], examples: int) -> None:
+    print(
+        f"backbone={args.backbone} device={args.device} dtype={args.dtype} cache_dtype={args.cache_dtype} "
+        f"batch_size={args.batch_size} train_examples={examples} warmup={args.warmup} steps={args.steps} "
+        f"torch_threads={torch.get_num_threads()}"
+    )
+    cuda = args.device.startswith("cuda")
+    header = f"{'method':<56}{'examples/s':>12}{'vs (a)':>9}{'peak RSS MiB':>14}"
+    print(header + (f"{'peak CUDA MiB':>15}" if cuda else ""))
+    baseline = results["peft"]["steady"]
+    for method, name in METHODS.items():
+        result = results[method]
+        memory = f"{result['peak_rss_mib']:>14.0f}" + (f"{result['peak_cuda_mib']:>15.0f}" if cuda else "")
+        figures = [("first epoch, filling the cache", result["first epoch"])] if "first epoch" in result else []
+        figures.append(("later epochs" if figures else "steady state", result["steady"]))
+        for phase, value in figures:
+            print(f"{name + ', ' + phase:<56}{value:>12.2f}{value / baseline:>8.2f}x{memory}")
+    entries, nbytes = results["fedlm-cached"]["cache"]
+    print(f"prefix cache after the first epoch: {entries} entries, {nbytes / 2**20:.1f} MiB ({args.cache_dtype})")
+
+
+def main() -> None:
+    args = parse_args()
+    examples = len(training_examples(args))  # fails here, early, on a bad data path
+    results = {}
+    for method in METHODS:
+        # A fresh process per method: ru_maxrss is a lifetime peak.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results[method] = pool.submit(run_method, method, args).result()
+    report(args, results, examples)
+
+
+if __name__ == "__main__":
+    main()

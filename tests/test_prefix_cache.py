@@ -1,0 +1,129 @@
+"""The cached-prefix layout gives what the full forward gives, on both tiny architectures (absolute and RoPE)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlm.data import FinancialPhraseBank
+from fedlm.model import PTuningModule
+from fedlm.model.prefix_cache import split_at_first_virtual
+from test_module import batch_of, single_token_words, tiny_module, trainer
+
+CACHED_TEMPLATE = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
+# Prefixes of different lengths (one repeated), and gold answers of different lengths with multi-token words.
+MIXED = [
+    ("profit rose in the quarter .", "positive"),
+    ("loss widened this year .", "negative"),
+    ("the board met in Helsinki for the period according to the report .", "neutral"),
+    ("loss widened this year .", "positive"),
+]
+
+
+def sharpen_attention(module: PTuningModule) -> PTuningModule:
+    """Scale the query/key projections: a tiny random model attends almost uniformly, so a wrong position or
+    mask would change its outputs too little to be caught."""
+    with torch.no_grad():
+        for name, weight in module.backbone.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "c_attn.weight")):
+                weight.mul_(4)
+    return module
+
+
+def pair(backbone: str, words: str, **cached: object) -> tuple[PTuningModule, PTuningModule]:
+    """An uncached and a cached module with the same encoder (tiny_module seeds the initialization)."""
+    label_words = single_token_words(tiny_module(backbone)) if words == "single-token" else None
+    plain = sharpen_attention(tiny_module(backbone, template=CACHED_TEMPLATE, label_words=label_words))
+    fast = tiny_module(backbone, template=CACHED_TEMPLATE, label_words=label_words, cache_prefix=True, **cached)
+    sharpen_attention(fast)
+    assert plain.template.single_token_answers == (words == "single-token")
+    assert all(torch.equal(a, b) for a, b in zip(plain.encoder.parameters(), fast.encoder.parameters()))
+    return plain, fast
+
+
+def mixed_batch(module: PTuningModule) -> dict[str, torch.Tensor]:
+    batch = batch_of(module, MIXED)
+    prefixes, suffix = split_at_first_virtual(batch)
+    assert len(set(prefixes)) == 3 and len({len(p) for p in prefixes}) > 1  # prefix lengths differ
+    if not module.template.single_token_answers:
+        assert len(set(suffix["attention_mask"].sum(1).tolist())) > 1  # suffix lengths differ
+    return batch
+
+
+@pytest.mark.parametrize("words", ["multi-token", "single-token"])
+def test_cached_loss_and_scores_equal_the_uncached_path(tiny_model_dir: str, words: str) -> None:
+    plain, fast = (m.eval() for m in pair(tiny_model_dir, words))
+    batch = mixed_batch(plain)
+    with torch.no_grad():
+        expected_loss, expected_scores = plain.loss_and_scores(batch)
+        loss, scores = fast.loss_and_scores(batch)
+    torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-4)
+    assert len(fast.prefix_cache) == 3  # one entry per distinct prefix
+
+
+@pytest.mark.parametrize("words", ["multi-token", "single-token"])
+def test_encoder_gradients_equal_the_uncached_path(tiny_model_dir: str, words: str) -> None:
+    plain, fast = (m.train() for m in pair(tiny_model_dir, words))
+    batch = mixed_batch(plain)
+    torch.testing.assert_close(fast.train_loss(batch), plain.train_loss(batch), atol=1e-4, rtol=1e-4)
+    expected = torch.autograd.grad(plain.train_loss(batch), list(plain.encoder.parameters()))
+    grads = torch.autograd.grad(fast.train_loss(batch), list(fast.encoder.parameters()))
+    assert all(g.abs().sum() > 0 for g in grads)
+    for grad, want in zip(grads, expected):
+        torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-3)
+    assert all(p.grad is None for p in fast.backbone.parameters())
+
+
+def test_a_second_pass_reuses_the_cache(tiny_model_dir: str) -> None:
+    module = tiny_module(tiny_model_dir, template=CACHED_TEMPLATE, cache_prefix=True).eval()
+    batch = mixed_batch(module)
+    with torch.no_grad():
+        first = module.loss_and_scores(batch)
+        entries = dict(module.prefix_cache.entries)
+        size = module.prefix_cache.nbytes
+        second = module.loss_and_scores(batch)
+    assert module.prefix_cache.entries.keys() == entries.keys()
+    assert all(module.prefix_cache.entries[k] is v for k, v in entries.items())  # not recomputed
+    assert module.prefix_cache.nbytes == size == sum(v.numel() * 4 for v in entries.values())
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_the_bf16_cache_stays_close_at_half_the_size(tiny_model_dir: str) -> None:
+    plain, fast = (m.eval() for m in pair(tiny_model_dir, "multi-token", cache_dtype="bf16"))
+    batch = mixed_batch(plain)
+    with torch.no_grad():
+        expected_loss, expected_scores = plain.loss_and_scores(batch)
+        loss, scores = fast.loss_and_scores(batch)
+    assert all(v.dtype == torch.bfloat16 for v in fast.prefix_cache.entries.values())
+    assert fast.prefix_cache.nbytes == sum(v.numel() * 2 for v in fast.prefix_cache.entries.values())
+    torch.testing.assert_close(scores, expected_scores, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(loss, expected_loss, atol=5e-3, rtol=5e-3)
+
+
+def test_a_template_without_leading_text_is_refused(tiny_gpt2_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"model\.cache_prefix.*model\.template.*Put text first"):
+        tiny_module(tiny_gpt2_dir, cache_prefix=True)  # the default template starts with the virtual tokens
+
+
+def test_an_unknown_cache_dtype_is_refused(tiny_gpt2_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"model\.cache_dtype='fp16'"):
+        tiny_module(tiny_gpt2_dir, template=CACHED_TEMPLATE, cache_prefix=True, cache_dtype="fp16")
+
+
+def test_fit_with_the_cache_trains_the_encoder_only(tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    module = tiny_module(tiny_model_dir, template=CACHED_TEMPLATE, cache_prefix=True)
+    data = FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8)
+    backbone = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    encoder = {k: v.clone() for k, v in module.encoder.named_parameters()}
+    run = trainer(tmp_path, max_steps=-1, max_epochs=2, limit_train_batches=3, limit_val_batches=2)
+    run.validate(module, data, verbose=False)  # fills entries under inference mode, which training then reads
+    run.fit(module, data)
+    assert all(torch.equal(backbone[k], v) for k, v in module.backbone.state_dict().items())
+    assert all(p.grad is None for p in module.backbone.parameters())
+    assert any(not torch.equal(encoder[k], v) for k, v in module.encoder.named_parameters())
+    # 2 validation batches and 3 training batches of 8 synthetic sentences, some of which repeat.
+    assert 0 < len(module.prefix_cache) <= 5 * 8
+    assert run.callback_metrics["cache/entries"] == len(module.prefix_cache)
+    assert run.callback_metrics["cache/bytes"] == module.prefix_cache.nbytes
+    assert not any("cache" in key for key in module.state_dict())  # never checkpointed
