@@ -38,13 +38,20 @@ def test_gguf_is_converted_once_then_loaded_from_the_cache(caplog: pytest.LogCap
 
 
 def test_short_ptuning_run_lifts_validation_accuracy_clearly(tmp_path) -> None:
+    """Tens of steps on the exact cached layout (fast steps) beat the untuned prompt and the majority class."""
     L.seed_everything(1234)
-    module = PTuningModule(encoder={"type": "mlp", "virtual_tokens": 10, "hidden_size": 512}, lr=1e-3, warmup_steps=5)
+    module = PTuningModule(
+        template="{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}",
+        cache_prefix=True,
+        encoder={"type": "mlp", "virtual_tokens": 10, "hidden_size": 512},
+        lr=3e-3,
+        warmup_steps=5,
+    )
     data = FinancialPhraseBank(path=str(REAL_FPB), batch_size=16, eval_batch_size=32)
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=30,
-        limit_val_batches=3,  # 96 validation sentences
+        limit_val_batches=3,  # the first 96 validation sentences
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -56,6 +63,8 @@ def test_short_ptuning_run_lifts_validation_accuracy_clearly(tmp_path) -> None:
     untuned = trainer.validate(module, data, verbose=False)[0]["val/acc"]
     trainer.fit(module, data)
     tuned = float(trainer.callback_metrics["val/acc"])
-    print(f"SmolLM2 validation accuracy on 96 sentences: untuned {untuned:.3f}, after 30 steps {tuned:.3f}")
-    assert tuned >= untuned + 0.15
-    assert tuned >= 0.75
+    labels = [example.label for example in data.splits["val"][:96]]
+    majority = max(labels.count(label) for label in set(labels)) / len(labels)
+    print(f"SmolLM2 val accuracy on 96 sentences: untuned {untuned:.3f}, 30 steps {tuned:.3f}, majority {majority:.3f}")
+    assert tuned >= untuned + 0.3
+    assert tuned >= majority + 0.05
