@@ -77,7 +77,6 @@ class FederatedLoop(L.Callback):
         self.client_states: dict[int, dict[str, Any]] = {}  # optimizer and scheduler state per hosted client
         self.client_loss: dict[int, list[float]] = {}
         self.completed_rounds = 0
-        self.history: list[dict[str, Any]] = []  # one summary per round, also logged
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -202,7 +201,6 @@ class FederatedLoop(L.Callback):
             "compute_seconds": time.perf_counter() - self.round_start - self.comm_seconds,
             "comm_seconds": self.comm_seconds,
         }
-        self.history.append(summary)
         self._log(pl_module, summary)
         if C > 1 and float(divergence.max()) == 0.0 and payload[size + 1 + C : size + 1 + 2 * C].sum() > 0:
             raise CollapsedClientsError(

@@ -111,9 +111,6 @@ class PromptEncoder(nn.Module):
         self.refresh_table()  # a saved table always matches the saved parameters
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
 
 def _loaded_table_is_current(module: PromptEncoder, incompatible_keys: Any) -> None:
     """A loaded table was saved with the loaded parameters, so it is current: prediction needs no recomputation."""
