@@ -36,8 +36,8 @@ class FedLMCLI(LightningCLI):
             return
         has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.trainer.is_global_zero:
-            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             folder.mkdir(parents=True, exist_ok=True)
             summary = {"checkpoint": self.trainer.checkpoint_callback.best_model_path if has_best else None, **results[0]}
             (folder / "test_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
