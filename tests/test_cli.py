@@ -1,7 +1,9 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fedlm.cli import cli
@@ -55,6 +57,25 @@ def test_fit_test_and_predict_from_a_yaml_config(tiny_gpt2_dir: str, synthetic_f
     assert sum(len(p["label"]) for p in predictions) == 12
 
 
+def test_test_after_fit_tests_the_final_model_or_the_best_checkpoint(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    config = str(write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb))
+    final = cli(["fit", "--config", config, "--trainer.max_epochs", "2", "--test_after_fit", "true"])
+    written = json.loads((Path(final.trainer.log_dir) / "test_metrics.json").read_text())
+    assert written["checkpoint"] == "final model" and written["epochs_completed"] == 2
+    (in_memory,) = final.trainer.test(final.model, datamodule=final.datamodule)
+    assert written["test/loss"] == in_memory["test/loss"]
+
+    args = ["fit", "--config", config, "--trainer.max_epochs", "2", "--test_after_fit", "true", "--test_checkpoint", "best"]
+    best = cli(args)
+    written = json.loads((Path(best.trainer.log_dir) / "test_metrics.json").read_text())
+    assert written["checkpoint"] == best.trainer.checkpoint_callback.best_model_path
+    tested = cli(["test", "--config", config, "--ckpt_path", written["checkpoint"]])
+    assert written["test/loss"] == float(tested.trainer.callback_metrics["test/loss"])
+
+    with pytest.raises(ValueError, match="test_checkpoint: last"):
+        cli([*args, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])
+
+
 def test_configs_compose_later_files_win(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     base = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     override = tmp_path / "override.yaml"
@@ -73,14 +94,17 @@ def test_configs_compose_later_files_win(tiny_gpt2_dir: str, synthetic_fpb: Path
     assert printed["data"]["init_args"]["batch_size"] == 8
 
 
-def test_shipped_config_parses() -> None:
+@pytest.mark.parametrize("name", ["fpb_centralized", "fpb_federated", "fpb_local"])
+def test_shipped_configs_parse(name: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "fedlm", "fit", "--config", "configs/fpb_centralized.yaml", "--print_config"],
+        [sys.executable, "-m", "fedlm", "fit", "--config", f"configs/{name}.yaml", "--print_config"],
         capture_output=True,
         text=True,
         cwd=REPO,
         check=True,
     )
     printed = yaml.safe_load(result.stdout)
-    assert printed["model"]["template"] == "<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}"
+    assert printed["model"]["template"] == "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
+    assert printed["model"]["cache_prefix"] is True
     assert printed["data"]["class_path"] == "fedlm.data.FinancialPhraseBank"
+    assert printed["test_checkpoint"] == "last"

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning import Trainer
 from lightning.pytorch.cli import LightningCLI
@@ -27,19 +27,34 @@ class FedLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.set_defaults({"data": {"class_path": f"{FinancialPhraseBank.__module__}.FinancialPhraseBank"}})
         parser.add_argument("--federation", type=FederationConfig | None, default=None, help="federated rounds")
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="after fit, test (test_metrics.json)")
         parser.add_argument(
-            "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint (test_metrics.json)"
+            "--test_checkpoint",
+            type=Literal["last", "best"],
+            default="last",
+            help="what test_after_fit tests: the final model, or the first checkpoint callback's best",
         )
+
+    def _tests_best(self) -> bool:
+        return self._get(self.config, "test_after_fit") and self._get(self.config, "test_checkpoint") == "best"
+
+    def before_fit(self) -> None:
+        if self._tests_best() and getattr(self.trainer.checkpoint_callback, "monitor", None) is None:
+            raise ValueError(
+                "test_checkpoint: best needs a ModelCheckpoint callback with a monitor (the first one under "
+                "trainer.callbacks); add one, or set test_checkpoint: last to test the final model."
+            )
 
     def after_fit(self) -> None:
         if not self._get(self.config, "test_after_fit"):
             return
-        has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
-        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+        checkpoint = self.trainer.checkpoint_callback.best_model_path if self._tests_best() else None
+        # ckpt_path=None tests the weights in memory: after fit, the final (federated: global) model.
+        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=checkpoint)
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
-            summary = {"checkpoint": self.trainer.checkpoint_callback.best_model_path if has_best else None, **results[0]}
+            summary = {"checkpoint": checkpoint or "final model", "epochs_completed": self.trainer.current_epoch, **results[0]}
             (folder / "test_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(f"[fedlm] test metrics written to {folder / 'test_metrics.json'}", flush=True)
 

@@ -56,6 +56,8 @@ class TextClassificationData(L.LightningDataModule):
         local_client, local_clients: train without federation on client ``local_client``'s data alone, out of
             ``local_clients`` clients (the local-only baseline: the same shard that client has when federated).
         shuffle_seed: seed of the training batch order.
+        bucket_batches: regroup each window of this many training batches by token length, so that batches pad
+            less (1: off). Same examples per round, batches in a seeded order.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class TextClassificationData(L.LightningDataModule):
         local_client: int | None = None,
         local_clients: int | None = None,
         shuffle_seed: int = 1234,
+        bucket_batches: int = 1,
     ) -> None:
         super().__init__()
         if (local_client is None) != (local_clients is None) or (
@@ -79,12 +82,14 @@ class TextClassificationData(L.LightningDataModule):
             )
         if batch_size <= 0:
             raise DataError(f"data.batch_size={batch_size} must be positive.")
+        if bucket_batches <= 0:
+            raise DataError(f"data.bucket_batches={bucket_batches} must be at least 1 (1: no length bucketing).")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.client_files, self.partition_seed = client_files, partition_seed
         self.local_client, self.local_clients = local_client, local_clients
-        self.shuffle_seed = shuffle_seed
+        self.shuffle_seed, self.bucket_batches = shuffle_seed, bucket_batches
         self.splits: dict[str, list[Example]] = {}
         self.template: PromptTemplate | None = None
         self._encoded: dict[str, EncodedDataset] = {}
@@ -171,7 +176,15 @@ class TextClassificationData(L.LightningDataModule):
         blocks = self.blocks or [
             ClientBlock(0, tuple(range(len(dataset))), math.ceil(len(dataset) / self.batch_size))
         ]
-        sampler = RoundBatchSampler(blocks, self.batch_size, self.shuffle_seed, self.rank_in_client, self.ranks_per_client)
+        sampler = RoundBatchSampler(
+            blocks,
+            self.batch_size,
+            self.shuffle_seed,
+            self.rank_in_client,
+            self.ranks_per_client,
+            lengths=[len(example.input_ids) for example in dataset.examples],
+            bucket_batches=self.bucket_batches,
+        )
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.template.collate, num_workers=self.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:

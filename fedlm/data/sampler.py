@@ -8,7 +8,7 @@ resumed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,14 +29,26 @@ class RoundBatchSampler(Sampler[list[int]]):
     """Per round (Lightning epoch): ``block.steps`` batches of each block's client, blocks in order.
 
     With ``ranks_per_client > 1`` every rank of a client walks the same stream and takes its own slice of each
-    global batch, which is data parallelism within the client.
+    global batch, which is data parallelism within the client. With ``bucket_batches > 1`` and the examples'
+    token ``lengths``, each window of that many global batches is regrouped by length (then the window's batches
+    are shuffled), so batches pad less; a round still holds exactly the same examples.
     """
 
     def __init__(
-        self, blocks: list[ClientBlock], batch_size: int, seed: int, rank_in_client: int = 0, ranks_per_client: int = 1
+        self,
+        blocks: list[ClientBlock],
+        batch_size: int,
+        seed: int,
+        rank_in_client: int = 0,
+        ranks_per_client: int = 1,
+        lengths: Sequence[int] | None = None,
+        bucket_batches: int = 1,
     ) -> None:
+        if bucket_batches > 1 and lengths is None:
+            raise ValueError("bucket_batches > 1 needs the examples' lengths.")
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
         self.rank_in_client, self.ranks_per_client = rank_in_client, ranks_per_client
+        self.lengths, self.bucket_batches = lengths, bucket_batches
         self.round = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -48,11 +60,25 @@ class RoundBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         global_batch = self.batch_size * self.ranks_per_client
+        mine = slice(self.rank_in_client * self.batch_size, (self.rank_in_client + 1) * self.batch_size)
         for block in self.blocks:
             start = self.round * block.steps * global_batch
-            for step in range(block.steps):
-                first = start + step * global_batch + self.rank_in_client * self.batch_size
-                yield [block.indices[self._position(block.client, len(block.indices), p)] for p in range(first, first + self.batch_size)]
+            stream = [block.indices[self._position(block.client, len(block.indices), p)] for p in range(start, start + block.steps * global_batch)]
+            batches = [stream[i : i + global_batch] for i in range(0, len(stream), global_batch)]
+            if self.bucket_batches > 1:
+                batches = self._bucketed(block.client, batches)
+            for batch in batches:
+                yield batch[mine]
+
+    def _bucketed(self, client: int, batches: list[list[int]]) -> list[list[int]]:
+        assert self.lengths is not None
+        size, regrouped = len(batches[0]), []
+        for first in range(0, len(batches), self.bucket_batches):
+            window = sorted((i for batch in batches[first : first + self.bucket_batches] for i in batch), key=self.lengths.__getitem__)
+            groups = [window[i : i + size] for i in range(0, len(window), size)]
+            generator = torch.Generator().manual_seed(derive_seed("buckets", self.seed, client, self.round, first))
+            regrouped.extend(groups[j] for j in torch.randperm(len(groups), generator=generator).tolist())
+        return regrouped
 
     def _position(self, client: int, size: int, position: int) -> int:
         shuffle, offset = divmod(position, size)
