@@ -1,5 +1,6 @@
 """Federated rounds: topology, data streams, and real multi-process torchrun runs on gloo."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import yaml
 from conftest import synthetic_sentences
 
 from fedlm.data import FinancialPhraseBank
+from fedlm.data.sources import DataError
 from fedlm.data.partition import iid_partition
 from fedlm.data.sampler import ClientBlock, RoundBatchSampler
 from fedlm.federation import FederationConfig, Topology, TopologyError
@@ -67,6 +69,28 @@ def test_round_sampler_covers_each_client_once_per_pass_and_splits_batches_over_
     ranks = [RoundBatchSampler([block], 2, 0, rank_in_client=r, ranks_per_client=2) for r in range(2)]
     for step, (x0, x1) in enumerate(zip(*ranks)):
         assert x0 + x1 == list(single)[step]  # rank 0 and rank 1 take the two halves of each global batch
+
+
+def test_length_buckets_keep_each_rounds_examples_pad_less_and_split_over_client_ranks(synthetic_fpb: Path) -> None:
+    lengths = torch.randint(5, 60, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    block = ClientBlock(0, tuple(range(40)), 5)
+    plain = RoundBatchSampler([block], 8, seed=1)
+    bucketed = RoundBatchSampler([block], 8, seed=1, lengths=lengths, bucket_batches=5)
+    ranks = [RoundBatchSampler([block], 4, 1, r, 2, lengths=lengths, bucket_batches=5) for r in range(2)]
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    for round_index in range(3):
+        for sampler in [plain, bucketed, *ranks]:
+            sampler.set_epoch(round_index)
+        p, b = list(plain), list(bucketed)
+        assert sorted(i for x in p for i in x) == sorted(i for x in b for i in x)  # the same examples this round
+        assert padding(b) < padding(p) / 2
+        assert b == list(bucketed)  # seeded
+        assert [x0 + x1 for x0, x1 in zip(*ranks)] == b
+    with pytest.raises(DataError, match="data.bucket_batches=0"):
+        FinancialPhraseBank(path=str(synthetic_fpb), bucket_batches=0)
 
 
 def test_federation_config_errors_name_the_field() -> None:
@@ -179,10 +203,16 @@ def check_rounds(records: list[dict], clients_of_rank: list[int]) -> None:
 
 
 def test_two_clients_of_two_ranks(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
-    result, records = run_ranks(tmp_path, write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION), 4)
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
+    result, records = run_ranks(tmp_path, config, 4, "--test_after_fit", "true")
     assert result.returncode == 0, result.stderr[-3000:]
     check_rounds(records, clients_of_rank=[0, 0, 1, 1])
     assert "2 clients, 2 rank(s) per client" in result.stdout
+    # the global model is tested once, on the whole test split (12 sentences), by ranks that hold the same encoder
+    written = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert written["checkpoint"] == "final model" and written["epochs_completed"] == 3
+    assert sum(v for k, v in written.items() if k.startswith("test/confusion/")) == 12
+    assert result.stdout.count("test metrics written") == 1
 
 
 def test_four_clients_of_one_rank(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
@@ -230,6 +260,12 @@ def test_one_client_with_all_data_trains_exactly_like_centralized(tiny_gpt2_dir:
     assert torch.equal(federated["rounds"][-1]["global"], centralized["rounds"][-1]["global"])
 
 
+def shipped_callbacks(folder: Path) -> list[dict]:
+    """The checkpoint callbacks of configs/fpb_federated.yaml, writing into ``folder``."""
+    callbacks = yaml.safe_load((REPO / "configs" / "fpb_federated.yaml").read_text())["trainer"]["callbacks"]
+    return [{**c, "init_args": {**c["init_args"], "dirpath": str(folder)}} for c in callbacks]
+
+
 def test_round_checkpoint_holds_the_round_index_and_the_global_encoder(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     from fedlm.cli import cli
 
@@ -239,9 +275,11 @@ def test_round_checkpoint_holds_the_round_index_and_the_global_encoder(tiny_gpt2
         synthetic_fpb,
         FEDERATION,
         enable_checkpointing=True,
-        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],
+        callbacks=shipped_callbacks(tmp_path / "ckpt"),
     )
     run = cli(["fit", "--config", str(config)])
+    # last.ckpt is the final round even when an earlier one had the best validation accuracy
+    assert torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True)["epoch"] < 2
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in checkpoint["callbacks"].items() if "FederatedLoop" in k]
     assert state["completed_rounds"] == checkpoint["epoch"] + 1 == 3
