@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import random
 import resource
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from peft import PromptEncoderConfig, get_peft_model
 
+from fedlm.data.sampler import ClientBlock, RoundBatchSampler
 from fedlm.data.sources import Example, phrasebank_file, read_phrasebank, split_examples
 from fedlm.model import PTuningModule, PromptTemplate, load_backbone
 from fedlm.model.backbone import DEFAULT_BACKBONE
@@ -57,26 +57,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="backbone dtype")
     parser.add_argument("--cache-dtype", choices=["fp32", "bf16"], default="fp32", help="cached key/value dtype")
     parser.add_argument("--examples", type=int, default=None, help="use only the first N training examples")
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast around every method's forward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every method's transformer body")
+    parser.add_argument(
+        "--bucket-batches", type=int, default=1, help="batches regrouped by length in windows of N (all methods)"
+    )
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to run")
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--encoder-hidden", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    if min(args.batch_size, args.steps) <= 0 or args.warmup < 0:
-        parser.error("--batch-size and --steps must be positive, --warmup at least 0.")
+    if min(args.batch_size, args.steps, args.bucket_batches) <= 0 or args.warmup < 0:
+        parser.error("--batch-size, --steps and --bucket-batches must be positive, --warmup at least 0.")
     return args
 
 
 def training_examples(args: argparse.Namespace) -> list[Example]:
-    """The training split in a seeded order: every method sees the same batches in the same order."""
     examples = split_examples(read_phrasebank(phrasebank_file(args.fpb_dir, "all")), 0.8, args.seed)["train"]
-    random.Random(args.seed).shuffle(examples)
     return examples[: args.examples]
 
 
-def chunks(examples: list[Example], size: int) -> list[list[Example]]:
-    return [examples[i : i + size] for i in range(0, len(examples), size)]
+def batch_plan(args: argparse.Namespace, examples: list[Example]) -> list[list[int]]:
+    """One pass in fedlm's seeded batch order (length-bucketed if asked): every method gets these batches."""
+    template = PromptTemplate(FPB_TEMPLATE, load_backbone(args.backbone).tokenizer, args.virtual_tokens, FPB_LABEL_WORDS)
+    lengths = [len(template.encode(e.text, e.label).input_ids) for e in examples]
+    block = ClientBlock(0, tuple(range(len(examples))), len(examples) // args.batch_size)
+    return list(RoundBatchSampler([block], args.batch_size, args.seed, lengths=lengths, bucket_batches=args.bucket_batches))
 
 
 def peft_batch(template: PromptTemplate, examples: list[Example]) -> Batch:
@@ -103,8 +111,10 @@ def peft_batch(template: PromptTemplate, examples: list[Example]) -> Batch:
 LossFn = Callable[[Batch], torch.Tensor]
 
 
-def peft_setup(args: argparse.Namespace, examples: list[Example]) -> tuple[LossFn, list[Batch], list[torch.Tensor]]:
+def peft_setup(args: argparse.Namespace, groups: list[list[Example]]) -> tuple[LossFn, list[Batch], list[torch.Tensor]]:
     loaded = load_backbone(args.backbone, args.dtype)
+    if args.compile:
+        loaded.model.base_model.compile(dynamic=True)
     config = PromptEncoderConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=args.virtual_tokens,
@@ -114,12 +124,12 @@ def peft_setup(args: argparse.Namespace, examples: list[Example]) -> tuple[LossF
     model = get_peft_model(loaded.model, config).to(args.device)
     model.eval()  # the frozen LM without dropout, as in fedlm; PEFT's encoder has no dropout either
     template = PromptTemplate(FPB_TEMPLATE, loaded.tokenizer, args.virtual_tokens, FPB_LABEL_WORDS)
-    batches = [peft_batch(template, chunk) for chunk in chunks(examples, args.batch_size)]
+    batches = [peft_batch(template, group) for group in groups]
     params = [p for p in model.parameters() if p.requires_grad]
     return lambda batch: model(**batch).loss, batches, params
 
 
-def fedlm_setup(args: argparse.Namespace, examples: list[Example], cached: bool) -> tuple[PTuningModule, list[Batch]]:
+def fedlm_setup(args: argparse.Namespace, groups: list[list[Example]], cached: bool) -> tuple[PTuningModule, list[Batch]]:
     """The module with PEFT's encoder shape (an MLP of three linear layers), and the collated batches."""
     encoder = dict(type="mlp", virtual_tokens=args.virtual_tokens, hidden_size=args.encoder_hidden, num_layers=3)
     module = PTuningModule(
@@ -130,8 +140,10 @@ def fedlm_setup(args: argparse.Namespace, examples: list[Example], cached: bool)
         cache_prefix=cached,
         cache_dtype=args.cache_dtype,
     )
+    if args.compile:
+        module.backbone.base_model.compile(dynamic=True)
     encode = module.template.encode
-    batches = [module.template.collate([encode(e.text, e.label) for e in c]) for c in chunks(examples, args.batch_size)]
+    batches = [module.template.collate([encode(e.text, e.label) for e in group]) for group in groups]
     return module.to(args.device).train(), batches
 
 
@@ -151,22 +163,25 @@ def throughput(step: Callable[[Batch], None], batches: Iterable[Batch], device: 
     return examples / (time.perf_counter() - start)
 
 
-def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_method(method: str, args: argparse.Namespace, plan: list[list[int]]) -> dict[str, Any]:
     """Warm up, then time; in a process of its own so that the peak memory is this method's."""
     torch.manual_seed(args.seed)
     examples = training_examples(args)
+    groups = [[examples[i] for i in batch] for batch in plan]
     module = None
     if method == "peft":
-        loss_fn, batches, params = peft_setup(args, examples)
+        loss_fn, batches, params = peft_setup(args, groups)
     else:
-        module, batches = fedlm_setup(args, examples, cached=method == "fedlm-cached")
+        module, batches = fedlm_setup(args, groups, cached=method == "fedlm-cached")
         loss_fn, params = module.train_loss, list(module.encoder.parameters())
     batches = [{k: v.to(args.device) for k, v in batch.items()} for batch in batches]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
 
     def step(batch: Batch) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(batch).backward()
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast):
+            loss = loss_fn(batch)
+        loss.backward()
         optimizer.step()
 
     if args.device.startswith("cuda"):
@@ -188,31 +203,35 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], example
     print(
         f"backbone={args.backbone} device={args.device} dtype={args.dtype} cache_dtype={args.cache_dtype} "
         f"batch_size={args.batch_size} train_examples={examples} warmup={args.warmup} steps={args.steps} "
+        f"autocast={args.autocast} compile={args.compile} bucket_batches={args.bucket_batches} "
         f"torch_threads={torch.get_num_threads()}"
     )
     cuda = args.device.startswith("cuda")
     header = f"{'method':<56}{'examples/s':>12}{'vs (a)':>9}{'peak RSS MiB':>14}"
     print(header + (f"{'peak CUDA MiB':>15}" if cuda else ""))
-    baseline = results["peft"]["steady"]
-    for method, name in METHODS.items():
-        result = results[method]
+    baseline = results["peft"]["steady"] if "peft" in results else float("nan")
+    for method, result in results.items():
+        name = METHODS[method]
         memory = f"{result['peak_rss_mib']:>14.0f}" + (f"{result['peak_cuda_mib']:>15.0f}" if cuda else "")
         figures = [("first epoch, filling the cache", result["first epoch"])] if "first epoch" in result else []
         figures.append(("later epochs" if figures else "steady state", result["steady"]))
         for phase, value in figures:
             print(f"{name + ', ' + phase:<56}{value:>12.2f}{value / baseline:>8.2f}x{memory}")
-    entries, nbytes = results["fedlm-cached"]["cache"]
-    print(f"prefix cache after the first epoch: {entries} entries, {nbytes / 2**20:.1f} MiB ({args.cache_dtype})")
+    if "fedlm-cached" in results:
+        entries, nbytes = results["fedlm-cached"]["cache"]
+        print(f"prefix cache after the first epoch: {entries} entries, {nbytes / 2**20:.1f} MiB ({args.cache_dtype})")
 
 
 def main() -> None:
     args = parse_args()
-    examples = len(training_examples(args))  # fails here, early, on a bad data path
+    examples = training_examples(args)  # fails here, early, on a bad data path
+    plan = batch_plan(args, examples)
     results = {}
-    for method in METHODS:
+    for method in args.methods:
         # A fresh process per method: ru_maxrss is a lifetime peak.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results[method] = pool.submit(run_method, method, args).result()
+            results[method] = pool.submit(run_method, method, args, plan).result()
+    examples = len(examples)
     report(args, results, examples)
 
 
