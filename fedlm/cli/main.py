@@ -1,4 +1,5 @@
-"""``fedlm`` command line: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+"""``fedlm`` command line: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``; ``fedlm experiment``
+and ``fedlm report`` live in ``fedlm.experiment``.
 
 Configs compose (``--config base.yaml --config override.yaml``, later wins) and ``--print_config`` shows
 the resolved result.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,19 +47,52 @@ class FedLMCLI(LightningCLI):
                 "test_checkpoint: best needs a ModelCheckpoint callback with a monitor (the first one under "
                 "trainer.callbacks); add one, or set test_checkpoint: last to test the final model."
             )
+        self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
         if not self._get(self.config, "test_after_fit"):
             return
+        fit_seconds = time.perf_counter() - self._fit_started
         checkpoint = self.trainer.checkpoint_callback.best_model_path if self._tests_best() else None
         # ckpt_path=None tests the weights in memory: after fit, the final (federated: global) model.
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=checkpoint)
+        self._write_test_outputs(results[0], checkpoint or "final model", fit_seconds)
+
+    def after_test(self) -> None:
+        checkpoint = self._get(self.config, "ckpt_path")
+        self._write_test_outputs(self.trainer.callback_metrics, checkpoint or "untrained encoder", None)
+
+    def _run_kind(self) -> str:
+        """What the run was, for ``fedlm report``: centralized, federated, local (one client alone) or zero-shot."""
+        if self.subcommand == "test" and not self._get(self.config, "ckpt_path"):
+            return "zero-shot"
+        if self.subcommand == "test":
+            return "checkpoint"
+        if self._get(self.config, "federation") is not None:
+            return "federated"
+        return "local" if getattr(self.datamodule, "local_client", None) is not None else "centralized"
+
+    def _write_test_outputs(self, metrics: dict[str, Any], checkpoint: str, fit_seconds: float | None) -> None:
+        """test_metrics.json and test_predictions.json in the log folder (the inputs of ``fedlm report``)."""
+        labels, preds = self.model.test_predictions(len(self.datamodule.encoded("test")))  # a collective
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
-        if self.trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-            summary = {"checkpoint": checkpoint or "final model", "epochs_completed": self.trainer.current_epoch, **results[0]}
-            (folder / "test_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-            print(f"[fedlm] test metrics written to {folder / 'test_metrics.json'}", flush=True)
+        if not self.trainer.is_global_zero:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "kind": self._run_kind(),
+            "seed": self._get(self.config, "seed_everything"),
+            "client": getattr(self.datamodule, "local_client", None),
+            "checkpoint": checkpoint,
+            "epochs_completed": self.trainer.current_epoch,
+            "fit_seconds": fit_seconds,
+            "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            **{k: float(v) for k, v in metrics.items() if k.startswith("test/")},
+        }
+        (folder / "test_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        predictions = {"classes": self.model.template.label_names, "label": labels, "predicted": preds}
+        (folder / "test_predictions.json").write_text(json.dumps(predictions) + "\n")
+        print(f"[fedlm] test metrics written to {folder / 'test_metrics.json'}", flush=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -93,5 +129,10 @@ def cli(args: list[str] | None = None) -> FedLMCLI:
 
 
 def main() -> None:
-    """The ``fedlm`` console script."""
+    """The ``fedlm`` console script: LightningCLI's subcommands, plus ``experiment`` and ``report``."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("experiment", "report"):
+        from fedlm.experiment import experiment_main, report_main
+
+        (experiment_main if sys.argv[1] == "experiment" else report_main)(sys.argv[2:])
+        return
     cli()

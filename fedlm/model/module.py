@@ -210,12 +210,31 @@ class PTuningModule(L.LightningModule):
         getattr(self, f"{split}_confusion").update(preds, labels)
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log_dict(metrics, prog_bar=True, batch_size=len(labels))
+        if split == "test":
+            self.test_outputs.append(torch.stack([labels, preds]).cpu())
 
     def on_validation_epoch_start(self) -> None:
         self._reset_per_class("val")
 
     def on_test_epoch_start(self) -> None:
         self._reset_per_class("test")
+        self.test_outputs: list[torch.Tensor] = []
+
+    def test_predictions(self, size: int) -> tuple[list[int], list[int]]:
+        """Gold and predicted class of each of the ``size`` test examples of the last test, in dataset order.
+
+        A collective under torch.distributed: rank ``r`` tested examples ``r, r + W, ...`` (padding, if a
+        sampler added any, comes last and is cut off), so the ranks' lists interleave back into dataset order.
+        """
+        local = torch.cat(self.test_outputs, dim=1) if self.test_outputs else torch.zeros(2, 0, dtype=torch.long)
+        shards = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shards = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, local)
+        longest = max(shard.shape[1] for shard in shards)
+        ordered = [shard[:, j] for j in range(longest) for shard in shards if j < shard.shape[1]][:size]
+        labels, preds = torch.stack(ordered, dim=1).tolist() if ordered else ([], [])
+        return labels, preds
 
     def _reset_per_class(self, split: str) -> None:
         # Reset here, not after logging: state made under `validate`'s inference mode could not be updated by

@@ -1,0 +1,282 @@
+"""``fedlm report RUN_DIR...``: the triad's table and plots, rebuilt from saved run logs without retraining.
+
+A run is any folder holding ``test_metrics.json`` and ``test_predictions.json`` (written by ``fit`` with
+``test_after_fit: true``, or by ``test``) and, for the curves, the CSVLogger's ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedlm.experiment.stats import BootstrapResult, Interval, mean_interval, paired_bootstrap
+
+KIND_ORDER = ("centralized", "federated", "local", "zero-shot")
+
+
+@dataclass
+class Run:
+    folder: Path
+    kind: str  # centralized | federated | local | zero-shot
+    seed: int | None
+    client: int | None
+    metrics: dict[str, float]
+    classes: list[str]
+    labels: list[int]
+    predicted: list[int]
+    curve: list[tuple[float, float, float]] = field(default_factory=list)  # (fraction of budget, val loss, val acc)
+    bytes_exchanged: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"client {self.client} alone" if self.kind == "local" else self.kind
+
+    @property
+    def correct(self) -> list[bool]:
+        return [label == pred for label, pred in zip(self.labels, self.predicted)]
+
+
+def read_run(folder: Path) -> Run:
+    metrics = json.loads((folder / "test_metrics.json").read_text())
+    predictions = json.loads((folder / "test_predictions.json").read_text())
+    run = Run(
+        folder,
+        metrics["kind"],
+        metrics.get("seed"),
+        metrics.get("client"),
+        metrics,
+        predictions["classes"],
+        predictions["label"],
+        predictions["predicted"],
+    )
+    if (folder / "metrics.csv").is_file():
+        run.curve, run.bytes_exchanged = read_curve(folder / "metrics.csv")
+    return run
+
+
+def read_curve(path: Path) -> tuple[list[tuple[float, float, float]], float]:
+    """Validation loss and accuracy against the fraction of the run's optimizer steps done, and bytes exchanged."""
+    points, exchanged = [], 0.0
+    with path.open() as file:
+        for row in csv.DictReader(file):
+            if row.get("val/loss"):
+                points.append((int(row["step"]) + 1, float(row["val/loss"]), float(row["val/acc"])))
+            if row.get("round/bytes_exchanged"):
+                exchanged += float(row["round/bytes_exchanged"])
+    total = max((steps for steps, _, _ in points), default=1)
+    return [(steps / total, loss, acc) for steps, loss, acc in points], exchanged
+
+
+def find_runs(folders: list[Path]) -> list[Run]:
+    found = sorted({p.parent for folder in folders for p in Path(folder).rglob("test_metrics.json")})
+    if not found:
+        raise FileNotFoundError(f"no test_metrics.json under {', '.join(map(str, folders))}; run fit with test_after_fit: true")
+    return [read_run(folder) for folder in found]
+
+
+def group(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by row name (centralized, federated, client k alone, zero-shot), each list ordered by seed."""
+    rows: dict[str, list[Run]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: (KIND_ORDER.index(r.kind) if r.kind in KIND_ORDER else 9, r.client or 0, r.seed or 0)):
+        rows[run.name].append(run)
+    return dict(rows)
+
+
+def majority_accuracy(run: Run) -> float:
+    """Accuracy of always answering the most frequent test class (a floor any trained model must clear)."""
+    counts = [run.labels.count(k) for k in range(len(run.classes))]
+    return max(counts) / len(run.labels)
+
+
+def paired(rows: dict[str, list[Run]], a: str, b: str) -> BootstrapResult | None:
+    """Paired bootstrap of row a against row b over the seeds both have."""
+    if a not in rows or b not in rows:
+        return None
+    b_by_seed = {run.seed: run for run in rows[b]}
+    pairs = [(run, b_by_seed[run.seed]) for run in rows[a] if run.seed in b_by_seed]
+    if not pairs:
+        return None
+    return paired_bootstrap([x.correct for x, _ in pairs], [y.correct for _, y in pairs])
+
+
+def best_local_by_validation(rows: dict[str, list[Run]]) -> str | None:
+    """The local-only client with the highest mean final validation accuracy (chosen without the test set)."""
+    local = {name: runs for name, runs in rows.items() if runs[0].kind == "local" and all(r.curve for r in runs)}
+    if not local:
+        return None
+    return max(local, key=lambda name: mean_interval([r.curve[-1][2] for r in local[name]]).mean)
+
+
+def table(rows: dict[str, list[Run]]) -> str:
+    lines = [
+        "| run | seeds | test accuracy, mean [95% CI] | test macro-F1, mean [95% CI] | per seed (accuracy) | trainable params | MB exchanged | fit time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    any_run = next(iter(rows.values()))[0]
+    lines.append(f"| majority class ({any_run.classes[max(range(len(any_run.classes)), key=any_run.labels.count)]}) | - | {majority_accuracy(any_run):.3f} | - | - | 0 | - | - |")
+    for name, runs in rows.items():
+        acc = mean_interval([r.metrics["test/acc"] for r in runs])
+        f1 = mean_interval([r.metrics["test/macro_f1"] for r in runs])
+        seeds = " ".join(f"{r.metrics['test/acc']:.3f}" for r in runs)
+        params = runs[0].metrics.get("trainable_parameters", 0) if runs[0].kind != "zero-shot" else 0
+        megabytes = mean_interval([r.bytes_exchanged / 1e6 for r in runs]).mean
+        times = [r.metrics["fit_seconds"] for r in runs if r.metrics.get("fit_seconds")]
+        lines.append(
+            f"| {name} | {len(runs)} | {acc} | {f1} | {seeds} | {params:,} | {megabytes:.3g} | "
+            f"{mean_interval(times).mean:.0f} |" if times else
+            f"| {name} | {len(runs)} | {acc} | {f1} | {seeds} | {params:,} | {megabytes:.3g} | - |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(rows: dict[str, list[Run]]) -> list[str]:
+    """The questions the experiment asks, answered in plain words from the table and the bootstrap."""
+    if "federated" not in rows:
+        return ["No federated run found."]
+    federated = mean_interval([r.metrics["test/acc"] for r in rows["federated"]])
+    lines = []
+    if "centralized" in rows:
+        centralized = mean_interval([r.metrics["test/acc"] for r in rows["centralized"]])
+        gap = federated.mean - centralized.mean
+        boot = paired(rows, "federated", "centralized")
+        lines.append(
+            f"- Federated vs centralized: {100 * gap:+.1f} points of mean test accuracy "
+            f"({'within' if abs(gap) <= 0.01 else 'not within'} 1 point); paired bootstrap difference "
+            f"{100 * boot.difference:+.1f} points, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], p = {boot.p_value:.3f}."
+        )
+    local = {name: mean_interval([r.metrics["test/acc"] for r in runs]) for name, runs in rows.items() if runs[0].kind == "local"}
+    if local:
+        beaten = [name for name, acc in local.items() if federated.mean > acc.mean]
+        lines.append(
+            f"- Federated ({federated.mean:.3f}) is above {len(beaten)} of {len(local)} local-only clients "
+            f"({', '.join(f'{n}: {a.mean:.3f}' for n, a in local.items())})."
+        )
+        best = best_local_by_validation(rows)
+        if best is not None:
+            boot = paired(rows, "federated", best)
+            lines.append(
+                f"- Federated vs the best local-only client by validation accuracy ({best}): paired bootstrap "
+                f"difference {100 * boot.difference:+.1f} points, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], "
+                f"p = {boot.p_value:.3f}."
+            )
+    return lines
+
+
+def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curves(ax, names: list[str], column: int, ylabel: str) -> None:  # noqa: ANN001
+        for name in names:
+            runs = [r for r in rows.get(name, []) if r.curve]
+            if not runs:
+                continue
+            for index, run in enumerate(runs):
+                x, y = [p[0] for p in run.curve], [p[column] for p in run.curve]
+                ax.plot(x, y, marker="o", markersize=3, linewidth=1.5, alpha=0.8, color=colors[name],
+                        label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if index == 0 else None)  # fmt: skip
+        ax.set_xlabel("fraction of the training budget (same optimizer steps per example for every run)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+
+    names = list(rows)
+    palette = plt.get_cmap("tab10").colors
+    colors = {name: palette[i % 10] for i, name in enumerate(names)}
+    local = [n for n in names if rows[n][0].kind == "local"]
+    written = []
+
+    def save(fig, filename: str) -> None:  # noqa: ANN001
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=110)
+        plt.close(fig)
+        written.append(out / filename)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    curves(ax, ["centralized", "federated"], 1, "validation loss")
+    ax.set_title("Validation loss: centralized vs federated")
+    save(fig, "val_loss_centralized_vs_federated.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    curves(ax, ["federated", *local], 1, "validation loss")
+    ax.set_title("Validation loss: each client alone vs federated")
+    save(fig, "val_loss_local_vs_federated.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    curves(ax, [n for n in names if rows[n][0].curve], 2, "validation accuracy")
+    ax.set_title("Validation accuracy during training")
+    save(fig, "val_accuracy.png")
+
+    shown = [n for n in names if rows[n][0].kind != "zero-shot"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], shown):
+        classes = rows[name][0].classes
+        matrix = [[0] * len(classes) for _ in classes]
+        for run in rows[name]:
+            for label, pred in zip(run.labels, run.predicted):
+                matrix[label][pred] += 1
+        ax.imshow(matrix, cmap="Blues")
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, matrix[i][j], ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(classes)), classes, rotation=30)
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_title(f"{name}\n(test, {len(rows[name])} seed{'s' if len(rows[name]) > 1 else ''} summed)", fontsize=9)
+    axes[0][0].set_ylabel("true")
+    save(fig, "confusion_matrices.png")
+    return written
+
+
+def relative(path: Path, base: Path) -> Path:
+    try:
+        return path.resolve().relative_to(base.resolve())
+    except ValueError:
+        return path
+
+
+def write_report(folders: list[Path], out: Path) -> Path:
+    """Read every run under ``folders``; write ``out``/README.md (table, verdict) and the PNGs beside it."""
+    rows = group(find_runs(folders))
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = plot(rows, out)
+    lines = [
+        "# Centralized vs federated vs local-only",
+        "",
+        "Test accuracy and macro-F1: mean over seeds with a 95% t-interval. Every trained run tests its final model.",
+        "",
+        table(rows),
+        "",
+        "## Verdict",
+        "",
+        *verdict(rows),
+        "",
+        "## Plots",
+        "",
+        *[f"![{png.stem}]({png.name})" for png in pngs],
+        "",
+        f"Runs read ({sum(len(runs) for runs in rows.values())}): "
+        + ", ".join(sorted(str(relative(r.folder, out.parent)) for runs in rows.values() for r in runs)),
+        "",
+    ]
+    readme = out / "README.md"
+    readme.write_text("\n".join(lines))
+    return readme
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fedlm report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders that contain run folders")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: RUNS[0]/report)")
+    args = parser.parse_args(argv)
+    readme = write_report(args.runs, args.out or args.runs[0] / "report")
+    print(readme.read_text())
+    print(f"[fedlm report] written to {readme.parent}")

@@ -1,0 +1,121 @@
+"""``fedlm experiment --config configs/fpb_triad.yaml``: centralized, federated and every client alone, over seeds.
+
+Each run is a ``fedlm fit`` in a subprocess of its own (a crash or an out-of-memory kill loses one run, not the
+experiment) writing into ``output/seed<S>/<run>/``. A run whose ``test_metrics.json`` exists is done and is not
+redone, so the same command resumes an interrupted experiment; a run folder without it is cleared and rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from jsonargparse import ArgumentParser, ActionConfigFile
+
+from fedlm.experiment.report import write_report
+
+
+@dataclass
+class TriadConfig:
+    """What ``fedlm experiment`` runs.
+
+    Args:
+        centralized, federated, local: the three ``fedlm fit`` configs; ``local`` is run once per client of the
+            federated config (``data.init_args.local_client`` = 0 .. clients - 1).
+        seeds: one full triad per seed. A seed sets the encoder's initialization, the batch order, the IID
+            partition into clients and the federation's RNG streams; the train/validation/test split stays fixed.
+        output: folder of the runs and of the report (``output/report``).
+        zero_shot: also test the untrained encoder per seed (the row every trained run must beat).
+        overrides: extra command-line arguments for every run (e.g. ``["--trainer.max_epochs", "1"]``).
+    """
+
+    centralized: str = "configs/fpb_centralized.yaml"
+    federated: str = "configs/fpb_federated.yaml"
+    local: str = "configs/fpb_local.yaml"
+    seeds: list[int] = field(default_factory=lambda: [1234, 1235, 1236])
+    output: str = "runs/fpb_triad"
+    zero_shot: bool = True
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    seed: int
+    args: list[str]  # fedlm arguments after the subcommand's config
+
+
+def clients_of(config_path: str) -> int:
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    clients = (config.get("federation") or {}).get("clients")
+    if not isinstance(clients, int) or clients < 1:
+        raise ValueError(f"{config_path}: federation.clients must be a positive integer for the local-only runs.")
+    return clients
+
+
+def plan(config: TriadConfig) -> list[PlannedRun]:
+    for name in ("centralized", "federated", "local"):
+        if not Path(getattr(config, name)).is_file():
+            raise FileNotFoundError(f"{name}: {getattr(config, name)} does not exist; give the path of a fedlm fit config.")
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"seeds={config.seeds}: give one or more distinct seeds.")
+    clients = clients_of(config.federated)
+    runs = []
+    for seed in config.seeds:
+        seeded = ["--seed_everything", str(seed), "--data.init_args.shuffle_seed", str(seed),
+                  "--data.init_args.partition_seed", str(seed)]  # fmt: skip
+        if config.zero_shot:
+            runs.append(PlannedRun("zero-shot", seed, ["test", "--config", config.centralized, *seeded]))
+        runs.append(PlannedRun("centralized", seed, ["fit", "--config", config.centralized, *seeded]))
+        runs.append(PlannedRun("federated", seed, ["fit", "--config", config.federated, *seeded, "--federation.seed", str(seed)]))
+        for client in range(clients):
+            local = ["--data.init_args.local_client", str(client), "--data.init_args.local_clients", str(clients)]
+            runs.append(PlannedRun(f"local{client}", seed, ["fit", "--config", config.local, *seeded, *local]))
+    return runs
+
+
+def command(run: PlannedRun, folder: Path, overrides: list[str]) -> list[str]:
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(folder), "name": "logs", "version": 0}}
+    extra = ["--test_after_fit", "true"] if run.args[0] == "fit" else []
+    return [sys.executable, "-m", "fedlm", *run.args, *extra, "--trainer.default_root_dir", str(folder),
+            "--trainer.logger", json.dumps(logger), "--trainer.enable_progress_bar", "false", *overrides]  # fmt: skip
+
+
+def run_experiment(config: TriadConfig) -> Path:
+    """Run what is not done yet, then write the report; returns the report's README."""
+    output = Path(config.output)
+    runs = plan(config)
+    for index, run in enumerate(runs, 1):
+        folder = output / f"seed{run.seed}" / run.name
+        label = f"[fedlm experiment] {index}/{len(runs)} seed {run.seed} {run.name}"
+        if (folder / "logs" / "version_0" / "test_metrics.json").is_file():
+            print(f"{label}: done before, kept", flush=True)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "command.json").write_text(json.dumps(command(run, folder, config.overrides)) + "\n")
+        started = time.perf_counter()
+        print(f"{label}: running, log {folder / 'output.log'}", flush=True)
+        with (folder / "output.log").open("w") as log:
+            result = subprocess.run(command(run, folder, config.overrides), stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            tail = (folder / "output.log").read_text()[-3000:]
+            raise RuntimeError(f"{label} failed (exit {result.returncode}); see {folder / 'output.log'}:\n{tail}")
+        print(f"{label}: finished in {time.perf_counter() - started:.0f}s", flush=True)
+    readme = write_report([output], output / "report")
+    print(f"[fedlm experiment] report: {readme}", flush=True)
+    return readme
+
+
+def experiment_main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="fedlm experiment", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(TriadConfig, nested_key=None)
+    config = TriadConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config" and not k.startswith("__")})
+    run_experiment(config)

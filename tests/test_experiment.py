@@ -1,0 +1,132 @@
+"""The triad experiment: statistics on known inputs, reading run logs, and an end-to-end run on a tiny model."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedlm.experiment import TriadConfig, run_experiment, write_report
+from fedlm.experiment.report import find_runs, group, read_curve
+from fedlm.experiment.stats import mean_interval, paired_bootstrap
+
+
+def test_mean_interval_is_the_student_t_interval() -> None:
+    interval = mean_interval([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.303
+    assert interval.mean == 2.0
+    assert interval.high - 2.0 == pytest.approx(4.303 / math.sqrt(3), abs=1e-9)
+    assert interval.low == pytest.approx(2.0 - 4.303 / math.sqrt(3), abs=1e-9)
+    single = mean_interval([0.8])
+    assert (single.low, single.mean, single.high) == (0.8, 0.8, 0.8) and str(single) == "0.800"
+    with pytest.raises(ValueError):
+        mean_interval([])
+
+
+def test_paired_bootstrap_on_known_inputs() -> None:
+    same = [[True, False, True, True]] * 2
+    result = paired_bootstrap(same, same)
+    assert (result.difference, result.low, result.high, result.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+    always, never = [[True] * 50], [[False] * 50]
+    result = paired_bootstrap(always, never)
+    assert (result.difference, result.low, result.high) == (1.0, 1.0, 1.0) and result.p_value == 0.0
+
+    # b = a with 40 of 1000 right answers turned wrong: the difference is 0.04, and the interval of a
+    # resampled proportion of 40 discordant pairs is about 0.04 +- 1.96 * sqrt(0.04 * 0.96 / 1000).
+    generator = torch.Generator().manual_seed(0)
+    a = (torch.rand(1000, generator=generator) < 0.8).tolist()
+    flipped = [i for i, x in enumerate(a) if x][:40]
+    b = [x and i not in flipped for i, x in enumerate(a)]
+    result = paired_bootstrap([a], [b], resamples=20_000)
+    assert result.difference == pytest.approx(0.04)
+    half = 1.96 * math.sqrt(0.04 * 0.96 / 1000)
+    assert result.low == pytest.approx(0.04 - half, abs=0.003) and result.high == pytest.approx(0.04 + half, abs=0.003)
+    assert result.p_value < 0.001
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap([[True]], [[True, False]])
+
+
+def test_read_curve_maps_validation_steps_to_the_fraction_of_the_budget(tmp_path: Path) -> None:
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/acc,val/loss,round/bytes_exchanged\n"
+        "0,5,1.0,,,\n"
+        "0,11,,0.5,0.9,100\n"
+        "1,17,0.7,,,\n"
+        "1,23,,0.75,0.6,100\n"
+    )
+    curve, exchanged = read_curve(tmp_path / "metrics.csv")
+    assert curve == [(0.5, 0.9, 0.5), (1.0, 0.6, 0.75)]
+    assert exchanged == 200.0
+
+
+def tiny_configs(tmp_path: Path, backbone: str, fpb: Path) -> dict[str, str]:
+    base = {
+        "trainer": {"accelerator": "cpu", "enable_model_summary": False, "num_sanity_val_steps": 0, "max_epochs": 2,
+                    "log_every_n_steps": 1},  # fmt: skip
+        "model": {"backbone": backbone, "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8}, "lr": 0.05},
+        "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 8}},
+    }
+    configs = {
+        "centralized": base,
+        "federated": {**base, "federation": {"clients": 2, "rounds": 3, "local_epochs": 0.67}},
+        "local": {**base, "data": {**base["data"], "init_args": {**base["data"]["init_args"], "local_client": 0, "local_clients": 2}}},
+    }
+    paths = {}
+    for name, config in configs.items():
+        paths[name] = str(tmp_path / f"{name}.yaml")
+        Path(paths[name]).write_text(yaml.safe_dump(config))
+    return paths
+
+
+def test_triad_end_to_end_with_two_seeds_resumes_and_reports(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    config = TriadConfig(**tiny_configs(tmp_path, tiny_gpt2_dir, synthetic_fpb), seeds=[1, 2], output=str(tmp_path / "triad"))
+    readme = run_experiment(config)
+
+    rows = group(find_runs([tmp_path / "triad"]))
+    assert list(rows) == ["centralized", "federated", "client 0 alone", "client 1 alone", "zero-shot"]
+    assert all([r.seed for r in runs] == [1, 2] for runs in rows.values())
+    for name in ["centralized", "federated", "client 0 alone"]:
+        run = rows[name][0]
+        assert len(run.labels) == len(run.predicted) == 12  # the whole test split
+        assert run.metrics["test/acc"] == pytest.approx(sum(run.correct) / 12)
+        assert run.curve and run.curve[-1][0] == 1.0 and run.metrics["epochs_completed"] == (3 if name == "federated" else 2)
+    assert rows["federated"][0].bytes_exchanged == 3 * 2 * 2 * 4 * rows["federated"][0].metrics["trainable_parameters"]
+    # the seeds differ: encoder init, batch order and partition all follow the seed
+    assert rows["federated"][0].predicted != rows["federated"][1].predicted or rows["federated"][0].metrics["test/loss"] != rows["federated"][1].metrics["test/loss"]
+
+    text = readme.read_text()
+    assert "| federated | 2 |" in text and "Federated vs centralized" in text and "paired bootstrap" in text
+    for png in ["val_loss_centralized_vs_federated", "val_loss_local_vs_federated", "val_accuracy", "confusion_matrices"]:
+        assert (readme.parent / f"{png}.png").stat().st_size > 10_000
+
+    # Resume: finished runs are kept; a run without test metrics is redone, alone.
+    kept = tmp_path / "triad" / "seed1" / "centralized" / "logs" / "version_0" / "test_metrics.json"
+    redo = tmp_path / "triad" / "seed2" / "local1" / "logs" / "version_0" / "test_metrics.json"
+    before = kept.stat().st_mtime_ns
+    old = json.loads(redo.read_text())
+    redo.unlink()
+    run_experiment(config)
+    assert kept.stat().st_mtime_ns == before
+    assert json.loads(redo.read_text())["test/loss"] == old["test/loss"]  # and deterministic
+
+
+def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> None:
+    def fake_run(folder: Path, kind: str, seed: int, predicted: list[int], client: int | None = None) -> None:
+        folder.mkdir(parents=True)
+        labels = [0, 1, 1, 2]
+        acc = sum(p == y for p, y in zip(predicted, labels)) / 4
+        metrics = {"kind": kind, "seed": seed, "client": client, "test/acc": acc, "test/macro_f1": acc, "fit_seconds": 1.0}
+        (folder / "test_metrics.json").write_text(json.dumps(metrics))
+        (folder / "test_predictions.json").write_text(json.dumps({"classes": ["a", "b", "c"], "label": labels, "predicted": predicted}))
+
+    fake_run(tmp_path / "c1", "centralized", 1, [0, 1, 1, 2])
+    fake_run(tmp_path / "f1", "federated", 1, [0, 1, 1, 1])
+    fake_run(tmp_path / "l1", "local", 1, [1, 1, 1, 1], client=0)
+    readme = write_report([tmp_path], tmp_path / "report")
+    text = readme.read_text()
+    assert "| centralized | 1 | 1.000 |" in text and "| federated | 1 | 0.750 |" in text and "| client 0 alone | 1 | 0.500 |" in text
+    assert "majority class (b) | - | 0.500" in text
+    assert "-25.0 points of mean test accuracy (not within 1 point)" in text
+    assert "above 1 of 1 local-only clients" in text
