@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -258,6 +259,32 @@ def test_one_client_with_all_data_trains_exactly_like_centralized(tiny_gpt2_dir:
     assert len(federated["losses"]) == len(centralized["losses"]) == 3 * 24  # 96 examples / batch 4, 3 epochs
     assert federated["losses"] == centralized["losses"]  # step for step
     assert torch.equal(federated["rounds"][-1]["global"], centralized["rounds"][-1]["global"])
+
+
+class BatchRecorder(L.Callback):
+    """The training sentences of every batch, per epoch (round)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[tuple[int, ...]]] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.epochs[-1].extend(tuple(row) for row in batch["input_ids"].tolist())
+
+
+@pytest.mark.parametrize("federation", [FEDERATION, None], ids=["federated", "centralized"])
+def test_every_round_draws_new_batches_from_the_stream(federation: dict | None, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    from fedlm.cli import cli
+
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation, max_epochs=3, limit_val_batches=0)
+    run = cli(["fit", "--config", str(config), "--trainer.callbacks+=test_federation.BatchRecorder"])
+    (recorder,) = [c for c in run.trainer.callbacks if isinstance(c, BatchRecorder)]
+    assert len(recorder.epochs) == 3
+    # 2 clients x 3 local steps x 4 sentences a round out of 48 per client: three rounds, three different sets;
+    # centralized: each epoch is a pass over all 96 sentences, each in another order.
+    assert recorder.epochs[0] != recorder.epochs[1] != recorder.epochs[2] != recorder.epochs[0]
 
 
 def shipped_callbacks(folder: Path) -> list[dict]:

@@ -127,3 +127,21 @@ def test_fit_with_the_cache_trains_the_encoder_only(tiny_model_dir: str, synthet
     assert run.callback_metrics["cache/entries"] == len(module.prefix_cache)
     assert run.callback_metrics["cache/bytes"] == module.prefix_cache.nbytes
     assert not any("cache" in key for key in module.state_dict())  # never checkpointed
+
+
+def test_bf16_autocast_trains_through_the_cache_close_to_fp32(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    _, fast = pair(tiny_gpt2_dir, "multi-token")
+    batch = mixed_batch(fast)
+    exact = fast.train_loss(batch)
+    fast.prefix_cache.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approx = fast.train_loss(batch)
+    assert approx.dtype == torch.float32  # the log-softmax over the vocabulary stays in fp32
+    torch.testing.assert_close(approx, exact, rtol=0.02, atol=0.0)
+
+    encoder = [p.clone() for p in fast.encoder.parameters()]
+    run = trainer(tmp_path, max_steps=3, precision="bf16-mixed")
+    run.fit(fast, FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))
+    assert torch.isfinite(run.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 for p in fast.encoder.parameters())  # master weights stay fp32
+    assert any(not torch.equal(a, b) for a, b in zip(encoder, fast.encoder.parameters()))

@@ -50,6 +50,9 @@ class RoundBatchSampler(Sampler[list[int]]):
         self.rank_in_client, self.ranks_per_client = rank_in_client, ranks_per_client
         self.lengths, self.bucket_batches = lengths, bucket_batches
         self.round = 0
+        # Lightning calls set_epoch on dataloader.sampler and dataloader.batch_sampler.sampler, never on the batch
+        # sampler itself; without this every round would replay round 0's batches.
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at every epoch, i.e. every round."""
