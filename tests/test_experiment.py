@@ -128,5 +128,5 @@ def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> Non
     text = readme.read_text()
     assert "| centralized | 1 | 1.000 |" in text and "| federated | 1 | 0.750 |" in text and "| client 0 alone | 1 | 0.500 |" in text
     assert "majority class (b) | - | 0.500" in text
-    assert "-25.0 points of mean test accuracy (not within 1 point)" in text
+    assert "-25.0 points of mean test accuracy (federated lower by more than 1 point)" in text
     assert "above 1 of 1 local-only clients" in text

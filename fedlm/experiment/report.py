@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from fedlm.experiment.stats import BootstrapResult, Interval, mean_interval, paired_bootstrap
 
 KIND_ORDER = ("centralized", "federated", "local", "zero-shot")
@@ -31,6 +33,7 @@ class Run:
     predicted: list[int]
     curve: list[tuple[float, float, float]] = field(default_factory=list)  # (fraction of budget, val loss, val acc)
     bytes_exchanged: float = 0.0
+    config: dict = field(default_factory=dict)  # the resolved fedlm config LightningCLI saved (config.yaml)
 
     @property
     def name(self) -> str:
@@ -56,7 +59,31 @@ def read_run(folder: Path) -> Run:
     )
     if (folder / "metrics.csv").is_file():
         run.curve, run.bytes_exchanged = read_curve(folder / "metrics.csv")
+    if (folder / "config.yaml").is_file():
+        run.config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     return run
+
+
+def setup_table(rows: dict[str, list[Run]]) -> str:
+    """The settings that make the runs comparable, from the first seed's saved config of each row."""
+    lines = ["| run | backbone | template | encoder | lr | warm-up | batch | schedule |", "|---|---|---|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        config = runs[0].config
+        if not config or runs[0].kind == "zero-shot":
+            continue
+        model, data = config.get("model", {}), config.get("data", {}).get("init_args", {})
+        encoder, federation = model.get("encoder", {}), config.get("federation")
+        if federation:
+            steps = federation.get("local_steps") or f"{federation.get('local_epochs')} epochs"
+            schedule = f"{federation['clients']} clients, {federation['rounds']} rounds x {steps} local steps, FedAvg by {federation.get('weighting')}"
+        else:
+            schedule = f"{config.get('trainer', {}).get('max_epochs')} epochs"
+        lines.append(
+            f"| {name} | {model.get('backbone')} | `{model.get('template')}` (cache_prefix: {model.get('cache_prefix')}) | "
+            f"{encoder.get('type')}, {encoder.get('virtual_tokens')} virtual tokens | {model.get('lr')} | "
+            f"{model.get('warmup_steps')} | {data.get('batch_size')} | {schedule} |"
+        )
+    return "\n".join(lines)
 
 
 def read_curve(path: Path) -> tuple[list[tuple[float, float, float]], float]:
@@ -134,6 +161,12 @@ def table(rows: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
+def closeness(gap: float) -> str:
+    if abs(gap) <= 0.01:
+        return "within 1 point"
+    return f"federated {'higher' if gap > 0 else 'lower'} by more than 1 point"
+
+
 def verdict(rows: dict[str, list[Run]]) -> list[str]:
     """The questions the experiment asks, answered in plain words from the table and the bootstrap."""
     if "federated" not in rows:
@@ -145,8 +178,8 @@ def verdict(rows: dict[str, list[Run]]) -> list[str]:
         gap = federated.mean - centralized.mean
         boot = paired(rows, "federated", "centralized")
         lines.append(
-            f"- Federated vs centralized: {100 * gap:+.1f} points of mean test accuracy "
-            f"({'within' if abs(gap) <= 0.01 else 'not within'} 1 point); paired bootstrap difference "
+            f"- Federated vs centralized: {100 * gap:+.1f} points of mean test accuracy ({closeness(gap)}); "
+            f"paired bootstrap difference "
             f"{100 * boot.difference:+.1f} points, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], p = {boot.p_value:.3f}."
         )
     local = {name: mean_interval([r.metrics["test/acc"] for r in runs]) for name, runs in rows.items() if runs[0].kind == "local"}
@@ -224,13 +257,16 @@ def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
             for label, pred in zip(run.labels, run.predicted):
                 matrix[label][pred] += 1
         ax.imshow(matrix, cmap="Blues")
+        darkest = max(max(row) for row in matrix)
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, matrix[i][j], ha="center", va="center", fontsize=9)
+                color = "white" if matrix[i][j] > darkest / 2 else "black"
+                ax.text(j, i, matrix[i][j], ha="center", va="center", fontsize=9, color=color)
         ax.set_xticks(range(len(classes)), classes, rotation=30)
         ax.set_yticks(range(len(classes)), classes)
         ax.set_xlabel("predicted")
-        ax.set_title(f"{name}\n(test, {len(rows[name])} seed{'s' if len(rows[name]) > 1 else ''} summed)", fontsize=9)
+        seeds = len(rows[name])
+        ax.set_title(f"{name}\n(test, {f'{seeds} seeds summed' if seeds > 1 else '1 seed'})", fontsize=9)
     axes[0][0].set_ylabel("true")
     save(fig, "confusion_matrices.png")
     return written
@@ -255,6 +291,10 @@ def write_report(folders: list[Path], out: Path) -> Path:
         "",
         table(rows),
         "",
+        "## Setup",
+        "",
+        setup_table(rows),
+        "",
         "## Verdict",
         "",
         *verdict(rows),
@@ -264,7 +304,7 @@ def write_report(folders: list[Path], out: Path) -> Path:
         *[f"![{png.stem}]({png.name})" for png in pngs],
         "",
         f"Runs read ({sum(len(runs) for runs in rows.values())}): "
-        + ", ".join(sorted(str(relative(r.folder, out.parent)) for runs in rows.values() for r in runs)),
+        + ", ".join(sorted(str(relative(r.folder, Path.cwd())) for runs in rows.values() for r in runs)),
         "",
     ]
     readme = out / "README.md"
