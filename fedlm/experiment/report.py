@@ -145,7 +145,8 @@ def table(rows: dict[str, list[Run]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     any_run = next(iter(rows.values()))[0]
-    lines.append(f"| majority class ({any_run.classes[max(range(len(any_run.classes)), key=any_run.labels.count)]}) | - | {majority_accuracy(any_run):.3f} | - | - | 0 | - | - |")
+    majority = any_run.classes[max(range(len(any_run.classes)), key=any_run.labels.count)]
+    lines.append(f"| majority class ({majority}) | - | {majority_accuracy(any_run):.3f} | - | - | 0 | - | - |")
     for name, runs in rows.items():
         acc = mean_interval([r.metrics["test/acc"] for r in runs])
         f1 = mean_interval([r.metrics["test/macro_f1"] for r in runs])
@@ -153,11 +154,8 @@ def table(rows: dict[str, list[Run]]) -> str:
         params = runs[0].metrics.get("trainable_parameters", 0) if runs[0].kind != "zero-shot" else 0
         megabytes = mean_interval([r.bytes_exchanged / 1e6 for r in runs]).mean
         times = [r.metrics["fit_seconds"] for r in runs if r.metrics.get("fit_seconds")]
-        lines.append(
-            f"| {name} | {len(runs)} | {acc} | {f1} | {seeds} | {params:,} | {megabytes:.3g} | "
-            f"{mean_interval(times).mean:.0f} |" if times else
-            f"| {name} | {len(runs)} | {acc} | {f1} | {seeds} | {params:,} | {megabytes:.3g} | - |"
-        )
+        fit_time = f"{mean_interval(times).mean:.0f}" if times else "-"
+        lines.append(f"| {name} | {len(runs)} | {acc} | {f1} | {seeds} | {params:,} | {megabytes:.3g} | {fit_time} |")
     return "\n".join(lines)
 
 
