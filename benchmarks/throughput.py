@@ -231,8 +231,7 @@ def main() -> None:
         # A fresh process per method: ru_maxrss is a lifetime peak.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             results[method] = pool.submit(run_method, method, args, plan).result()
-    examples = len(examples)
-    report(args, results, examples)
+    report(args, results, len(examples))
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from fedlm.experiment.stats import BootstrapResult, Interval, mean_interval, paired_bootstrap
+from fedlm.experiment.stats import BootstrapResult, mean_interval, paired_bootstrap
 
 KIND_ORDER = ("centralized", "federated", "local", "zero-shot")
 
@@ -114,10 +113,11 @@ def group(runs: list[Run]) -> dict[str, list[Run]]:
     return dict(rows)
 
 
-def majority_accuracy(run: Run) -> float:
-    """Accuracy of always answering the most frequent test class (a floor any trained model must clear)."""
+def majority(run: Run) -> tuple[str, float]:
+    """The most frequent test class and the accuracy of always answering it (a floor any trained model must clear)."""
     counts = [run.labels.count(k) for k in range(len(run.classes))]
-    return max(counts) / len(run.labels)
+    top = max(range(len(counts)), key=counts.__getitem__)
+    return run.classes[top], counts[top] / len(run.labels)
 
 
 def paired(rows: dict[str, list[Run]], a: str, b: str) -> BootstrapResult | None:
@@ -144,9 +144,8 @@ def table(rows: dict[str, list[Run]]) -> str:
         "| run | seeds | test accuracy, mean [95% CI] | test macro-F1, mean [95% CI] | per seed (accuracy) | trainable params | MB exchanged | fit time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    any_run = next(iter(rows.values()))[0]
-    majority = any_run.classes[max(range(len(any_run.classes)), key=any_run.labels.count)]
-    lines.append(f"| majority class ({majority}) | - | {majority_accuracy(any_run):.3f} | - | - | 0 | - | - |")
+    majority_class, majority_acc = majority(next(iter(rows.values()))[0])
+    lines.append(f"| majority class ({majority_class}) | - | {majority_acc:.3f} | - | - | 0 | - | - |")
     for name, runs in rows.items():
         acc = mean_interval([r.metrics["test/acc"] for r in runs])
         f1 = mean_interval([r.metrics["test/macro_f1"] for r in runs])

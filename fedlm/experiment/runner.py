@@ -99,11 +99,12 @@ def run_experiment(config: TriadConfig) -> Path:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        (folder / "command.json").write_text(json.dumps(command(run, folder, config.overrides)) + "\n")
+        argv = command(run, folder, config.overrides)
+        (folder / "command.json").write_text(json.dumps(argv) + "\n")
         started = time.perf_counter()
         print(f"{label}: running, log {folder / 'output.log'}", flush=True)
         with (folder / "output.log").open("w") as log:
-            result = subprocess.run(command(run, folder, config.overrides), stdout=log, stderr=subprocess.STDOUT)
+            result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:
             tail = (folder / "output.log").read_text()[-3000:]
             raise RuntimeError(f"{label} failed (exit {result.returncode}); see {folder / 'output.log'}:\n{tail}")
