@@ -9,6 +9,7 @@ import os
 
 import lightning as L
 import pytest
+import torch
 from conftest import REAL_FPB
 
 from fedlm.data import FinancialPhraseBank
@@ -29,7 +30,11 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_gguf_is_converted_once_then_loaded_from_the_cache(caplog: pytest.LogCaptureFixture) -> None:
-    load_backbone()
+    rng = torch.random.get_rng_state()
+    with caplog.at_level(logging.INFO, logger="fedlm.model.backbone"):
+        load_backbone()
+    assert "Converting" in caplog.text  # the session's fresh cache
+    assert torch.equal(torch.random.get_rng_state(), rng)  # converting leaves the seeded RNG alone
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fedlm.model.backbone"):
         backbone = load_backbone()

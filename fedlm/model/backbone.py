@@ -91,8 +91,11 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     log.info("Converting %s to a model directory (once; later loads use %s)", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # Models loaded from GGUF refuse save_pretrained; a fresh model of the same config saves normally.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # Models loaded from GGUF refuse save_pretrained; a fresh model of the same config saves normally. Its random
+    # initialization must not draw from the seeded global RNG, or a run that converts would initialize its prompt
+    # encoder differently from a run that finds the conversion cached.
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
