@@ -18,6 +18,8 @@ def test_mean_interval_is_the_student_t_interval() -> None:
     assert interval.mean == 2.0
     assert interval.high - 2.0 == pytest.approx(4.303 / math.sqrt(3), abs=1e-9)
     assert interval.low == pytest.approx(2.0 - 4.303 / math.sqrt(3), abs=1e-9)
+    clipped = mean_interval([0.90, 0.95, 1.00], bounds=(0.0, 1.0))  # sd 0.05: the t-interval reaches 1.074
+    assert clipped.high == 1.0 and clipped.low == pytest.approx(0.95 - 4.303 * 0.05 / math.sqrt(3), abs=1e-9)
     single = mean_interval([0.8])
     assert (single.low, single.mean, single.high) == (0.8, 0.8, 0.8) and str(single) == "0.800"
     with pytest.raises(ValueError):
@@ -97,7 +99,7 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(tiny_gpt2_dir: str,
     assert rows["federated"][0].predicted != rows["federated"][1].predicted or rows["federated"][0].metrics["test/loss"] != rows["federated"][1].metrics["test/loss"]
 
     text = readme.read_text()
-    assert "| federated | 2 |" in text and "Federated vs centralized" in text and "paired bootstrap" in text
+    assert "| federated | 2 |" in text and "Federated within 1 point of centralized" in text and "paired bootstrap" in text
     for png in ["val_loss_centralized_vs_federated", "val_loss_local_vs_federated", "val_accuracy", "confusion_matrices"]:
         assert (readme.parent / f"{png}.png").stat().st_size > 10_000
 
@@ -128,5 +130,6 @@ def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> Non
     text = readme.read_text()
     assert "| centralized | 1 | 1.000 |" in text and "| federated | 1 | 0.750 |" in text and "| client 0 alone | 1 | 0.500 |" in text
     assert "majority class (b) | - | 0.500" in text
-    assert "-25.0 points of mean test accuracy (federated lower by more than 1 point)" in text
-    assert "above 1 of 1 local-only clients" in text
+    assert "Federated within 1 point of centralized: no, federated is lower by 25.0 points" in text
+    assert "Federated above every local-only client: yes" in text
+    assert "95% t-interval (clipped to [0, 1])" in text and f"fedlm report {tmp_path} --out" in text

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from fedlm.experiment.stats import BootstrapResult, mean_interval, paired_bootstrap
+from fedlm.experiment.stats import BootstrapResult, Interval, mean_interval, paired_bootstrap
 
 KIND_ORDER = ("centralized", "federated", "local", "zero-shot")
 
@@ -139,6 +140,10 @@ def best_local_by_validation(rows: dict[str, list[Run]]) -> str | None:
     return max(local, key=lambda name: mean_interval([r.curve[-1][2] for r in local[name]]).mean)
 
 
+def accuracy(runs: list[Run], metric: str = "test/acc") -> Interval:
+    return mean_interval([r.metrics[metric] for r in runs], bounds=(0.0, 1.0))
+
+
 def table(rows: dict[str, list[Run]]) -> str:
     lines = [
         "| run | seeds | test accuracy, mean [95% CI] | test macro-F1, mean [95% CI] | per seed (accuracy) | trainable params | MB exchanged | fit time (s) |",
@@ -147,8 +152,7 @@ def table(rows: dict[str, list[Run]]) -> str:
     majority_class, majority_acc = majority(next(iter(rows.values()))[0])
     lines.append(f"| majority class ({majority_class}) | - | {majority_acc:.3f} | - | - | 0 | - | - |")
     for name, runs in rows.items():
-        acc = mean_interval([r.metrics["test/acc"] for r in runs])
-        f1 = mean_interval([r.metrics["test/macro_f1"] for r in runs])
+        acc, f1 = accuracy(runs), accuracy(runs, "test/macro_f1")
         seeds = " ".join(f"{r.metrics['test/acc']:.3f}" for r in runs)
         params = runs[0].metrics.get("trainable_parameters", 0) if runs[0].kind != "zero-shot" else 0
         megabytes = mean_interval([r.bytes_exchanged / 1e6 for r in runs]).mean
@@ -158,41 +162,49 @@ def table(rows: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
-def closeness(gap: float) -> str:
-    if abs(gap) <= 0.01:
-        return "within 1 point"
-    return f"federated {'higher' if gap > 0 else 'lower'} by more than 1 point"
+def bootstrap_words(boot: BootstrapResult) -> str:
+    """A paired bootstrap of federated minus another run, in words."""
+    if boot.low > 0 or boot.high < 0:
+        side = f"excludes 0: federated significantly {'higher' if boot.low > 0 else 'lower'}"
+    else:
+        side = "includes 0: no significant difference"
+    return (f"paired bootstrap {100 * boot.difference:+.1f} points, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}] "
+            f"({side}), p = {boot.p_value:.3f}")  # fmt: skip
 
 
 def verdict(rows: dict[str, list[Run]]) -> list[str]:
-    """The questions the experiment asks, answered in plain words from the table and the bootstrap."""
+    """The experiment's two questions, answered yes or no from the means, with the intervals that qualify them."""
     if "federated" not in rows:
         return ["No federated run found."]
-    federated = mean_interval([r.metrics["test/acc"] for r in rows["federated"]])
+    federated = accuracy(rows["federated"])
     lines = []
     if "centralized" in rows:
-        centralized = mean_interval([r.metrics["test/acc"] for r in rows["centralized"]])
+        centralized = accuracy(rows["centralized"])
         gap = federated.mean - centralized.mean
-        boot = paired(rows, "federated", "centralized")
+        answer = "yes" if abs(gap) <= 0.01 else f"no, federated is {'higher' if gap > 0 else 'lower'} by {100 * abs(gap):.1f} points"
         lines.append(
-            f"- Federated vs centralized: {100 * gap:+.1f} points of mean test accuracy ({closeness(gap)}); "
-            f"paired bootstrap difference "
-            f"{100 * boot.difference:+.1f} points, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], p = {boot.p_value:.3f}."
+            f"- **Federated within 1 point of centralized: {answer}.** Test accuracy {federated} vs {centralized} "
+            f"(mean [95% CI over seeds]); {bootstrap_words(paired(rows, 'federated', 'centralized'))}."
         )
-    local = {name: mean_interval([r.metrics["test/acc"] for r in runs]) for name, runs in rows.items() if runs[0].kind == "local"}
+    local = {name: runs for name, runs in rows.items() if runs[0].kind == "local"}
     if local:
-        beaten = [name for name, acc in local.items() if federated.mean > acc.mean]
+        means = {name: accuracy(runs).mean for name, runs in local.items()}
+        beaten = [name for name, mean in means.items() if federated.mean > mean]
+        answer = "yes" if len(beaten) == len(local) else f"no, {', '.join(n for n in local if n not in beaten)} scores higher"
         lines.append(
-            f"- Federated ({federated.mean:.3f}) is above {len(beaten)} of {len(local)} local-only clients "
-            f"({', '.join(f'{n}: {a.mean:.3f}' for n, a in local.items())})."
+            f"- **Federated above every local-only client: {answer}** on the mean over seeds (federated "
+            f"{federated.mean:.3f}; {', '.join(f'{name} {mean:.3f}' for name, mean in means.items())})."
         )
+        federated_by_seed = {r.seed: r.metrics["test/acc"] for r in rows["federated"]}
+        for seed, fed in federated_by_seed.items():
+            above = {name: r.metrics["test/acc"] for name, runs in local.items() for r in runs if r.seed == seed and r.metrics["test/acc"] >= fed}
+            if above:
+                lines.append(f"  - seed {seed}: federated {fed:.3f} is not above {', '.join(f'{n} ({a:.3f})' for n, a in above.items())}.")
         best = best_local_by_validation(rows)
         if best is not None:
-            boot = paired(rows, "federated", best)
             lines.append(
-                f"- Federated vs the best local-only client by validation accuracy ({best}): paired bootstrap "
-                f"difference {100 * boot.difference:+.1f} points, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], "
-                f"p = {boot.p_value:.3f}."
+                f"- Federated vs the best local-only client chosen by validation accuracy ({best}): "
+                f"{bootstrap_words(paired(rows, 'federated', best))}."
             )
     return lines
 
@@ -276,15 +288,24 @@ def relative(path: Path, base: Path) -> Path:
         return path
 
 
-def write_report(folders: list[Path], out: Path) -> Path:
-    """Read every run under ``folders``; write ``out``/README.md (table, verdict) and the PNGs beside it."""
+def write_report(folders: list[Path], out: Path, command: str | None = None, notes: Path | None = None) -> Path:
+    """Read every run under ``folders``; write ``out``/README.md (table, verdict) and the PNGs beside it.
+
+    ``command`` is printed as the line that rebuilds the report; ``notes`` (Markdown written by a person: why the
+    result is what it is) is copied in under "Interpretation", since a verdict computed from a table cannot say why.
+    """
     rows = group(find_runs(folders))
+    interpretation = ["## Interpretation", "", notes.read_text().strip(), ""] if notes is not None else []
+    command = command or f"fedlm report {' '.join(str(relative(f, Path.cwd())) for f in folders)} --out {relative(out, Path.cwd())}"
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(rows, out)
     lines = [
         "# Centralized vs federated vs local-only",
         "",
-        "Test accuracy and macro-F1: mean over seeds with a 95% t-interval. Every trained run tests its final model.",
+        "Test accuracy and macro-F1: mean over seeds with a 95% t-interval (clipped to [0, 1]). Every trained run",
+        "tests its final model. Rebuild this report from the saved runs with:",
+        "",
+        f"    {command}",
         "",
         table(rows),
         "",
@@ -296,6 +317,7 @@ def write_report(folders: list[Path], out: Path) -> Path:
         "",
         *verdict(rows),
         "",
+        *interpretation,
         "## Plots",
         "",
         *[f"![{png.stem}]({png.name})" for png in pngs],
@@ -313,7 +335,11 @@ def report_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedlm report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders that contain run folders")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: RUNS[0]/report)")
+    parser.add_argument("--notes", type=Path, default=None, help="Markdown file copied into the report under Interpretation")
     args = parser.parse_args(argv)
-    readme = write_report(args.runs, args.out or args.runs[0] / "report")
+    if args.notes is not None and not args.notes.is_file():
+        parser.error(f"--notes {args.notes}: no such file")
+    command = "fedlm report " + " ".join(argv if argv is not None else sys.argv[2:])
+    readme = write_report(args.runs, args.out or args.runs[0] / "report", command, args.notes)
     print(readme.read_text())
     print(f"[fedlm report] written to {readme.parent}")

@@ -26,8 +26,12 @@ class Interval:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def mean_interval(values: list[float]) -> Interval:
-    """Mean and 95 % t-interval over seeds (one value: no interval, low = high = the value)."""
+def mean_interval(values: list[float], bounds: tuple[float, float] | None = None) -> Interval:
+    """Mean and 95 % t-interval over seeds (one value: no interval, low = high = the value).
+
+    ``bounds`` clips the interval to the quantity's range: with 3 seeds the t-interval of an accuracy can
+    reach past 1, which no accuracy can.
+    """
     n = len(values)
     if n == 0:
         raise ValueError("no values to average")
@@ -35,7 +39,10 @@ def mean_interval(values: list[float]) -> Interval:
     if n < 2:
         return Interval(mean, mean, mean, n)
     half = (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * statistics.stdev(values) / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Interval(mean, low, high, n)
 
 
 @dataclass(frozen=True)
