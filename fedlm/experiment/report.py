@@ -214,6 +214,7 @@ def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     def curves(ax, names: list[str], column: int, ylabel: str) -> None:  # noqa: ANN001
         for name in names:
@@ -226,6 +227,11 @@ def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
                         label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if index == 0 else None)  # fmt: skip
         ax.set_xlabel("fraction of the training budget (same optimizer steps per example for every run)")
         ax.set_ylabel(ylabel)
+        if column == 1:
+            ax.set_yscale("log")  # early losses are 10x the final ones; the differences that matter are late
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
