@@ -10,7 +10,9 @@ the figures compare what each layout costs per step, not the training frameworks
 (c) fedlm with ``{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}`` and ``cache_prefix=True``: the first epoch
     (every prefix computed once) and later epochs (every prefix cached) are reported apart.
 
-Each method runs in a process of its own so that the peak memory printed is its own. Data: the training split of
+Each method runs in a process of its own so that the peak memory printed is its own. A shared VM's speed drifts by
+10-20 % over minutes, so ``--repeats R`` runs the methods R times interleaved (a, b, c, a, b, c, ...) and prints
+each figure's median and range, and each ratio to (a) taken within a repeat (paired), with its median and range. Data: the training split of
 Financial PhraseBank (``--fpb-dir`` or ``FEDLM_FPB_DIR``; CC BY-NC-SA, never commit it). Needs ``peft``
 (``pip install -r benchmarks/requirements.txt``) and fedlm importable from this checkout (the editable install, or
 ``PYTHONPATH=.``):
@@ -63,14 +65,18 @@ def parse_args() -> argparse.Namespace:
         "--bucket-batches", type=int, default=1, help="batches regrouped by length in windows of N (all methods)"
     )
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to run")
+    parser.add_argument("--repeats", type=int, default=1, help="run the methods this many times, interleaved")
+    parser.add_argument(
+        "--cached-template", default=CACHED_TEMPLATE, help="template of (c); text before the first virtual token is cached"
+    )
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--encoder-hidden", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    if min(args.batch_size, args.steps, args.bucket_batches) <= 0 or args.warmup < 0:
-        parser.error("--batch-size, --steps and --bucket-batches must be positive, --warmup at least 0.")
+    if min(args.batch_size, args.steps, args.bucket_batches, args.repeats) <= 0 or args.warmup < 0:
+        parser.error("--batch-size, --steps, --bucket-batches and --repeats must be positive, --warmup at least 0.")
     return args
 
 
@@ -135,7 +141,7 @@ def fedlm_setup(args: argparse.Namespace, groups: list[list[Example]], cached: b
     module = PTuningModule(
         backbone=args.backbone,
         dtype=args.dtype,
-        template=CACHED_TEMPLATE if cached else FPB_TEMPLATE,
+        template=args.cached_template if cached else FPB_TEMPLATE,
         encoder=encoder,
         cache_prefix=cached,
         cache_dtype=args.cache_dtype,
@@ -199,26 +205,37 @@ def run_method(method: str, args: argparse.Namespace, plan: list[list[int]]) -> 
     return result
 
 
-def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], examples: int) -> None:
+def spread(values: list[float]) -> str:
+    """Median, and the range when there is more than one value."""
+    values = sorted(values)
+    median = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    return f"{median:.2f}" + (f" [{values[0]:.2f}-{values[-1]:.2f}]" if len(values) > 1 else "")
+
+
+def report(args: argparse.Namespace, repeats: list[dict[str, dict[str, Any]]], examples: int) -> None:
+    """One line per method and phase: examples/s and the ratio to (a) within each repeat, as median [min-max]."""
     print(
         f"backbone={args.backbone} device={args.device} dtype={args.dtype} cache_dtype={args.cache_dtype} "
         f"batch_size={args.batch_size} train_examples={examples} warmup={args.warmup} steps={args.steps} "
-        f"autocast={args.autocast} compile={args.compile} bucket_batches={args.bucket_batches} "
+        f"repeats={args.repeats} autocast={args.autocast} compile={args.compile} bucket_batches={args.bucket_batches} "
         f"torch_threads={torch.get_num_threads()}"
     )
+    print(f"cached template (c): {args.cached_template!r}")
     cuda = args.device.startswith("cuda")
-    header = f"{'method':<56}{'examples/s':>12}{'vs (a)':>9}{'peak RSS MiB':>14}"
+    header = f"{'method':<52}{'examples/s':>20}{'vs (a), per repeat':>22}{'peak RSS MiB':>14}"
     print(header + (f"{'peak CUDA MiB':>15}" if cuda else ""))
-    baseline = results["peft"]["steady"] if "peft" in results else float("nan")
-    for method, result in results.items():
-        name = METHODS[method]
-        memory = f"{result['peak_rss_mib']:>14.0f}" + (f"{result['peak_cuda_mib']:>15.0f}" if cuda else "")
-        figures = [("first epoch, filling the cache", result["first epoch"])] if "first epoch" in result else []
-        figures.append(("later epochs" if figures else "steady state", result["steady"]))
-        for phase, value in figures:
-            print(f"{name + ', ' + phase:<56}{value:>12.2f}{value / baseline:>8.2f}x{memory}")
-    if "fedlm-cached" in results:
-        entries, nbytes = results["fedlm-cached"]["cache"]
+    for method in args.methods:
+        runs = [results[method] for results in repeats]
+        memory = f"{max(r['peak_rss_mib'] for r in runs):>14.0f}" + (f"{max(r['peak_cuda_mib'] for r in runs):>15.0f}" if cuda else "")
+        phases = [("first epoch, filling the cache", "first epoch")] if "first epoch" in runs[0] else []
+        phases.append(("later epochs" if phases else "steady state", "steady"))
+        for phase, key in phases:
+            ratios = [r[method][key] / r["peft"]["steady"] for r in repeats] if "peft" in args.methods else []
+            ratio = spread(ratios) + "x" if ratios else "-"
+            name = f"{METHODS[method]}, {phase}"
+            print(f"{name:<52}{spread([r[key] for r in runs]):>20}{ratio:>22}{memory}")
+    if "fedlm-cached" in args.methods:
+        entries, nbytes = repeats[0]["fedlm-cached"]["cache"]
         print(f"prefix cache after the first epoch: {entries} entries, {nbytes / 2**20:.1f} MiB ({args.cache_dtype})")
 
 
@@ -226,12 +243,16 @@ def main() -> None:
     args = parse_args()
     examples = training_examples(args)  # fails here, early, on a bad data path
     plan = batch_plan(args, examples)
-    results = {}
-    for method in args.methods:
-        # A fresh process per method: ru_maxrss is a lifetime peak.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results[method] = pool.submit(run_method, method, args, plan).result()
-    report(args, results, len(examples))
+    repeats = []
+    for repeat in range(args.repeats):
+        results = {}
+        for method in args.methods:
+            # A fresh process per method: ru_maxrss is a lifetime peak.
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results[method] = pool.submit(run_method, method, args, plan).result()
+            print(f"[repeat {repeat + 1}/{args.repeats}] {method}: {results[method]['steady']:.2f} examples/s", flush=True)
+        repeats.append(results)
+    report(args, repeats, len(examples))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint made for another backbone or encoder shape."""
 
 
+def without_last_column(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-token tensors of a right-padded batch minus their last column, which predicts nothing."""
+    per_token = ("input_ids", "virtual_index", "attention_mask", "position_ids")
+    return {name: batch[name][:, :-1] for name in per_token if name in batch}
+
+
 class PTuningModule(L.LightningModule):
     """P-tuning of a frozen causal LM for text classification by scoring label words.
 
@@ -129,29 +135,34 @@ class PTuningModule(L.LightningModule):
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Last hidden states and the batch they align with: the batch itself, or its suffixes if the prefix is cached.
 
-        The base model without the LM head: logits are needed only at a few positions.
+        The base model without the LM head: logits are needed only at a few positions. The last column is not fed:
+        position t predicts token t + 1, so nothing reads the hidden state of the final one (in the cached layout,
+        whose suffixes all have one length, that is each row's last answer token: one position in 13 saved).
         """
         if self.prefix_cache is None:
-            out = self.backbone.base_model(
-                inputs_embeds=self.input_embeddings(batch), attention_mask=batch["attention_mask"]
-            )
+            inputs = without_last_column(batch)
+            out = self.backbone.base_model(inputs_embeds=self.input_embeddings(inputs), attention_mask=inputs["attention_mask"])
             return out.last_hidden_state, batch
         prefixes, suffix = split_at_first_virtual(batch)
         past, past_mask = self.prefix_cache.past(prefixes)
+        inputs = without_last_column(suffix)
         out = self.backbone.base_model(
-            inputs_embeds=self.input_embeddings(suffix),
-            attention_mask=torch.cat([past_mask, suffix["attention_mask"]], dim=1),
-            position_ids=suffix["position_ids"],
+            inputs_embeds=self.input_embeddings(inputs),
+            attention_mask=torch.cat([past_mask, inputs["attention_mask"]], dim=1),
+            position_ids=inputs["position_ids"],
             past_key_values=past,
             use_cache=True,
         )
         return out.last_hidden_state, suffix
 
     def answer_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities of the answer tokens (flattened) and the batch row each belongs to."""
+        """Log-probabilities of the answer tokens (flattened) and the batch row each belongs to.
+
+        ``hidden`` holds every column of ``targets`` but the last (see ``hidden_states``).
+        """
         targets = targets[:, 1:]
         predicts_answer = targets != IGNORE_INDEX  # position t predicts token t+1
-        logits = self.backbone.get_output_embeddings()(hidden[:, :-1][predicts_answer]).float()
+        logits = self.backbone.get_output_embeddings()(hidden[predicts_answer]).float()
         token_log_probs = -F.cross_entropy(logits, targets[predicts_answer], reduction="none")
         return token_log_probs, predicts_answer.nonzero()[:, 0]
 
