@@ -7,19 +7,28 @@ examples until the model connects its template in ``setup``; each split is then 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from fedlm.data.partition import iid_partition
+from fedlm.data.partition import (
+    PartitionConfig,
+    agreement_partition,
+    dirichlet_partition,
+    iid_partition,
+    quantity_partition,
+)
 from fedlm.data.sampler import ClientBlock, RoundBatchSampler, ShardSampler
 from fedlm.data.sources import (
     Agreement,
     DataError,
     Example,
     phrasebank_file,
+    phrasebank_levels,
     read_phrasebank,
     read_table,
     split_examples,
@@ -52,13 +61,17 @@ class TextClassificationData(L.LightningDataModule):
     Args:
         client_files: one training file per client, in the same format as the dataset (a site holds only its
             own file; a rank opens only the files of the clients it hosts). Without it, the training split is
-            partitioned IID among the clients with ``partition_seed``. Validation and test stay shared.
+            divided among the clients by ``partition`` with ``partition_seed``. Validation and test stay shared.
+        partition: how the training split is divided (``PartitionConfig``: iid by default, dirichlet label skew,
+            quantity skew; ``FinancialPhraseBank`` adds agreement levels).
         local_client, local_clients: train without federation on client ``local_client``'s data alone, out of
             ``local_clients`` clients (the local-only baseline: the same shard that client has when federated).
         shuffle_seed: seed of the training batch order.
         bucket_batches: regroup each window of this many training batches by token length, so that batches pad
             less (1: off). Same examples per round, batches in a seeded order.
     """
+
+    partition_kinds: tuple[str, ...] = ("iid", "dirichlet", "quantity")  # the data.partition.kind values it offers
 
     def __init__(
         self,
@@ -67,6 +80,7 @@ class TextClassificationData(L.LightningDataModule):
         num_workers: int = 0,
         client_files: list[str] | None = None,
         partition_seed: int = 1234,
+        partition: PartitionConfig | None = None,
         local_client: int | None = None,
         local_clients: int | None = None,
         shuffle_seed: int = 1234,
@@ -84,13 +98,26 @@ class TextClassificationData(L.LightningDataModule):
             raise DataError(f"data.batch_size={batch_size} must be positive.")
         if bucket_batches <= 0:
             raise DataError(f"data.bucket_batches={bucket_batches} must be at least 1 (1: no length bucketing).")
+        partition = PartitionConfig(**partition) if isinstance(partition, dict) else partition or PartitionConfig()
+        partition.validate()
+        if partition.kind not in self.partition_kinds:
+            raise DataError(
+                f"data.partition.kind={partition.kind!r} is not available for {type(self).__name__}; use one of "
+                f"{list(self.partition_kinds)}."
+            )
+        if client_files is not None and partition.kind != "iid":
+            raise DataError(
+                f"data.partition.kind={partition.kind!r} divides the training split, but data.client_files gives "
+                "each client its own file; remove one of the two."
+            )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.client_files, self.partition_seed = client_files, partition_seed
+        self.client_files, self.partition_seed, self.partition = client_files, partition_seed, partition
         self.local_client, self.local_clients = local_client, local_clients
         self.shuffle_seed, self.bucket_batches = shuffle_seed, bucket_batches
         self.splits: dict[str, list[Example]] = {}
+        self._partition: list[list[int]] | None = None  # indices into the train split, per client
         self.template: PromptTemplate | None = None
         self._encoded: dict[str, EncodedDataset] = {}
         # Set by federate(); the centralized defaults are one client that holds the whole training split.
@@ -118,7 +145,7 @@ class TextClassificationData(L.LightningDataModule):
                 raise DataError(f"the {split!r} split is empty ({type(self).__name__}); check the data path and sizes.")
 
     def client_examples(self, client: int, num_clients: int) -> list[Example]:
-        """A client's training examples: its own file, or its part of an IID partition of the train split."""
+        """A client's training examples: its own file, or its part of the partition of the train split."""
         if self.client_files is not None:
             if len(self.client_files) != num_clients:
                 raise DataError(
@@ -127,7 +154,32 @@ class TextClassificationData(L.LightningDataModule):
                 )
             return self.read_file(self.client_files[client])
         train = self.splits["train"]
-        return [train[i] for i in iid_partition(len(train), num_clients, self.partition_seed)[client]]
+        return [train[i] for i in self.client_partition(num_clients)[client]]
+
+    def client_partition(self, num_clients: int) -> list[list[int]]:
+        """Each client's indices into the train split: made once (every hosted client asks), logged on rank 0."""
+        if self._partition is None or len(self._partition) != num_clients:
+            self._partition = self.partition_train(num_clients)
+            train = self.splits["train"]
+            labels = sorted({example.label for example in train})
+            rank_zero_info(
+                f"[fedlm data] {len(train)} training examples among {num_clients} clients, partition "
+                f"{self.partition.describe()}, data.partition_seed={self.partition_seed}"
+            )
+            for k, part in enumerate(self._partition):
+                counts = Counter(train[i].label for i in part)
+                histogram = " / ".join(f"{label} {counts[label]}" for label in labels)
+                rank_zero_info(f"[fedlm data] client {k}: {len(part)} examples, {histogram}")
+        return self._partition
+
+    def partition_train(self, num_clients: int) -> list[list[int]]:
+        """Divide the train split by ``data.partition``; subclasses add their own kinds (``partition_kinds``)."""
+        train, config, seed = self.splits["train"], self.partition, self.partition_seed
+        if config.kind == "dirichlet":
+            return dirichlet_partition([example.label for example in train], num_clients, config.alpha, seed)
+        if config.kind == "quantity":
+            return quantity_partition(len(train), num_clients, config.exponent, seed)
+        return iid_partition(len(train), num_clients, seed)
 
     def federate(self, topology: Topology, local_steps: int | None, local_epochs: float | None) -> list[ClientBlock]:
         """Keep only the training examples of the clients this rank hosts; return their per-round blocks."""
@@ -212,11 +264,19 @@ class TextClassificationData(L.LightningDataModule):
 class FinancialPhraseBank(TextClassificationData):
     """Financial PhraseBank v1.0, split by NeMo's protocol (all-agree: 1811/226/227).
 
+    ``partition: {kind: agreement}`` gives one client per annotator-agreement level (``PartitionConfig.levels``):
+    client k holds the sentences whose agreement is exactly that level, each sentence once. Validation and test
+    stay the all-agree NeMo split, so that results compare with the other partitions; every sentence in them is
+    left out of every client, whatever its level. The training split becomes the union of the clients, so a
+    centralized run with this partition trains on exactly the data the clients hold together.
+
     Args:
         path: the ``FinancialPhraseBank-v1.0`` folder; defaults to the ``FEDLM_FPB_DIR`` environment variable.
         agreement: which file: sentences with at least 50, 66, 75 percent or all annotators agreeing.
-        **kwargs: batching, client and seed options of ``TextClassificationData``.
+        **kwargs: batching, client, partition and seed options of ``TextClassificationData``.
     """
+
+    partition_kinds = (*TextClassificationData.partition_kinds, "agreement")
 
     def __init__(
         self,
@@ -227,12 +287,30 @@ class FinancialPhraseBank(TextClassificationData):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if self.partition.kind == "agreement" and agreement != "all":
+            raise DataError(
+                f"data.partition.kind=agreement takes validation and test from the all-agree split, but "
+                f"data.agreement={agreement!r}; set data.agreement: all (data.partition.levels picks the clients)."
+            )
         self.path, self.agreement = path, agreement
         self.train_fraction, self.split_seed = train_fraction, split_seed
+        self.train_levels: list[str] = []  # with the agreement partition: each training sentence's level
 
     def load_splits(self) -> dict[str, list[Example]]:
         examples = read_phrasebank(phrasebank_file(self.path, self.agreement))
-        return split_examples(examples, self.train_fraction, self.split_seed)
+        splits = split_examples(examples, self.train_fraction, self.split_seed)
+        if self.partition.kind == "agreement":
+            held_out = {example.text for split in ("val", "test") for example in splits[split]}
+            by_level = phrasebank_levels(self.path)
+            train = [(e, level) for level in self.partition.levels for e in by_level[level] if e.text not in held_out]
+            splits["train"] = [example for example, _ in train]
+            self.train_levels = [level for _, level in train]
+        return splits
+
+    def partition_train(self, num_clients: int) -> list[list[int]]:
+        if self.partition.kind == "agreement":
+            return agreement_partition(self.train_levels, self.partition.levels, num_clients)
+        return super().partition_train(num_clients)
 
     def read_file(self, path: str) -> list[Example]:
         file = Path(path).expanduser()

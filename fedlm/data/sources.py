@@ -80,6 +80,24 @@ def read_phrasebank(file: Path) -> list[Example]:
     return examples
 
 
+def phrasebank_levels(path: str | None) -> dict[str, list[Example]]:
+    """Each sentence once, under its exact agreement level, from the highest level down.
+
+    The files are nested (50Agree contains 66Agree contains 75Agree contains AllAgree), so a sentence's level is
+    the highest file it appears in: "all" (100% of annotators agree), "75" (75-99%), "66" (66-74%), "50"
+    (50-65%). A sentence repeated within the files is kept once, from its first line in its highest file.
+    """
+    seen: set[str] = set()
+    levels: dict[str, list[Example]] = {}
+    for level in reversed(PHRASEBANK_FILES):
+        levels[level] = []
+        for example in read_phrasebank(phrasebank_file(path, level)):
+            if example.text not in seen:
+                seen.add(example.text)
+                levels[level].append(example)
+    return levels
+
+
 def read_table(file: Path, text_field: str, label_field: str) -> list[Example]:
     """A ``.jsonl`` file (one object per line) or a ``.csv`` file with a header row."""
     if not file.is_file():
