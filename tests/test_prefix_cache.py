@@ -85,8 +85,30 @@ def test_a_second_pass_reuses_the_cache(tiny_model_dir: str) -> None:
         second = module.loss_and_scores(batch)
     assert module.prefix_cache.entries.keys() == entries.keys()
     assert all(module.prefix_cache.entries[k] is v for k, v in entries.items())  # not recomputed
-    assert module.prefix_cache.nbytes == size == sum(v.numel() * 4 for v in entries.values())
+    head = module.prefix_cache.head_entry
+    assert module.prefix_cache.nbytes == size == sum(v.numel() * 4 for v in [*entries.values(), *([head] if head is not None else [])])
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_an_instruction_before_the_sentence_is_cached_once_and_stays_exact(tiny_model_dir: str) -> None:
+    template = "Classify the sentiment of this news.\nSentence: {sentence}\n<|VIRTUAL_PROMPT_0|> Sentiment:{label}"
+    path = tiny_model_dir
+    plain = sharpen_attention(tiny_module(path, template=template)).eval()
+    fast = sharpen_attention(tiny_module(path, template=template, cache_prefix=True)).eval()
+    batch = batch_of(plain, MIXED)
+    with torch.no_grad():
+        expected_loss, expected_scores = plain.loss_and_scores(batch)
+        loss, scores = fast.loss_and_scores(batch)
+    torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-4)
+    cache = fast.prefix_cache
+    head = fast.template.fixed_head()
+    assert len(head) >= 8 and cache.head == head and cache.head_entry.shape[3] == len(head)
+    prefixes = split_at_first_virtual(batch)[0]
+    assert all(prefix[: len(head)] == head for prefix in prefixes)
+    # Each entry holds only what follows the head; the head is stored once.
+    assert all(cache.entries[prefix].shape[3] == len(prefix) - len(head) for prefix in prefixes)
+    assert cache.nbytes == sum(v.numel() * 4 for v in [*cache.entries.values(), cache.head_entry])
 
 
 def test_the_bf16_cache_stays_close_at_half_the_size(tiny_model_dir: str) -> None:

@@ -95,7 +95,7 @@ class PTuningModule(L.LightningModule):
                 f"{template!r} starts with a virtual token, so there is nothing to cache. Put text first, e.g. "
                 "'{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}', or set model.cache_prefix=false."
             )
-        self.prefix_cache = PrefixCache(self.backbone, cache_dtype) if cache_prefix else None
+        self.prefix_cache = PrefixCache(self.backbone, cache_dtype, self.template.fixed_head()) if cache_prefix else None
         embeddings = self.backbone.get_input_embeddings().weight
         tokenize = lambda text: loaded.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
         self.encoder = PromptEncoder(encoder, embeddings.shape[1], initial_table(encoder, embeddings, tokenize))

@@ -8,6 +8,9 @@ suffix: virtual tokens, the remaining text and the answer.
 Batch layout: each row's prefix key/values are left-padded to the batch's longest prefix (the padding is masked
 out), the suffix stays right-padded, and every suffix token gets the position it has in the full sequence (its
 row's prefix length plus its offset), so rotary and absolute position embeddings see what the uncached forward sees.
+
+A fixed head that every prefix starts with (an instruction before the sentence) is stored once: each entry then
+holds only the rest, computed with the head's key/values as its past, and ``past`` lays head and rest side by side.
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ class PrefixCache:
 
     Entries are filled on first sight, so a process holds only the prefixes of the examples it has seen (in a
     federated run: its own clients' data plus the evaluation splits it scores). The backbone is frozen, so an entry
-    never goes stale. Each entry is a (layers, 2, key/value heads, prefix length, head dim) tensor in ``dtype``.
+    never goes stale. Each entry is a (layers, 2, key/value heads, length, head dim) tensor in ``dtype``, over the
+    whole prefix, or over what follows ``head`` for a prefix that starts with it (``head`` itself is stored once).
     """
 
-    def __init__(self, model: PreTrainedModel, dtype: Dtype = "fp32") -> None:
+    def __init__(self, model: PreTrainedModel, dtype: Dtype = "fp32", head: tuple[int, ...] = ()) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"model.cache_dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
         if any(DynamicCache(config=model.config).is_sliding):
@@ -70,13 +74,19 @@ class PrefixCache:
         self.dtype = DTYPES[dtype]
         self.entries: dict[tuple[int, ...], torch.Tensor] = {}
         self.nbytes = 0
+        self.head = tuple(head)
+        self.head_entry: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def clear(self) -> None:
         self.entries.clear()
+        self.head_entry = None
         self.nbytes = 0
+
+    def starts_with_head(self, prefix: tuple[int, ...]) -> bool:
+        return 0 < len(self.head) < len(prefix) and prefix[: len(self.head)] == self.head
 
     def past(self, prefixes: list[tuple[int, ...]]) -> tuple[DynamicCache, torch.Tensor]:
         """A fresh cache of the rows' prefix key/values, left-padded to the longest, and its (rows, longest) mask.
@@ -91,26 +101,46 @@ class PrefixCache:
         stacked = torch.zeros(shape, dtype=self.model.dtype, device=device)
         mask = torch.zeros((len(prefixes), longest), dtype=torch.long, device=device)
         for row, prefix in enumerate(prefixes):
-            stacked[:, :, row, :, longest - len(prefix) :] = self.entries[prefix]
+            start = longest - len(prefix)
+            if self.starts_with_head(prefix):
+                stacked[:, :, row, :, start : start + len(self.head)] = self.head_entry
+                start += len(self.head)
+            stacked[:, :, row, :, start:] = self.entries[prefix]
             mask[row, longest - len(prefix) :] = 1
         return DynamicCache([(layer[0], layer[1]) for layer in stacked], config=self.model.config), mask
 
     @torch.no_grad()
     def _fill(self, prefixes: list[tuple[int, ...]]) -> None:
-        """Run the frozen LM once over the new prefixes (right-padded: causal attention keeps padding out of them)."""
-        if not prefixes:
-            return
+        """Run the frozen LM once over the new prefixes: those that start with the head after it, the rest whole."""
+        after_head = [prefix for prefix in prefixes if self.starts_with_head(prefix)]
+        whole = [prefix for prefix in prefixes if not self.starts_with_head(prefix)]
+        if after_head and self.head_entry is None:
+            self.head_entry = self._forward([self.head])[0]
+            self.nbytes += self.head_entry.numel() * self.head_entry.element_size()
+        for group, skip in ((whole, 0), (after_head, len(self.head))):
+            if group:
+                for prefix, entry in zip(group, self._forward([prefix[skip:] for prefix in group], skip > 0)):
+                    self.entries[prefix] = entry
+                    self.nbytes += entry.numel() * entry.element_size()
+
+    def _forward(self, sequences: list[tuple[int, ...]], after_head: bool = False) -> list[torch.Tensor]:
+        """Each sequence's key/values, right-padded in one batch (causal attention keeps padding out of them);
+        with ``after_head``, the head's key/values are the past of every row."""
         device = self.model.device
-        ids = torch.zeros((len(prefixes), max(map(len, prefixes))), dtype=torch.long, device=device)
+        ids = torch.zeros((len(sequences), max(map(len, sequences))), dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
-        for row, prefix in enumerate(prefixes):
-            ids[row, : len(prefix)] = torch.tensor(prefix, device=device)
-            mask[row, : len(prefix)] = 1
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = torch.tensor(sequence, device=device)
+            mask[row, : len(sequence)] = 1
         cache = DynamicCache(config=self.model.config)
+        if after_head:
+            head = self.head_entry.to(self.model.dtype).unsqueeze(2).expand(-1, -1, len(sequences), -1, -1, -1)
+            cache = DynamicCache([(layer[0], layer[1]) for layer in head], config=self.model.config)
+            mask = torch.cat([torch.ones((len(sequences), len(self.head)), dtype=torch.long, device=device), mask], 1)
         self.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        skip = len(self.head) if after_head else 0
         layers = [(keys, values) for keys, values, _ in cache]
-        for row, prefix in enumerate(prefixes):
-            n = len(prefix)
-            entry = torch.stack([torch.stack([k[row, :, :n], v[row, :, :n]]) for k, v in layers]).to(self.dtype)
-            self.entries[prefix] = entry
-            self.nbytes += entry.numel() * entry.element_size()
+        return [
+            torch.stack([torch.stack([k[row, :, skip : skip + n], v[row, :, skip : skip + n]]) for k, v in layers]).to(self.dtype)
+            for row, n in enumerate(map(len, sequences))
+        ]

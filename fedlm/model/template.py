@@ -126,6 +126,17 @@ class PromptTemplate:
                 virtual += [-1] * len(text)
         return ids, virtual
 
+    def fixed_head(self) -> tuple[int, ...]:
+        """Token ids that begin every prompt: special prefix tokens and the text before ``{sentence}``.
+
+        The last token of that text is left out, since a tokenizer may merge it with the sentence's first; what
+        remains is what a prefix cache can store once for all sentences (an instruction before the sentence).
+        """
+        first = self.pieces[0]
+        lead = first.split("{sentence}")[0] if isinstance(first, str) else ""
+        ids = self.tokenizer(lead, add_special_tokens=False).input_ids if lead else []
+        return (*self.prefix_ids, *ids[:-1])
+
     def collate(self, examples: list[EncodedExample]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest example of the batch (dynamic padding)."""
         length = max(len(e.input_ids) for e in examples)
