@@ -188,3 +188,13 @@ def test_validation_during_fit_sees_the_trained_encoder(tiny_gpt2_dir: str, synt
         batch = next(iter(run.datamodule.val_dataloader()))
         loss, _ = module.loss_and_scores(batch)
     torch.testing.assert_close(run.callback_metrics["val/loss"], loss)
+
+
+def test_a_compiled_backbone_trains_like_the_eager_one(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    trained = []
+    for compile in (False, True):
+        module = tiny_module(tiny_gpt2_dir, template="{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", cache_prefix=True, compile=compile)
+        trainer(tmp_path, max_steps=3).fit(module, FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))
+        trained.append(torch.cat([p.detach().flatten() for p in module.encoder.parameters()]))
+    assert module.hparams.compile and module.backbone.base_model._compiled_call_impl is not None
+    torch.testing.assert_close(trained[1], trained[0], atol=1e-5, rtol=1e-4)
