@@ -1,5 +1,16 @@
-from fedlm.federation.loop import CollapsedClientsError, FederatedLoop, FederationConfig
+from fedlm.federation.loop import CollapsedClientsError, FederatedLoop, FederationConfig, sample_clients
+from fedlm.federation.server import ServerConfig, ServerOptimizer
 from fedlm.federation.strategy import ClientStrategy
 from fedlm.federation.topology import Topology, TopologyError
 
-__all__ = ["ClientStrategy", "CollapsedClientsError", "FederatedLoop", "FederationConfig", "Topology", "TopologyError"]
+__all__ = [
+    "ClientStrategy",
+    "CollapsedClientsError",
+    "FederatedLoop",
+    "FederationConfig",
+    "ServerConfig",
+    "ServerOptimizer",
+    "Topology",
+    "TopologyError",
+    "sample_clients",
+]

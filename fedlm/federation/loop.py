@@ -4,15 +4,22 @@ One Lightning epoch is one round. Within it every rank runs, for each client it 
 steps (the ``RoundBatchSampler`` lays the batches out client after client). At a client's first batch the
 encoder is reset to the global one and the client's own optimizer state and RNG stream are swapped in; at its
 last batch the client's encoder is set aside. After the rank's last client, one all-reduce over the world sums
-the weighted encoders of all clients (FedAvg) and the encoder becomes the new global one, before Lightning's
-end-of-epoch validation and checkpointing see it. The frozen LM never travels.
+the weighted encoders of the round's clients (FedAvg) and the server optimizer turns that average into the new
+global encoder, before Lightning's end-of-epoch validation and checkpointing see it. The frozen LM never travels.
+
+Client sampling (``client_fraction < 1``) leaves the batch layout alone: Lightning fixes an epoch's length and
+its end-of-epoch validation at setup, and every rank must reach the round's all-reduce and validation together,
+so a rank cannot simply run fewer batches in some rounds. An unsampled client therefore still runs its local
+steps, but then rolls back: its encoder is left out of the average (whose weights are renormalized over the
+sampled clients) and its optimizer and scheduler state are restored, so the result is as if it had not trained.
+The price is the compute of the unsampled clients' steps; what sampling saves here is their communication.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
@@ -21,6 +28,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from fedlm.federation.server import ServerConfig, ServerOptimizer
 from fedlm.federation.topology import Topology
 from fedlm.seeding import derive_seed
 
@@ -35,8 +43,13 @@ class FederationConfig:
         local_steps: optimizer steps per client per round. Give this or ``local_epochs``.
         local_epochs: passes over each client's data per round (may be fractional), converted to steps per client.
         weighting: FedAvg weights: ``samples`` (by client training set size) or ``uniform``.
-        seed: seeds each client's RNG stream (dropout) per round. The data partition has its own seed,
-            ``data.partition_seed``, shared with local-only runs.
+        seed: seeds each client's RNG stream (dropout) and the client sampling, per round. The data partition
+            has its own seed, ``data.partition_seed``, shared with local-only runs.
+        server: how the global encoder moves given the clients' average (``ServerConfig``; default FedAvg).
+        prox_mu: FedProx (Li et al. 2020): adds ``prox_mu / 2 * ||w - w_global||^2`` to each client's local
+            objective, pulling clients towards the round's global encoder. 0: plain local steps.
+        client_fraction: the fraction of clients that take part in each round, ``max(1, round(fraction * clients))``
+            of them, drawn from ``seed`` and the round index.
     """
 
     clients: int
@@ -45,6 +58,9 @@ class FederationConfig:
     local_epochs: float | None = None
     weighting: Literal["samples", "uniform"] = "samples"
     seed: int = 1234
+    server: ServerConfig = field(default_factory=ServerConfig)
+    prox_mu: float = 0.0
+    client_fraction: float = 1.0
 
     def validate(self) -> None:
         if self.clients < 1:
@@ -57,6 +73,20 @@ class FederationConfig:
             raise ValueError("federation.local_steps / federation.local_epochs must be positive.")
         if self.weighting not in ("samples", "uniform"):
             raise ValueError(f"federation.weighting={self.weighting!r} is unknown; use 'samples' or 'uniform'.")
+        if self.prox_mu < 0:
+            raise ValueError(f"federation.prox_mu={self.prox_mu} must be >= 0 (0 turns FedProx off).")
+        if not 0 < self.client_fraction <= 1:
+            raise ValueError(f"federation.client_fraction={self.client_fraction} must be in (0, 1].")
+        self.server.validate()
+
+
+def sample_clients(clients: int, fraction: float, seed: int, round_index: int) -> list[int]:
+    """The clients that take part in a round: the same on every rank, from the seed and round alone."""
+    count = max(1, round(fraction * clients))
+    if count == clients:
+        return list(range(clients))
+    generator = torch.Generator().manual_seed(derive_seed("client-sampling", seed, round_index))
+    return sorted(torch.randperm(clients, generator=generator)[:count].tolist())
 
 
 class CollapsedClientsError(RuntimeError):
@@ -76,6 +106,8 @@ class FederatedLoop(L.Callback):
         self.client_params: dict[int, torch.Tensor] = {}  # each hosted client's encoder at the end of its block
         self.client_states: dict[int, dict[str, Any]] = {}  # optimizer and scheduler state per hosted client
         self.client_loss: dict[int, list[float]] = {}
+        self.sampled: list[int] = list(range(config.clients))  # the clients taking part in the current round
+        self.server = ServerOptimizer(config.server)
         self.completed_rounds = 0
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -120,6 +152,9 @@ class FederatedLoop(L.Callback):
         self.round_start = time.perf_counter()
         self.comm_seconds = 0.0
         self.client_loss = {client: [] for client, _, _ in self.blocks}
+        self.client_params = {}
+        c = self.config
+        self.sampled = sample_clients(c.clients, c.client_fraction, c.seed, trainer.current_epoch)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         for client, first, _ in self.blocks:
@@ -127,9 +162,13 @@ class FederatedLoop(L.Callback):
                 self._begin_client(trainer, pl_module, client)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.client_group is not None:
+            self._reduce_client_gradients(pl_module)
+        if self.config.prox_mu > 0:
+            self._add_proximal_gradient(pl_module)
+
+    def _reduce_client_gradients(self, pl_module: L.LightningModule) -> None:
         """Data parallelism inside a client: average gradients over the client's ranks only."""
-        if self.client_group is None:
-            return
         grads = [p.grad for p in pl_module.encoder.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         start = time.perf_counter()
@@ -140,6 +179,24 @@ class FederatedLoop(L.Callback):
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def _add_proximal_gradient(self, pl_module: L.LightningModule) -> None:
+        """FedProx: add ``prox_mu * (w - w_global)``, the gradient of ``prox_mu / 2 * ||w - w_global||^2``.
+
+        Added to the gradients rather than to the loss, so the model's training step (and its logged loss) stay
+        the same and ``prox_mu: 0`` leaves the run bit for bit FedAvg. It comes after the reduction over the
+        client's ranks, which hold the same ``w``, and before Lightning's gradient clipping, as a loss term would.
+        """
+        params = list(pl_module.encoder.parameters())
+        pull = (parameters_to_vector(params).detach() - self.global_params) * self.config.prox_mu
+        offset = 0
+        for p in params:
+            term = pull[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = term.clone()
+            else:
+                p.grad.add_(term)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -155,12 +212,18 @@ class FederatedLoop(L.Callback):
 
     def _begin_client(self, trainer: L.Trainer, pl_module: L.LightningModule, client: int) -> None:
         vector_to_parameters(self.global_params.clone(), list(pl_module.encoder.parameters()))
-        if len(self.blocks) > 1:  # a rank with one client keeps its optimizer state in place
+        if len(self.blocks) > 1:  # a rank with one client keeps its optimizer state in place...
             self._load_optimizer_state(trainer, self.client_states[client])
+        elif client not in self.sampled:  # ...but keeps a copy to roll back to when it is not sampled
+            self.client_states[client] = copy.deepcopy(self._optimizer_state(trainer))
         round_index = trainer.current_epoch
         torch.manual_seed(derive_seed("client-rng", self.config.seed, round_index, client, self.topology.rank_in_client))
 
     def _end_client(self, trainer: L.Trainer, pl_module: L.LightningModule, client: int) -> None:
+        if client not in self.sampled:
+            if len(self.blocks) == 1:
+                self._load_optimizer_state(trainer, self.client_states[client])
+            return
         self.client_params[client] = parameters_to_vector(pl_module.encoder.parameters()).detach().clone()
         if len(self.blocks) > 1:
             self.client_states[client] = copy.deepcopy(self._optimizer_state(trainer))
@@ -176,11 +239,13 @@ class FederatedLoop(L.Callback):
             if topology.is_client_lead:
                 payload[:size] += self.weights[client] * params.double()
                 payload[size] += self.weights[client]
-                payload[size + 1 + 2 * C + client] = self.sizes[client]
             payload[size + 1 + client] = sum(self.client_loss[client])
             payload[size + 1 + C + client] = len(self.client_loss[client])
+        if topology.is_client_lead:
+            for client, size_k in self.sizes.items():
+                payload[size + 1 + 2 * C + client] = size_k
         payload = self._all_reduce(payload)
-        self.global_params = (payload[:size] / payload[size]).float()
+        self.global_params = self.server.step(self.global_params, payload[:size] / payload[size])
         vector_to_parameters(self.global_params.clone(), list(pl_module.encoder.parameters()))
 
         # How far each client moved from the new global encoder; exactly 0 for all would mean collapse.
@@ -190,19 +255,23 @@ class FederatedLoop(L.Callback):
                 divergence[client] = (params - self.global_params).double().norm()
         divergence = self._all_reduce(divergence)
         self.completed_rounds = trainer.current_epoch + 1
-        losses = payload[size + 1 : size + 1 + C] / payload[size + 1 + C : size + 1 + 2 * C].clamp(min=1)
+        steps = payload[size + 1 + C : size + 1 + 2 * C]
+        losses = payload[size + 1 : size + 1 + C] / steps.clamp(min=1)
+        skipped = [client for client in range(C) if client not in self.sampled]
+        losses[skipped] = divergence[skipped] = float("nan")  # no update this round, nothing to report
         bytes_per_client = size * self.global_params.element_size()
         summary = {
             "round": self.completed_rounds,
             "client_train_loss": losses.tolist(),
             "client_divergence": divergence.tolist(),
             "client_samples": payload[size + 1 + 2 * C :].tolist(),
-            "bytes_exchanged": 2 * C * bytes_per_client,  # each client uploads and downloads its encoder once
+            # each sampled client uploads and downloads its encoder once
+            "bytes_exchanged": 2 * len(self.sampled) * bytes_per_client,
             "compute_seconds": time.perf_counter() - self.round_start - self.comm_seconds,
             "comm_seconds": self.comm_seconds,
         }
         self._log(pl_module, summary)
-        if C > 1 and float(divergence.max()) == 0.0 and payload[size + 1 + C : size + 1 + 2 * C].sum() > 0:
+        if len(self.sampled) > 1 and float(divergence[self.sampled].max()) == 0.0 and steps.sum() > 0:
             raise CollapsedClientsError(
                 "all clients ended the round with identical encoders: gradients were synchronized across clients "
                 "(plain `strategy: ddp` all-reduces over the whole world). Use fedlm's ClientStrategy (the default "
@@ -250,11 +319,17 @@ class FederatedLoop(L.Callback):
         for cfg, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
             cfg.scheduler.load_state_dict(saved)
 
-    # -- checkpoints hold the round index and the global encoder --------------------------------------------
+    # -- checkpoints hold the round index, the global encoder and the server optimizer's state ---------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"completed_rounds": self.completed_rounds, "global_params": self.global_params}
+        return {
+            "completed_rounds": self.completed_rounds,
+            "global_params": self.global_params,
+            "server": self.server.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.completed_rounds = state_dict["completed_rounds"]
         self.global_params = state_dict["global_params"]
+        # checkpoints from before server optimizers were FedAvg, which has no state
+        self.server.load_state_dict(state_dict.get("server", {"optimizer": "fedavg", "m": None, "v": None}))
