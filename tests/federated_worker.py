@@ -1,7 +1,8 @@
 """Run ``fedlm fit`` in one rank (under torchrun or alone) and save what each round left behind.
 
 Usage: python federated_worker.py OUT_DIR fedlm-cli-args...  Writes OUT_DIR/rank{R}.pt with, per round, each
-hosted client's encoder before averaging, the global encoder after it, the weights and a backbone checksum.
+hosted client's encoder before averaging, the global encoder after it, the weights and a backbone checksum; and
+the encoder the run started from.
 """
 
 import sys
@@ -19,6 +20,10 @@ class RoundRecorder(L.Callback):
     def __init__(self) -> None:
         self.rounds: list[dict] = []
         self.losses: list[float] = []
+        self.initial: torch.Tensor | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.initial = parameters_to_vector(pl_module.encoder.parameters()).detach().clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         self.losses.append(float(outputs["loss"]))
@@ -42,4 +47,4 @@ if __name__ == "__main__":
 
     recorder = next(c for c in run.trainer.callbacks if isinstance(c, federated_worker.RoundRecorder))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save({"rounds": recorder.rounds, "losses": recorder.losses}, f"{out}/rank{rank}.pt")
+    torch.save({"rounds": recorder.rounds, "losses": recorder.losses, "initial": recorder.initial}, f"{out}/rank{rank}.pt")
