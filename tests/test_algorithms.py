@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from test_federation import FEDERATION, run_ranks, write_config
 
@@ -166,3 +167,24 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_clients_to_the_global(tiny_
         return sum(float((r["client_params"][k] - before["global"]).norm()) for before, r in zip(rounds, rounds[1:]) for k in (0, 1))
 
     assert drift(prox) < 0.8 * drift(fedavg)
+
+
+# -- shipped configs --------------------------------------------------------------------------------------------
+
+
+def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedlm.cli import cli
+
+    repo = Path(__file__).resolve().parents[1]
+    base = yaml.safe_load((repo / "configs" / "fpb_federated.yaml").read_text())["federation"]
+    files = sorted((repo / "configs" / "algorithms").glob("*.yaml"))
+    assert {f.stem for f in files} == {"fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client_sampling"}
+    for file in files:
+        with pytest.raises(SystemExit):
+            cli(["fit", "--config", str(repo / "configs" / "fpb_federated.yaml"), "--config", str(file), "--print_config"])
+        federation = yaml.safe_load(capsys.readouterr().out)["federation"]
+        override = yaml.safe_load(file.read_text())["federation"]
+        assert {k: federation[k] for k in base} == {**base, **{k: v for k, v in override.items() if k in base}}
+        for key, value in override.items():  # the override applied, nested server keys included
+            assert federation[key] == ({**federation[key], **value} if isinstance(value, dict) else value)
+        FederationConfig(**{**federation, "server": ServerConfig(**federation["server"])}).validate()
