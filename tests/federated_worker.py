@@ -47,4 +47,5 @@ if __name__ == "__main__":
 
     recorder = next(c for c in run.trainer.callbacks if isinstance(c, federated_worker.RoundRecorder))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save({"rounds": recorder.rounds, "losses": recorder.losses, "initial": recorder.initial}, f"{out}/rank{rank}.pt")
+    record = {"rounds": recorder.rounds, "losses": recorder.losses, "initial": recorder.initial}
+    torch.save(record, f"{out}/rank{rank}.pt")

@@ -16,7 +16,9 @@ X0 = [1.0, 2.0]
 DELTAS = [[0.5, -0.5], [0.25, 0.5]]  # pseudo-gradients: global - average, round 1 and round 2
 
 
-def reference(optimizer: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> list[list[float]]:
+def reference(
+    optimizer: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+) -> list[list[float]]:
     """Reddi et al. 2021, Algorithm 2, per coordinate in plain floats (Delta = x - average, so x -= ...)."""
     out = []
     for i, x in enumerate(X0):
@@ -68,7 +70,8 @@ def test_server_state_survives_a_state_dict_round_trip() -> None:
     config = ServerConfig(optimizer="fedyogi", lr=0.1)
     continuous = two_rounds(ServerOptimizer(config))
     first = ServerOptimizer(config)
-    x = first.step(torch.tensor(X0), torch.tensor(X0, dtype=torch.float64) - torch.tensor(DELTAS[0], dtype=torch.float64))
+    x = torch.tensor(X0)
+    x = first.step(x, x.double() - torch.tensor(DELTAS[0], dtype=torch.float64))
     resumed = ServerOptimizer(config)
     resumed.load_state_dict(first.state_dict())
     x = resumed.step(x, x.double() - torch.tensor(DELTAS[1], dtype=torch.float64))
@@ -152,7 +155,8 @@ def test_fedadam_with_client_sampling_on_two_ranks_matches_one_process(tiny_gpt2
     result, (simulated,) = run_ranks(tmp_path, config, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     for round_index in range(3):
-        torch.testing.assert_close(simulated["rounds"][round_index]["global"], records[0]["rounds"][round_index]["global"])
+        expected = records[0]["rounds"][round_index]["global"]
+        torch.testing.assert_close(simulated["rounds"][round_index]["global"], expected)
 
 
 # -- FedProx ----------------------------------------------------------------------------------------------------
@@ -178,7 +182,8 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_clients_to_the_global(tiny_
 
     def drift(rounds: list[dict]) -> float:
         """How far the clients moved in rounds 2 and 3 from the global encoder they started from."""
-        return sum(float((r["client_params"][k] - before["global"]).norm()) for before, r in zip(rounds, rounds[1:]) for k in (0, 1))
+        pairs = zip(rounds, rounds[1:])
+        return sum(float((r["client_params"][k] - before["global"]).norm()) for before, r in pairs for k in (0, 1))
 
     assert drift(prox) < 0.8 * drift(fedavg)
 
@@ -195,7 +200,7 @@ def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys
     assert {f.stem for f in files} == {"fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client_sampling"}
     for file in files:
         with pytest.raises(SystemExit):
-            cli(["fit", "--config", str(repo / "configs" / "fpb_federated.yaml"), "--config", str(file), "--print_config"])
+            cli(["fit", "--config", str(repo / "configs/fpb_federated.yaml"), "--config", str(file), "--print_config"])
         federation = yaml.safe_load(capsys.readouterr().out)["federation"]
         override = yaml.safe_load(file.read_text())["federation"]
         assert {k: federation[k] for k in base} == {**base, **{k: v for k, v in override.items() if k in base}}
