@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -207,9 +208,7 @@ def run_method(method: str, args: argparse.Namespace, plan: list[list[int]]) -> 
 
 def spread(values: list[float]) -> str:
     """Median, and the range when there is more than one value."""
-    values = sorted(values)
-    median = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
-    return f"{median:.2f}" + (f" [{values[0]:.2f}-{values[-1]:.2f}]" if len(values) > 1 else "")
+    return f"{statistics.median(values):.2f}" + (f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else "")
 
 
 def report(args: argparse.Namespace, repeats: list[dict[str, dict[str, Any]]], examples: int) -> None:

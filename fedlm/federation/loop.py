@@ -189,10 +189,8 @@ class FederatedLoop(L.Callback):
         """
         params = list(pl_module.encoder.parameters())
         pull = (parameters_to_vector(params).detach() - self.global_params) * self.config.prox_mu
-        offset = 0
-        for p in params:
-            term = pull[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+        for p, term in zip(params, pull.split([p.numel() for p in params])):
+            term = term.view_as(p)
             if p.grad is None:
                 p.grad = term.clone()
             else:
