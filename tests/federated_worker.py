@@ -1,8 +1,9 @@
 """Run ``fedlm fit`` in one rank (under torchrun or alone) and save what each round left behind.
 
 Usage: python federated_worker.py OUT_DIR fedlm-cli-args...  Writes OUT_DIR/rank{R}.pt with, per round, each
-hosted client's encoder before averaging, the global encoder after it, the weights and a backbone checksum; and
-the encoder the run started from.
+hosted client's exchange vector before averaging, the global one after it, the weights and a backbone checksum;
+the encoder the run started from; the mask of what is shared; and every tensor this rank handed to
+``torch.distributed.all_reduce``, as it was before the reduction (the real collective still runs).
 """
 
 import sys
@@ -15,15 +16,29 @@ from torch.nn.utils import parameters_to_vector
 from fedlm.cli import cli
 from fedlm.federation import FederatedLoop
 
+SENT: list[torch.Tensor] = []
+_all_reduce = dist.all_reduce
+
+
+def recording_all_reduce(tensor: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    SENT.append(tensor.detach().clone())
+    return _all_reduce(tensor, *args, **kwargs)
+
 
 class RoundRecorder(L.Callback):
     def __init__(self) -> None:
         self.rounds: list[dict] = []
         self.losses: list[float] = []
         self.initial: torch.Tensor | None = None
+        self.shared: torch.Tensor | None = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.initial = parameters_to_vector(pl_module.encoder.parameters()).detach().clone()
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.initial is not None:
+            return
+        loop = next((c for c in trainer.callbacks if isinstance(c, FederatedLoop)), None)
+        vector = loop.global_params if loop else parameters_to_vector(pl_module.encoder.parameters())
+        self.initial = vector.detach().clone()
+        self.shared = loop.exchange.shared.clone() if loop else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         self.losses.append(float(outputs["loss"]))
@@ -34,7 +49,7 @@ class RoundRecorder(L.Callback):
             {
                 "client_params": {k: v.clone() for k, v in loop.client_params.items()} if loop else {},
                 "weights": dict(loop.weights) if loop else {},
-                "global": parameters_to_vector(pl_module.encoder.parameters()).detach().clone(),
+                "global": (loop.global_params if loop else parameters_to_vector(pl_module.encoder.parameters())).clone(),
                 "backbone": torch.stack([p.double().sum() for p in pl_module.backbone.parameters()]).sum().item(),
             }
         )
@@ -42,10 +57,12 @@ class RoundRecorder(L.Callback):
 
 if __name__ == "__main__":
     out, args = sys.argv[1], sys.argv[2:]
+    dist.all_reduce = recording_all_reduce
     run = cli(args + ["--trainer.callbacks+=federated_worker.RoundRecorder"])
     import federated_worker  # the class the CLI instantiated, not this script's __main__ copy
 
     recorder = next(c for c in run.trainer.callbacks if isinstance(c, federated_worker.RoundRecorder))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    record = {"rounds": recorder.rounds, "losses": recorder.losses, "initial": recorder.initial}
+    record = {"rounds": recorder.rounds, "losses": recorder.losses, "initial": recorder.initial,
+              "shared": recorder.shared, "sent": SENT}  # fmt: skip
     torch.save(record, f"{out}/rank{rank}.pt")

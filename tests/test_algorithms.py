@@ -114,10 +114,11 @@ def test_client_sampling_is_seeded_per_round_and_never_empty() -> None:
     assert len(sample_clients(10, 0.01, 1, 0)) == 1 and sample_clients(4, 1.0, 1, 0) == [0, 1, 2, 3]
 
 
-def replay(records: list[dict], server: ServerConfig, sampled_each_round: int) -> None:
+def replay(records: list[dict], server: ServerConfig, sampled_each_round: int, shared: torch.Tensor | None = None) -> None:
     """Every rank ends each round with the same encoder: the server step on the renormalized average of the
-    round's sampled clients only."""
-    optimizer, x = ServerOptimizer(server), records[0]["initial"]
+    round's sampled clients only (of their ``shared`` part, by default all of it)."""
+    shared = torch.ones_like(records[0]["initial"], dtype=torch.bool) if shared is None else shared
+    optimizer, x = ServerOptimizer(server), records[0]["initial"][shared]
     for round_index in range(len(records[0]["rounds"])):
         rounds = [r["rounds"][round_index] for r in records]
         for other in rounds[1:]:
@@ -128,9 +129,9 @@ def replay(records: list[dict], server: ServerConfig, sampled_each_round: int) -
         total = sum(weights[k] for k in clients)
         normalized = {k: weights[k] / total for k in clients}
         assert math.isclose(sum(normalized.values()), 1.0)
-        average = sum(normalized[k] * clients[k].double() for k in clients)
+        average = sum(normalized[k] * clients[k][shared].double() for k in clients)
         x = optimizer.step(x, average)
-        torch.testing.assert_close(rounds[0]["global"], x, rtol=0, atol=1e-6)
+        torch.testing.assert_close(rounds[0]["global"][shared], x, rtol=0, atol=1e-6)
 
 
 def test_sampled_clients_alone_make_the_average(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
@@ -157,6 +158,20 @@ def test_fedadam_with_client_sampling_on_two_ranks_matches_one_process(tiny_gpt2
     for round_index in range(3):
         expected = records[0]["rounds"][round_index]["global"]
         torch.testing.assert_close(simulated["rounds"][round_index]["global"], expected)
+
+
+@pytest.mark.parametrize("name", ["fedprox", "fedavgm", "fedyogi", "fedadagrad", "split_prompts"])
+def test_each_shipped_algorithm_on_two_ranks(name: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    """The shipped config's federation section on two gloo ranks: every rank ends each round with the server
+    step on the average of the clients' shared parts."""
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "algorithms" / f"{name}.yaml").read_text())
+    federation = {**FEDERATION, **shipped["federation"]}
+    if "private_tokens" in federation:
+        federation["private_tokens"] = 1  # of the tiny model's 3
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation)
+    result, records = run_ranks(tmp_path, config, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    replay(records, ServerConfig(**federation.get("server", {})), sampled_each_round=2, shared=records[0]["shared"])
 
 
 # -- FedProx ----------------------------------------------------------------------------------------------------
@@ -197,7 +212,9 @@ def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys
     repo = Path(__file__).resolve().parents[1]
     base = yaml.safe_load((repo / "configs" / "fpb_federated.yaml").read_text())["federation"]
     files = sorted((repo / "configs" / "algorithms").glob("*.yaml"))
-    assert {f.stem for f in files} == {"fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client_sampling"}
+    assert {f.stem for f in files} == {
+        "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client_sampling", "finetune", "split_prompts", "table_average"
+    }  # fmt: skip
     for file in files:
         with pytest.raises(SystemExit):
             cli(["fit", "--config", str(repo / "configs/fpb_federated.yaml"), "--config", str(file), "--print_config"])

@@ -154,6 +154,11 @@ def test_checkpoint_round_trip_restores_predictions_and_holds_no_backbone(tiny_m
     assert restored.encoder._table_params is not None  # prediction uses the saved table, not a recomputation
     with torch.no_grad():
         assert torch.equal(restored.predict_step(batch, 0)["probs"], expected)
+    del raw["state_dict"]["encoder.table_offset"]  # a checkpoint from before table averaging
+    torch.save(raw, tmp_path / "old.ckpt")
+    old = PTuningModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True).eval()
+    with torch.no_grad():
+        assert torch.equal(old.predict_step(batch, 0)["probs"], expected)
 
 
 def test_checkpoint_for_another_encoder_shape_is_refused(tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:

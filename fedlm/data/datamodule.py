@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
@@ -34,6 +35,7 @@ from fedlm.data.sources import (
     split_examples,
 )
 from fedlm.model.template import EncodedExample, PromptTemplate, TemplateError
+from fedlm.seeding import derive_seed
 
 if TYPE_CHECKING:
     from fedlm.federation.topology import Topology
@@ -66,6 +68,10 @@ class TextClassificationData(L.LightningDataModule):
             quantity skew; ``FinancialPhraseBank`` adds agreement levels).
         local_client, local_clients: train without federation on client ``local_client``'s data alone, out of
             ``local_clients`` clients (the local-only baseline: the same shard that client has when federated).
+        client_holdout: the fraction of each client's examples it keeps aside as its own held-out set (seeded by
+            ``partition_seed``), on which federated runs evaluate the global and personalized models per client
+            (``federation.personalize_steps``, ``federation.private_tokens``). Federated and local-only runs
+            train on the rest; a centralized run ignores it.
         shuffle_seed: seed of the training batch order.
         bucket_batches: regroup each window of this many training batches by token length, so that batches pad
             less (1: off). Same examples per round, batches in a seeded order.
@@ -83,6 +89,7 @@ class TextClassificationData(L.LightningDataModule):
         partition: PartitionConfig | None = None,
         local_client: int | None = None,
         local_clients: int | None = None,
+        client_holdout: float = 0.0,
         shuffle_seed: int = 1234,
         bucket_batches: int = 1,
     ) -> None:
@@ -96,6 +103,8 @@ class TextClassificationData(L.LightningDataModule):
             )
         if batch_size <= 0:
             raise DataError(f"data.batch_size={batch_size} must be positive.")
+        if not 0 <= client_holdout < 1:
+            raise DataError(f"data.client_holdout={client_holdout} must be in [0, 1) (0: no per-client held-out set).")
         if bucket_batches <= 0:
             raise DataError(f"data.bucket_batches={bucket_batches} must be at least 1 (1: no length bucketing).")
         partition = PartitionConfig(**partition) if isinstance(partition, dict) else partition or PartitionConfig()
@@ -115,6 +124,8 @@ class TextClassificationData(L.LightningDataModule):
         self.num_workers = num_workers
         self.client_files, self.partition_seed, self.partition = client_files, partition_seed, partition
         self.local_client, self.local_clients = local_client, local_clients
+        self.client_holdout = client_holdout
+        self.holdouts: dict[int, list[Example]] = {}  # set by federate(): each hosted client's held-out examples
         self.shuffle_seed, self.bucket_batches = shuffle_seed, bucket_batches
         self.splits: dict[str, list[Example]] = {}
         self._partition: list[list[int]] | None = None  # indices into the train split, per client
@@ -145,7 +156,26 @@ class TextClassificationData(L.LightningDataModule):
                 raise DataError(f"the {split!r} split is empty ({type(self).__name__}); check the data path and sizes.")
 
     def client_examples(self, client: int, num_clients: int) -> list[Example]:
-        """A client's training examples: its own file, or its part of the partition of the train split."""
+        """A client's training examples (without its held-out ones)."""
+        return self._client_split(client, num_clients)[0]
+
+    def _client_split(self, client: int, num_clients: int) -> tuple[list[Example], list[Example]]:
+        """A client's examples, (training, held-out): ``data.client_holdout`` of them held out, seeded."""
+        examples = self._client_all(client, num_clients)
+        if self.client_holdout == 0:
+            return examples, []
+        held = max(1, round(self.client_holdout * len(examples)))
+        if held >= len(examples):
+            raise DataError(
+                f"client {client} has {len(examples)} examples: data.client_holdout={self.client_holdout} would leave "
+                "it none to train on; lower data.client_holdout or use fewer clients."
+            )
+        generator = torch.Generator().manual_seed(derive_seed("client-holdout", self.partition_seed, client))
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        return [examples[i] for i in sorted(order[held:])], [examples[i] for i in sorted(order[:held])]
+
+    def _client_all(self, client: int, num_clients: int) -> list[Example]:
+        """All of a client's examples: its own file, or its part of the partition of the train split."""
         if self.client_files is not None:
             if len(self.client_files) != num_clients:
                 raise DataError(
@@ -186,7 +216,9 @@ class TextClassificationData(L.LightningDataModule):
         if self.local_client is not None:
             raise DataError("data.local_client trains one client alone; remove it, or the federation section.")
         hosted = topology.hosted_clients
-        shards = {k: self.client_examples(k, topology.num_clients) for k in hosted}
+        splits = {k: self._client_split(k, topology.num_clients) for k in hosted}
+        shards = {k: train for k, (train, _) in splits.items()}
+        self.holdouts = {k: held for k, (_, held) in splits.items()}
         global_batch = self.batch_size * topology.ranks_per_client
         blocks, start = [], 0
         for k in hosted:
@@ -203,24 +235,33 @@ class TextClassificationData(L.LightningDataModule):
         self._encoded.pop("train", None)
         return blocks
 
+    def client_data(self, client: int) -> tuple[EncodedDataset, EncodedDataset]:
+        """A hosted client's encoded (training, held-out) examples, for personalization and its evaluation."""
+        block = next(block for block in self.blocks if block.client == client)
+        train = self.encoded("train").examples
+        return EncodedDataset([train[i] for i in block.indices]), self._encode(self.holdouts[client])
+
     def connect(self, template: PromptTemplate) -> None:
         """Called by the model: encode with its tokenizer and template."""
         if template is not self.template:
             self.template, self._encoded = template, {}
 
     def encoded(self, split: str) -> EncodedDataset:
-        if self.template is None:
-            raise RuntimeError("the datamodule is not connected to a model template; call connect(model.template).")
         if split not in self._encoded:
             source = self.train_examples if split == "train" and self.train_examples is not None else self.splits[split]
-            examples = []
-            for example in source:
-                try:
-                    examples.append(self.template.encode(example.text, example.label))
-                except TemplateError as err:
-                    raise DataError(f"{example.origin}: {err}") from None
-            self._encoded[split] = EncodedDataset(examples)
+            self._encoded[split] = self._encode(source)
         return self._encoded[split]
+
+    def _encode(self, source: list[Example]) -> EncodedDataset:
+        if self.template is None:
+            raise RuntimeError("the datamodule is not connected to a model template; call connect(model.template).")
+        examples = []
+        for example in source:
+            try:
+                examples.append(self.template.encode(example.text, example.label))
+            except TemplateError as err:
+                raise DataError(f"{example.origin}: {err}") from None
+        return EncodedDataset(examples)
 
     def train_dataloader(self) -> DataLoader:
         assert self.template is not None

@@ -13,6 +13,10 @@ so a rank cannot simply run fewer batches in some rounds. An unsampled client th
 steps, but then rolls back: its encoder is left out of the average (whose weights are renormalized over the
 sampled clients) and its optimizer and scheduler state are restored, so the result is as if it had not trained.
 The price is the compute of the unsampled clients' steps; what sampling saves here is their communication.
+
+What travels is an ``EncoderExchange`` vector (the encoder's parameters, or its virtual-token table) minus the
+client's private virtual tokens, which each client keeps from round to round and never sends. With
+``data.client_holdout``, the end of fit evaluates the global and personalized models per client (``personalize``).
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
+from fedlm.federation.exchange import Averaged, EncoderExchange
+from fedlm.federation.personalize import personalize, write_personalization
 from fedlm.federation.server import ServerConfig, ServerOptimizer
 from fedlm.federation.topology import Topology
 from fedlm.seeding import derive_seed
@@ -50,6 +57,13 @@ class FederationConfig:
             objective, pulling clients towards the round's global encoder. 0: plain local steps.
         client_fraction: the fraction of clients that take part in each round, ``max(1, round(fraction * clients))``
             of them, drawn from ``seed`` and the round index.
+        average: what is averaged: the encoder's ``parameters``, or its output ``table`` (the virtual-token
+            embeddings; see ``fedlm.federation.exchange``).
+        private_tokens: split prompts: the last this many virtual tokens are private to each client, trained
+            locally and never sent; the global model keeps their initial values.
+        personalize_steps: local fine-tuning: after the last round, each client trains its model (the global one,
+            with its private tokens if any) this many more steps on its own data. Needs ``data.client_holdout``,
+            which the personalized and global models are evaluated on.
     """
 
     clients: int
@@ -61,6 +75,9 @@ class FederationConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     prox_mu: float = 0.0
     client_fraction: float = 1.0
+    average: Averaged = "parameters"
+    private_tokens: int = 0
+    personalize_steps: int = 0
 
     def validate(self) -> None:
         if self.clients < 1:
@@ -77,6 +94,10 @@ class FederationConfig:
             raise ValueError(f"federation.prox_mu={self.prox_mu} must be >= 0 (0 turns FedProx off).")
         if not 0 < self.client_fraction <= 1:
             raise ValueError(f"federation.client_fraction={self.client_fraction} must be in (0, 1].")
+        if self.average not in ("parameters", "table"):
+            raise ValueError(f"federation.average={self.average!r} is unknown; use 'parameters' or 'table'.")
+        if self.private_tokens < 0 or self.personalize_steps < 0:
+            raise ValueError("federation.private_tokens and federation.personalize_steps must be >= 0 (0: off).")
         self.server.validate()
 
 
@@ -102,8 +123,11 @@ class FederatedLoop(L.Callback):
         self.blocks: list[tuple[int, int, int]] = []  # (client, first batch, last batch) within a round
         self.weights: dict[int, float] = {}
         self.sizes: dict[int, int] = {}
-        self.global_params: torch.Tensor | None = None
-        self.client_params: dict[int, torch.Tensor] = {}  # each hosted client's encoder at the end of its block
+        self.exchange: EncoderExchange | None = None
+        self.global_params: torch.Tensor | None = None  # the global exchange vector, private part at its start
+        self.client_params: dict[int, torch.Tensor] = {}  # each hosted client's exchange vector at its block's end
+        self.private: dict[int, torch.Tensor] = {}  # each hosted client's private tokens, kept across rounds
+        self.anchor: torch.Tensor | None = None  # the current client's parameters at its round start (FedProx)
         self.client_states: dict[int, dict[str, Any]] = {}  # optimizer and scheduler state per hosted client
         self.client_loss: dict[int, list[float]] = {}
         self.sampled: list[int] = list(range(config.clients))  # the clients taking part in the current round
@@ -124,6 +148,11 @@ class FederatedLoop(L.Callback):
         self.client_group = groups.get(self.topology.hosted_clients[0])
         if trainer.limit_train_batches not in (1.0, None):
             raise ValueError("trainer.limit_train_batches cannot be used with federation; set federation.local_steps.")
+        if self.config.personalize_steps > 0 and not getattr(datamodule, "client_holdout", 0):
+            raise ValueError(
+                "federation.personalize_steps needs each client's own held-out data to evaluate on: set "
+                "data.init_args.client_holdout (e.g. 0.2), or federation.personalize_steps: 0."
+            )
         trainer.fit_loop.max_epochs = self.config.rounds
         blocks = datamodule.federate(self.topology, self.config.local_steps, self.config.local_epochs)
         first = 0
@@ -133,7 +162,13 @@ class FederatedLoop(L.Callback):
             first += block.steps
             self.sizes[block.client] = len(block.indices)
             self.weights[block.client] = float(len(block.indices)) if self.config.weighting == "samples" else 1.0
-        described = ", ".join(f"client {b.client}: {len(b.indices)} examples, {b.steps} steps/round" for b in blocks)
+        held = getattr(datamodule, "holdouts", {})
+        described = ", ".join(
+            f"client {b.client}: {len(b.indices)} examples"
+            + (f" (+{len(held[b.client])} held out)" if held.get(b.client) else "")
+            + f", {b.steps} steps/round"
+            for b in blocks
+        )
         print(
             f"[fedlm] rank {rank}/{world}: {self.config.clients} clients, {self.topology.ranks_per_client} rank(s) per "
             f"client, hosting {described}",
@@ -141,8 +176,19 @@ class FederatedLoop(L.Callback):
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        encoder_params = list(pl_module.encoder.parameters())
-        self.global_params = parameters_to_vector(encoder_params).detach().clone()
+        c = self.config
+        self.exchange = EncoderExchange(pl_module.encoder, c.average, c.private_tokens)
+        self.global_params = self.exchange.read()  # on resume: the checkpoint's global model
+        start = self.global_params[~self.exchange.shared]
+        missing = [client for client, _, _ in self.blocks if client not in self.private]
+        if missing and self.completed_rounds > 0 and c.private_tokens > 0:
+            raise ValueError(
+                f"the checkpoint holds no private tokens for client(s) {missing} (each process keeps its own "
+                "clients' private tokens; a checkpoint holds rank 0's only). Resume split prompts "
+                "(federation.private_tokens) in one process, or start a new run."
+            )
+        for client in missing:
+            self.private[client] = start.clone()
         fresh = self._optimizer_state(trainer)
         self.client_states = {client: copy.deepcopy(fresh) for client, _, _ in self.blocks}
 
@@ -181,14 +227,15 @@ class FederatedLoop(L.Callback):
             offset += g.numel()
 
     def _add_proximal_gradient(self, pl_module: L.LightningModule) -> None:
-        """FedProx: add ``prox_mu * (w - w_global)``, the gradient of ``prox_mu / 2 * ||w - w_global||^2``.
+        """FedProx: add ``prox_mu * (w - w_start)``, the gradient of ``prox_mu / 2 * ||w - w_start||^2``, where
+        ``w_start`` is where the client began the round (the global encoder, with its own private tokens).
 
         Added to the gradients rather than to the loss, so the model's training step (and its logged loss) stay
         the same and ``prox_mu: 0`` leaves the run bit for bit FedAvg. It comes after the reduction over the
         client's ranks, which hold the same ``w``, and before Lightning's gradient clipping, as a loss term would.
         """
         params = list(pl_module.encoder.parameters())
-        pull = (parameters_to_vector(params).detach() - self.global_params) * self.config.prox_mu
+        pull = (parameters_to_vector(params).detach() - self.anchor) * self.config.prox_mu
         for p, term in zip(params, pull.split([p.numel() for p in params])):
             term = term.view_as(p)
             if p.grad is None:
@@ -209,7 +256,8 @@ class FederatedLoop(L.Callback):
             self._aggregate(trainer, pl_module)
 
     def _begin_client(self, trainer: L.Trainer, pl_module: L.LightningModule, client: int) -> None:
-        vector_to_parameters(self.global_params.clone(), list(pl_module.encoder.parameters()))
+        self.exchange.write(self.client_model(client))
+        self.anchor = self.exchange.parameters()
         if len(self.blocks) > 1:  # a rank with one client keeps its optimizer state in place...
             self._load_optimizer_state(trainer, self.client_states[client])
         elif client not in self.sampled:  # ...but keeps a copy to roll back to when it is not sampled
@@ -222,20 +270,27 @@ class FederatedLoop(L.Callback):
             if len(self.blocks) == 1:
                 self._load_optimizer_state(trainer, self.client_states[client])
             return
-        self.client_params[client] = parameters_to_vector(pl_module.encoder.parameters()).detach().clone()
+        self.client_params[client] = self.exchange.read()
+        self.private[client] = self.client_params[client][~self.exchange.shared]
         if len(self.blocks) > 1:
             self.client_states[client] = copy.deepcopy(self._optimizer_state(trainer))
 
-    # -- the round boundary: FedAvg of the encoder only ----------------------------------------------------
+    def client_model(self, client: int) -> torch.Tensor:
+        """The global exchange vector with this client's private tokens in place."""
+        vector = self.global_params.clone()
+        vector[~self.exchange.shared] = self.private[client]
+        return vector
+
+    # -- the round boundary: FedAvg of the encoder's shared part only --------------------------------------
 
     def _aggregate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        topology, C = self.topology, self.config.clients
-        size = self.global_params.numel()
+        topology, C, shared = self.topology, self.config.clients, self.exchange.shared
+        size = int(shared.sum())
         # [sum_k w_k * theta_k | sum_k w_k | per-client loss sums | per-client step counts | per-client samples]
         payload = torch.zeros(size + 1 + 3 * C, dtype=torch.float64)
         for client, params in self.client_params.items():
             if topology.is_client_lead:
-                payload[:size] += self.weights[client] * params.double()
+                payload[:size] += self.weights[client] * params[shared].double()
                 payload[size] += self.weights[client]
             payload[size + 1 + client] = sum(self.client_loss[client])
             payload[size + 1 + C + client] = len(self.client_loss[client])
@@ -243,14 +298,14 @@ class FederatedLoop(L.Callback):
             for client, size_k in self.sizes.items():
                 payload[size + 1 + 2 * C + client] = size_k
         payload = self._all_reduce(payload)
-        self.global_params = self.server.step(self.global_params, payload[:size] / payload[size])
-        vector_to_parameters(self.global_params.clone(), list(pl_module.encoder.parameters()))
+        self.global_params[shared] = self.server.step(self.global_params[shared], payload[:size] / payload[size])
+        self.exchange.write(self.global_params)
 
         # How far each client moved from the new global encoder; exactly 0 for all would mean collapse.
         divergence = torch.zeros(C, dtype=torch.float64)
         for client, params in self.client_params.items():
             if topology.is_client_lead:
-                divergence[client] = (params - self.global_params).double().norm()
+                divergence[client] = (params[shared] - self.global_params[shared]).double().norm()
         divergence = self._all_reduce(divergence)
         self.completed_rounds = trainer.current_epoch + 1
         steps = payload[size + 1 + C : size + 1 + 2 * C]
@@ -301,6 +356,27 @@ class FederatedLoop(L.Callback):
             f"{summary['bytes_exchanged'] / 1e6:.2f} MB exchanged"
         )
 
+    # -- after the last round: global and personalized models, per client ----------------------------------
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not getattr(trainer.datamodule, "client_holdout", 0) or self.completed_rounds < self.config.rounds:
+            return
+        results = personalize(self, trainer, pl_module)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank asks
+        if results is None:
+            return
+        table = write_personalization(results, folder)
+        rank_zero_info(f"[fedlm] global vs personalized accuracy per client (held-out / shared test):\n{table}")
+        if trainer.logger is not None:
+            metrics = {
+                f"personal/client{row['client']}/{model}/{split}": row[model][split]
+                for row in results
+                for model in ("global", "private", "finetuned")
+                if model in row
+                for split in ("holdout_acc", "test_acc")
+            }
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
     # -- optimizer state per client, so that simulated clients do not share Adam moments -------------------
 
     @staticmethod
@@ -324,10 +400,19 @@ class FederatedLoop(L.Callback):
             "completed_rounds": self.completed_rounds,
             "global_params": self.global_params,
             "server": self.server.state_dict(),
+            "average": self.config.average,
+            "private": dict(self.private),  # this process's clients only
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        average = state_dict.get("average", "parameters")
+        if average != self.config.average:
+            raise ValueError(
+                f"the checkpoint averaged the encoder's {average} but federation.average is "
+                f"{self.config.average!r}; resume with the checkpoint's setting, or start a new run."
+            )
         self.completed_rounds = state_dict["completed_rounds"]
         self.global_params = state_dict["global_params"]
+        self.private = dict(state_dict.get("private", {}))
         # checkpoints from before server optimizers were FedAvg, which has no state
         self.server.load_state_dict(state_dict.get("server", {"optimizer": "fedavg", "m": None, "v": None}))

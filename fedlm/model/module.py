@@ -308,6 +308,8 @@ class PTuningModule(L.LightningModule):
                 f"but model.backbone={self.backbone_source!r} has embedding size {self.encoder.input_table.shape[1]}; "
                 "set model.backbone to the checkpoint's backbone."
             )
+        # checkpoints from before table averaging have no offset: it was zero
+        checkpoint["state_dict"].setdefault("encoder.table_offset", torch.zeros_like(self.encoder.table_offset))
         own = self.encoder.state_dict()
         for key, value in checkpoint["state_dict"].items():
             name = key.removeprefix("encoder.")

@@ -1,10 +1,12 @@
 """Prompt encoders: the only trainable part of fedlm, and the only thing federated clients exchange.
 
 Each encoder maps a learned input table of shape (virtual tokens, hidden) to the virtual-token embeddings
-fed to the frozen LM. In eval mode the output depends only on the parameters, so it is computed once and kept
-as the *inference table* (a buffer, saved in checkpoints, so prediction needs no encoder). The table is
-recomputed whenever the parameters differ from those it was computed from, however they changed (optimizer
-step, FedAvg, load_state_dict): mode flags are no signal, since Lightning restores ``.training`` directly.
+fed to the frozen LM, plus a fixed ``table_offset`` (zero unless a federation averages tables instead of
+parameters: then the offset moves a client's encoder output onto the global table at the start of a round). In
+eval mode the output depends only on the parameters and the offset, so it is computed once and kept as the
+*inference table* (a buffer, saved in checkpoints, so prediction needs no encoder). The table is recomputed
+whenever the parameters or offset differ from those it was computed from, however they changed (optimizer step,
+FedAvg, load_state_dict): mode flags are no signal, since Lightning restores ``.training`` directly.
 """
 
 from __future__ import annotations
@@ -73,17 +75,18 @@ class PromptEncoder(nn.Module):
                 batch_first=True,
             )
             self.head = mlp([2 * config.hidden_size, config.hidden_size, embed_dim], config.dropout)
+        self.register_buffer("table_offset", torch.zeros_like(self.input_table.data))
         self.register_buffer("inference_table", torch.zeros_like(self.input_table.data))
         self._table_params: torch.Tensor | None = None  # the parameters the table was computed from
         self.register_load_state_dict_post_hook(_loaded_table_is_current)
 
     def compute(self) -> torch.Tensor:
         if self.config.type == "embedding":
-            return self.input_table
+            return self.input_table + self.table_offset
         x = self.input_table
         if self.config.type == "lstm":
             x = self.lstm(x.unsqueeze(0))[0].squeeze(0)
-        return self.head(x)
+        return self.head(x) + self.table_offset
 
     def forward(self) -> torch.Tensor:
         """The virtual-token embeddings, (virtual tokens, embed_dim)."""
@@ -93,11 +96,11 @@ class PromptEncoder(nn.Module):
         return self.inference_table
 
     def _parameters_now(self) -> torch.Tensor:
-        return parameters_to_vector(self.parameters()).detach()
+        return torch.cat([parameters_to_vector(self.parameters()).detach(), self.table_offset.reshape(-1)])
 
     @torch.no_grad()
     def refresh_table(self) -> None:
-        """Recompute the inference table (in eval mode: no dropout) unless the parameters are unchanged."""
+        """Recompute the inference table (in eval mode: no dropout) unless the parameters and offset are unchanged."""
         params = self._parameters_now()
         if self._table_params is not None and torch.equal(params, self._table_params):
             return
@@ -115,6 +118,12 @@ class PromptEncoder(nn.Module):
 def _loaded_table_is_current(module: PromptEncoder, incompatible_keys: Any) -> None:
     """A loaded table was saved with the loaded parameters, so it is current: prediction needs no recomputation."""
     module._table_params = module._parameters_now()
+
+
+def eval_table(encoder: PromptEncoder) -> torch.Tensor:
+    """The encoder's output without dropout and without grad, whatever its mode: what a client sends."""
+    encoder.refresh_table()
+    return encoder.inference_table.detach().clone()
 
 
 def initial_table(

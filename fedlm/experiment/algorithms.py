@@ -1,0 +1,135 @@
+"""``python -m fedlm.experiment.algorithms RUNS --out results/algorithms.md``: global versus personalized accuracy
+per client, for each algorithm and partition, from federated runs' ``personalization.json``.
+
+Runs are found as ``RUNS/<partition>/<algorithm>/.../personalization.json`` (``scripts/algorithms.sh`` lays them
+out so); the run's ``config.yaml`` (beside it) names the algorithm's settings and its ``output.log`` the clients'
+data, as the run logged them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+MODELS = {"global": "global", "private": "own private tokens", "finetuned": "fine-tuned locally"}
+
+
+@dataclass
+class AlgorithmRun:
+    partition: str
+    algorithm: str
+    folder: Path
+    clients: list[dict]  # personalization.json
+    test_acc: float  # test_after_fit: the global model on the shared test set
+    federation: dict
+    bytes_per_round: float
+    fit_seconds: float | None
+    data_lines: list[str]
+
+    def describe(self) -> str:
+        f, server = self.federation, self.federation.get("server") or {}
+        parts = [server.get("optimizer", "fedavg")]
+        if server.get("optimizer", "fedavg") != "fedavg":
+            parts.append(f"server lr {server['lr']}")
+        if f.get("prox_mu"):
+            parts.append(f"FedProx mu {f['prox_mu']}")
+        if f.get("private_tokens"):
+            parts.append(f"{f['private_tokens']} private tokens")
+        if f.get("average") == "table":
+            parts.append("table averaged")
+        if f.get("personalize_steps"):
+            parts.append(f"{f['personalize_steps']} fine-tuning steps")
+        return ", ".join(parts)
+
+
+def read_runs(root: Path) -> list[AlgorithmRun]:
+    runs = []
+    for file in sorted(root.glob("*/*/**/personalization.json")):
+        partition, algorithm = file.relative_to(root).parts[:2]
+        folder = file.parent
+        config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
+        metrics = json.loads((folder / "test_metrics.json").read_text()) if (folder / "test_metrics.json").is_file() else {}
+        sent = []
+        if (folder / "metrics.csv").is_file():
+            with (folder / "metrics.csv").open() as handle:
+                sent = [float(row["round/bytes_exchanged"]) for row in csv.DictReader(handle) if row.get("round/bytes_exchanged")]
+        log = root / partition / algorithm / "output.log"
+        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        runs.append(
+            AlgorithmRun(
+                partition,
+                algorithm,
+                folder,
+                json.loads(file.read_text()),
+                metrics.get("test/acc", float("nan")),
+                config.get("federation") or {},
+                max(sent, default=float("nan")),
+                metrics.get("fit_seconds"),
+                [line.removeprefix("[fedlm data] ") for line in lines if line.startswith("[fedlm data] client ")],
+            )
+        )
+    if not runs:
+        raise FileNotFoundError(f"no RUNS/<partition>/<algorithm>/.../personalization.json under {root}")
+    return runs
+
+
+def table(runs: list[AlgorithmRun]) -> list[str]:
+    """One partition: a row per (algorithm, model), held-out accuracy per client, pooled, and on the shared test."""
+    clients = runs[0].clients
+    header = " | ".join(f"client {row['client']} held-out (n={row['holdout_examples']})" for row in clients)
+    lines = [
+        f"| algorithm | model | {header} | held-out, all clients | shared test, mean over clients | MB sent per round | fit + evaluation s |",
+        "|---|---|" + "---|" * len(clients) + "---|---|---|---|",
+    ]
+    for run in runs:
+        named = [name for name in MODELS if name in run.clients[0]]
+        for name in named:
+            accs = [row[name]["holdout_acc"] for row in run.clients]
+            sizes = [row["holdout_examples"] for row in run.clients]
+            pooled = sum(a * n for a, n in zip(accs, sizes)) / sum(sizes)
+            test = sum(row[name]["test_acc"] for row in run.clients) / len(run.clients)
+            cells = " | ".join(
+                f"**{a:.3f}**" if row["best_on_holdout"] == name else f"{a:.3f}" for a, row in zip(accs, run.clients)
+            )
+            first = name == named[0]
+            label = f"{run.algorithm} ({run.describe()})" if first else ""
+            extra = f"{run.bytes_per_round / 1e6:.2f} | {run.fit_seconds:.0f}" if first and run.fit_seconds else " | "
+            lines.append(f"| {label} | {MODELS[name]} | {cells} | {pooled:.3f} | {test:.3f} | {extra} |")
+    return lines
+
+
+def write(root: Path, out: Path, command: str) -> str:
+    runs = read_runs(root)
+    text = [
+        "# Federated algorithms on heterogeneous clients: global vs personalized accuracy",
+        "",
+        f"Built from `{root}` by `python -m fedlm.experiment.algorithms {root} --out {out}`; runs made by `{command}`.",
+        "Accuracy on each client's own held-out examples (`data.client_holdout`), pooled over the clients, and on",
+        "the shared test set; bold: the better model for that client on its held-out data (ties go to the simpler).",
+    ]
+    for partition in dict.fromkeys(run.partition for run in runs):
+        group = [run for run in runs if run.partition == partition]
+        text += ["", f"## {partition}", "", "Clients (training / held-out split of each, as the run logged them):", ""]
+        text += [f"- {line}" for line in group[0].data_lines] + [""]
+        text += table(group)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text) + "\n")
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, help="the folder scripts/algorithms.sh wrote (runs/algorithms)")
+    parser.add_argument("--out", type=Path, required=True, help="the markdown file to write")
+    parser.add_argument("--command", default="bash scripts/algorithms.sh", help="how the runs were made, for the record")
+    args = parser.parse_args(argv)
+    print(write(args.runs, args.out, args.command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Global versus personalized models, evaluated per client at the end of a federated run.
+
+For each client, on its own held-out examples (``data.client_holdout``) and on the shared test set:
+- ``global``: the final global model (private tokens, if any, at their initial values: what a new site gets);
+- ``private``: split prompts, the global shared part with the client's own private tokens;
+- ``finetuned``: the client's model (``private`` if it has private tokens, else ``global``) after
+  ``federation.personalize_steps`` more local steps on its own training data.
+
+Each client's lead rank evaluates its own clients in plain loops (no Lightning: nothing here is logged per step
+or checkpointed); only the accuracies travel to rank 0, which writes ``personalization.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from fedlm.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from fedlm.federation.loop import FederatedLoop
+
+
+def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+@torch.no_grad()
+def accuracy(module: L.LightningModule, dataset: Dataset, batch_size: int) -> float:
+    """Constrained label-word accuracy of the module's current encoder."""
+    module.eval()
+    correct = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=module.template.collate):
+        _, scores = module.loss_and_scores(move(batch, module.device))
+        correct += int((scores.argmax(-1).cpu() == batch["label"]).sum())
+    return correct / len(dataset)
+
+
+def finetune(module: L.LightningModule, dataset: Dataset, steps: int, batch_size: int, seed: int) -> None:
+    """``steps`` AdamW steps (the module's lr and weight decay, fresh moments) on batches in a seeded order."""
+    optimizer = torch.optim.AdamW(module.encoder.parameters(), lr=module.lr, weight_decay=module.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    module.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            if len(order) < batch_size:
+                order += torch.randperm(len(dataset), generator=generator).tolist()
+            batch = module.template.collate([dataset[i] for i in order[:batch_size]])
+            order = order[batch_size:]
+            loss = module.train_loss(move(batch, module.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    module.eval()
+
+
+def personalize(loop: FederatedLoop, trainer: L.Trainer, module: L.LightningModule) -> list[dict[str, Any]] | None:
+    """Evaluate each hosted client's models; on rank 0, return every client's results (elsewhere: None)."""
+    datamodule, config, exchange = trainer.datamodule, loop.config, loop.exchange
+    batch_size = datamodule.eval_batch_size
+    test = datamodule.encoded("test")
+    results = []
+    if loop.topology.is_client_lead:
+        for client, _, _ in loop.blocks:
+            train, held = datamodule.client_data(client)
+            models = {"global": loop.global_params}
+            if config.private_tokens > 0:
+                models["private"] = loop.client_model(client)
+            row: dict[str, Any] = {"client": client, "holdout_examples": len(held), "train_examples": len(train)}
+            for name, vector in models.items():
+                exchange.write(vector)
+                row[name] = {"holdout_acc": accuracy(module, held, batch_size), "test_acc": accuracy(module, test, batch_size)}
+            if config.personalize_steps > 0:
+                exchange.write(models["private" if config.private_tokens > 0 else "global"])
+                seed = derive_seed("personalize", config.seed, client)
+                finetune(module, train, config.personalize_steps, datamodule.batch_size, seed)
+                row["finetuned"] = {"holdout_acc": accuracy(module, held, batch_size), "test_acc": accuracy(module, test, batch_size)}
+            named = [name for name in ("global", "private", "finetuned") if name in row]
+            row["best_on_holdout"] = max(named, key=lambda name: row[name]["holdout_acc"])  # ties: the simpler model
+            results.append(row)
+        exchange.write(loop.global_params)  # the module leaves as the global model, for test_after_fit
+    if loop.topology.world_size > 1:
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(loop.topology.world_size)]
+        dist.all_gather_object(gathered, results)
+        results = [row for rows in gathered for row in rows]
+    if not trainer.is_global_zero:
+        return None
+    return sorted(results, key=lambda row: row["client"])
+
+
+def write_personalization(results: list[dict[str, Any]], folder: Path) -> str:
+    """``personalization.json`` in the run's log folder, and the table as text (returned, for the log)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "personalization.json").write_text(json.dumps(results, indent=2) + "\n")
+    named = [name for name in ("global", "private", "finetuned") if name in results[0]]
+    lines = ["client  held-out  " + "  ".join(f"{name + ' held-out/test':>24}" for name in named) + "  better on held-out"]
+    for row in results:
+        cells = "  ".join(f"{row[name]['holdout_acc']:>11.3f} / {row[name]['test_acc']:.3f}      " for name in named)
+        lines.append(f"{row['client']:>6}  {row['holdout_examples']:>8}  {cells}  {row['best_on_holdout']}")
+    return "\n".join(lines)
