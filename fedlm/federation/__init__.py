@@ -1,4 +1,5 @@
 from fedlm.federation.loop import CollapsedClientsError, FederatedLoop, FederationConfig, sample_clients
+from fedlm.federation.secure import SecureAggregationConfig, SecureAggregator
 from fedlm.federation.server import ServerConfig, ServerOptimizer
 from fedlm.federation.strategy import ClientStrategy
 from fedlm.federation.topology import Topology, TopologyError
@@ -8,6 +9,8 @@ __all__ = [
     "CollapsedClientsError",
     "FederatedLoop",
     "FederationConfig",
+    "SecureAggregationConfig",
+    "SecureAggregator",
     "ServerConfig",
     "ServerOptimizer",
     "Topology",
