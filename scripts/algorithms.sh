@@ -4,11 +4,12 @@
 # agreement split over 4, SmolLM2 (the default), seed 1234. A run whose test_metrics.json exists is kept, so the
 # same command resumes. Then:  python -m fedlm.experiment.algorithms runs/algorithms --out results/algorithms.md
 #   FEDLM_FPB_DIR=../shared/data/FinancialPhraseBank-v1.0 bash scripts/algorithms.sh [runs/algorithms]
+# PARTITIONS and ALGORITHMS (space-separated) pick a subset of the grid.
 set -euo pipefail
 out=${1:-runs/algorithms}
 fedlm=${FEDLM:-fedlm}
-for partition in dirichlet agreement; do
-  for algorithm in fedavg fedprox fedadam split_prompts table_average; do
+for partition in ${PARTITIONS:-dirichlet agreement}; do
+  for algorithm in ${ALGORITHMS:-fedavg fedprox fedadam split_prompts table_average}; do
     folder=$out/$partition/$algorithm
     if [[ -f $folder/logs/version_0/test_metrics.json ]]; then echo "[algorithms] $folder: done before, kept"; continue; fi
     rm -rf "$folder" && mkdir -p "$folder"
