@@ -2,8 +2,8 @@
 
 Usage: python federated_worker.py OUT_DIR fedlm-cli-args...  Writes OUT_DIR/rank{R}.pt with, per round, each
 hosted client's exchange vector before averaging, the global one after it, the weights and a backbone checksum;
-the encoder the run started from; the mask of what is shared; and every tensor this rank handed to
-``torch.distributed.all_reduce``, as it was before the reduction (the real collective still runs).
+the encoder the run started from; the mask of what is shared; and what this rank handed to every
+``torch.distributed`` collective, as it was before the collective ran (the real collective still runs).
 """
 
 import sys
@@ -16,13 +16,30 @@ from torch.nn.utils import parameters_to_vector
 from fedlm.cli import cli
 from fedlm.federation import FederatedLoop
 
-SENT: list[torch.Tensor] = []
-_all_reduce = dist.all_reduce
+SENT: list[torch.Tensor] = []  # what this rank handed to all_reduce
+COLLECTIVES: list[tuple[str, object]] = []  # what it handed to every collective: (name, tensor or object)
+OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
+TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "gather",
+                      "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+                      "send", "isend")  # fmt: skip
 
 
-def recording_all_reduce(tensor: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-    SENT.append(tensor.detach().clone())
-    return _all_reduce(tensor, *args, **kwargs)
+def recording(name: str, collective):  # noqa: ANN001, ANN201
+    """The real collective, after keeping a copy of what this rank contributes to it."""
+
+    def record(first, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if name in OBJECT_COLLECTIVES:
+            COLLECTIVES.append((name, [repr(o)[:200] for o in (first if name != "all_gather_object" else args[:1])]))
+        elif isinstance(first, torch.Tensor):
+            contributed = first if name not in ("all_gather", "all_gather_into_tensor") else args[0]
+            COLLECTIVES.append((name, contributed.detach().clone()))
+            if name == "all_reduce":
+                SENT.append(first.detach().clone())
+        else:
+            COLLECTIVES.append((name, repr(first)[:200]))
+        return collective(first, *args, **kwargs)
+
+    return record
 
 
 class RoundRecorder(L.Callback):
@@ -57,12 +74,13 @@ class RoundRecorder(L.Callback):
 
 if __name__ == "__main__":
     out, args = sys.argv[1], sys.argv[2:]
-    dist.all_reduce = recording_all_reduce
+    for name in (*TENSOR_COLLECTIVES, *OBJECT_COLLECTIVES):
+        setattr(dist, name, recording(name, getattr(dist, name)))
     run = cli(args + ["--trainer.callbacks+=federated_worker.RoundRecorder"])
     import federated_worker  # the class the CLI instantiated, not this script's __main__ copy
 
     recorder = next(c for c in run.trainer.callbacks if isinstance(c, federated_worker.RoundRecorder))
     rank = dist.get_rank() if dist.is_initialized() else 0
     record = {"rounds": recorder.rounds, "losses": recorder.losses, "initial": recorder.initial,
-              "shared": recorder.shared, "sent": SENT}  # fmt: skip
+              "shared": recorder.shared, "sent": SENT, "collectives": COLLECTIVES}  # fmt: skip
     torch.save(record, f"{out}/rank{rank}.pt")

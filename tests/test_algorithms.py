@@ -9,6 +9,7 @@ import torch
 from test_federation import FEDERATION, run_ranks, write_config
 
 from fedlm.federation import FederatedLoop, FederationConfig, ServerConfig, ServerOptimizer, sample_clients
+from fedlm.federation.secure import SecureAggregationConfig
 
 # -- server optimizers against the paper's update rules, by hand --------------------------------------------
 
@@ -223,4 +224,5 @@ def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys
         assert {k: federation[k] for k in base} == {**base, **{k: v for k, v in override.items() if k in base}}
         for key, value in override.items():  # the override applied, nested server keys included
             assert federation[key] == ({**federation[key], **value} if isinstance(value, dict) else value)
-        FederationConfig(**{**federation, "server": ServerConfig(**federation["server"])}).validate()
+        nested = {"server": ServerConfig(**federation["server"]), "secure_aggregation": SecureAggregationConfig(**federation["secure_aggregation"])}
+        FederationConfig(**{**federation, **nested}).validate()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from lightning import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from fedlm.checkpointing import AtomicCheckpointIO
+from fedlm.checkpointing import AtomicCheckpointIO, load_checkpoint
 from fedlm.data import FinancialPhraseBank, TextClassificationData
 from fedlm.federation import ClientStrategy, FederatedLoop, FederationConfig
 from fedlm.model import PTuningModule
@@ -37,6 +37,14 @@ class FedLMCLI(LightningCLI):
             default="last",
             help="what test_after_fit tests: the final model, or the first checkpoint callback's best",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``ckpt_path``'s hyperparameters before the trainer exists: check the file first."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            load_checkpoint(path)
+        super()._parse_ckpt_path()
 
     def _tests_best(self) -> bool:
         return self._get(self.config, "test_after_fit") and self._get(self.config, "test_checkpoint") == "best"

@@ -35,6 +35,8 @@ from torch.nn.utils import parameters_to_vector
 
 from fedlm.federation.exchange import Averaged, EncoderExchange
 from fedlm.federation.personalize import personalize, write_personalization
+from fedlm.federation.privacy import ClientPrivacy, DPConfig
+from fedlm.federation.secure import SecureAggregationConfig, SecureAggregator
 from fedlm.federation.server import ServerConfig, ServerOptimizer
 from fedlm.federation.topology import Topology
 from fedlm.seeding import derive_seed
@@ -64,6 +66,9 @@ class FederationConfig:
         personalize_steps: local fine-tuning: after the last round, each client trains its model (the global one,
             with its private tokens if any) this many more steps on its own data. Needs ``data.client_holdout``,
             which the personalized and global models are evaluated on.
+        dp: client-level differential privacy of the round average (``DPConfig``; null: none).
+        secure_aggregation: send the round's sums as pairwise-masked fixed-point integers whose masks cancel in
+            the all-reduce (``fedlm.federation.secure``), so that no rank's update travels in the clear.
     """
 
     clients: int
@@ -78,6 +83,8 @@ class FederationConfig:
     average: Averaged = "parameters"
     private_tokens: int = 0
     personalize_steps: int = 0
+    dp: DPConfig | None = None
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     def validate(self) -> None:
         if self.clients < 1:
@@ -99,11 +106,23 @@ class FederationConfig:
         if self.private_tokens < 0 or self.personalize_steps < 0:
             raise ValueError("federation.private_tokens and federation.personalize_steps must be >= 0 (0: off).")
         self.server.validate()
+        self.secure_aggregation.validate()
+        if self.dp is not None:
+            self.dp.validate()
+            if self.weighting != "uniform":
+                raise ValueError(
+                    "federation.dp bounds what one client adds to the round's sum, so every client must count once: "
+                    "set federation.weighting: uniform."
+                )
+
+    @property
+    def sampled_per_round(self) -> int:
+        return max(1, round(self.client_fraction * self.clients))
 
 
 def sample_clients(clients: int, fraction: float, seed: int, round_index: int) -> list[int]:
     """The clients that take part in a round: the same on every rank, from the seed and round alone."""
-    count = max(1, round(fraction * clients))
+    count = max(1, round(fraction * clients))  # FederationConfig.sampled_per_round
     if count == clients:
         return list(range(clients))
     generator = torch.Generator().manual_seed(derive_seed("client-sampling", seed, round_index))
@@ -132,6 +151,11 @@ class FederatedLoop(L.Callback):
         self.client_loss: dict[int, list[float]] = {}
         self.sampled: list[int] = list(range(config.clients))  # the clients taking part in the current round
         self.server = ServerOptimizer(config.server)
+        self.secure: SecureAggregator | None = None
+        dp = config.dp
+        self.privacy = (
+            ClientPrivacy(dp, config.rounds, config.clients, config.sampled_per_round, config.client_fraction) if dp else None
+        )
         self.completed_rounds = 0
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -146,6 +170,9 @@ class FederatedLoop(L.Callback):
             return
         groups = self.topology.client_groups() if distributed else {}
         self.client_group = groups.get(self.topology.hosted_clients[0])
+        if self.config.secure_aggregation.enabled and self.secure is None:
+            self.secure = SecureAggregator(self.config.secure_aggregation)
+            self.secure.setup()  # a collective: key agreement, once per run
         if trainer.limit_train_batches not in (1.0, None):
             raise ValueError("trainer.limit_train_batches cannot be used with federation; set federation.local_steps.")
         if self.config.personalize_steps > 0 and not getattr(datamodule, "client_holdout", 0):
@@ -154,6 +181,16 @@ class FederatedLoop(L.Callback):
                 "data.init_args.client_holdout (e.g. 0.2), or federation.personalize_steps: 0."
             )
         trainer.fit_loop.max_epochs = self.config.rounds
+        if self.privacy is not None:  # refuse a run that would overspend, before any work
+            fitting = self.privacy.planned_rounds()
+            trainer.fit_loop.max_epochs = fitting
+            p = self.privacy
+            rank_zero_info(
+                f"[fedlm dp] noise multiplier {p.noise_multiplier:.3f}, clip norm {p.clip_norm:g}"
+                f"{' (adaptive)' if p.config.adaptive_clipping else ''}: {fitting} rounds spend epsilon "
+                f"{p.epsilon_for(fitting):.2f} at delta {p.config.delta:g}"
+                + (f"; stopping there, before the {self.config.rounds} configured" if fitting < self.config.rounds else "")
+            )
         blocks = datamodule.federate(self.topology, self.config.local_steps, self.config.local_epochs)
         first = 0
         self.blocks = []
@@ -285,31 +322,51 @@ class FederatedLoop(L.Callback):
 
     def _aggregate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         topology, C, shared = self.topology, self.config.clients, self.exchange.shared
-        size = int(shared.sum())
-        # [sum_k w_k * theta_k | sum_k w_k | per-client loss sums | per-client step counts | per-client samples]
-        payload = torch.zeros(size + 1 + 3 * C, dtype=torch.float64)
+        size, dp, round_index = int(shared.sum()), self.privacy, trainer.current_epoch
+        # [sum_k w_k * theta_k | sum_k w_k | per-client loss sums | per-client step counts | per-client samples |
+        #  DP: clipped-count sum]. Under DP the sum is of clipped, noised updates (w_k = 1) and the clients' losses
+        # stay home (they are not covered by the guarantee).
+        payload = torch.zeros(size + 1 + 3 * C + 1, dtype=torch.float64)
         for client, params in self.client_params.items():
             if topology.is_client_lead:
-                payload[:size] += self.weights[client] * params[shared].double()
-                payload[size] += self.weights[client]
-            payload[size + 1 + client] = sum(self.client_loss[client])
+                if dp is None:
+                    payload[:size] += self.weights[client] * params[shared].double()
+                    payload[size] += self.weights[client]
+                else:
+                    update, count_term = dp.privatize(params[shared] - self.global_params[shared], client, round_index)
+                    payload[:size] += update
+                    payload[size] += 1
+                    payload[-1] += count_term
+            if dp is None:
+                payload[size + 1 + client] = sum(self.client_loss[client])
             payload[size + 1 + C + client] = len(self.client_loss[client])
         if topology.is_client_lead:
             for client, size_k in self.sizes.items():
                 payload[size + 1 + 2 * C + client] = size_k
-        payload = self._all_reduce(payload)
-        self.global_params[shared] = self.server.step(self.global_params[shared], payload[:size] / payload[size])
+        payload = self._all_reduce(payload, round_index)
+        if dp is None:
+            average = payload[:size] / payload[size]
+        else:
+            average = self.global_params[shared].double() + payload[:size] / payload[size]
+            dp.end_round(float(payload[-1]), len(self.sampled))
+        self.global_params[shared] = self.server.step(self.global_params[shared], average)
         self.exchange.write(self.global_params)
 
-        # How far each client moved from the new global encoder; exactly 0 for all would mean collapse.
-        divergence = torch.zeros(C, dtype=torch.float64)
+        # How far each client moved from the new global encoder; exactly 0 for all would mean collapse. Under DP
+        # these norms stay home (each rank logs its own clients'), and the check, which would need them, is off.
+        divergence = torch.full((C,), float("nan") if dp else 0.0, dtype=torch.float64)
         for client, params in self.client_params.items():
             if topology.is_client_lead:
                 divergence[client] = (params[shared] - self.global_params[shared]).double().norm()
-        divergence = self._all_reduce(divergence)
+        if dp is None:
+            divergence = self._all_reduce(divergence, round_index)
         self.completed_rounds = trainer.current_epoch + 1
         steps = payload[size + 1 + C : size + 1 + 2 * C]
         losses = payload[size + 1 : size + 1 + C] / steps.clamp(min=1)
+        if dp is not None:  # only this rank's own clients' losses are known here
+            losses.fill_(float("nan"))
+            for client in self.client_params:
+                losses[client] = sum(self.client_loss[client]) / max(1, len(self.client_loss[client]))
         skipped = [client for client in range(C) if client not in self.sampled]
         losses[skipped] = divergence[skipped] = float("nan")  # no update this round, nothing to report
         bytes_per_client = size * self.global_params.element_size()
@@ -317,25 +374,31 @@ class FederatedLoop(L.Callback):
             "round": self.completed_rounds,
             "client_train_loss": losses.tolist(),
             "client_divergence": divergence.tolist(),
-            "client_samples": payload[size + 1 + 2 * C :].tolist(),
+            "client_samples": payload[size + 1 + 2 * C : size + 1 + 3 * C].tolist(),
             # each sampled client uploads and downloads its encoder once
             "bytes_exchanged": 2 * len(self.sampled) * bytes_per_client,
             "compute_seconds": time.perf_counter() - self.round_start - self.comm_seconds,
             "comm_seconds": self.comm_seconds,
         }
+        if dp is not None:
+            summary["epsilon"], summary["clip_norm"] = dp.epsilon(), dp.clip_norm
         self._log(pl_module, summary)
-        if len(self.sampled) > 1 and float(divergence[self.sampled].max()) == 0.0 and steps.sum() > 0:
+        collapsed = dp is None and float(divergence[self.sampled].max()) == 0.0
+        if len(self.sampled) > 1 and collapsed and steps.sum() > 0:
             raise CollapsedClientsError(
                 "all clients ended the round with identical encoders: gradients were synchronized across clients "
                 "(plain `strategy: ddp` all-reduces over the whole world). Use fedlm's ClientStrategy (the default "
                 "when a federation section is given) so that each client trains on its own data."
             )
 
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.topology.world_size > 1:
-            start = time.perf_counter()
+    def _all_reduce(self, tensor: torch.Tensor, round_index: int) -> torch.Tensor:
+        """The sum over the world: plain, or through secure aggregation (also in one process, for its rounding)."""
+        start = time.perf_counter()
+        if self.secure is not None:
+            tensor = self.secure.sum(tensor, round_index)
+        elif self.topology.world_size > 1:
             dist.all_reduce(tensor)
-            self.comm_seconds += time.perf_counter() - start
+        self.comm_seconds += time.perf_counter() - start
         return tensor
 
     def _log(self, pl_module: L.LightningModule, summary: dict[str, Any]) -> None:
@@ -344,6 +407,8 @@ class FederatedLoop(L.Callback):
             "round/compute_seconds": summary["compute_seconds"],
             "round/comm_seconds": summary["comm_seconds"],
         }
+        if "epsilon" in summary:
+            metrics["dp/epsilon"], metrics["dp/clip_norm"] = summary["epsilon"], summary["clip_norm"]
         for client in range(self.config.clients):
             metrics[f"client{client}/train_loss"] = summary["client_train_loss"][client]
             metrics[f"client{client}/divergence"] = summary["client_divergence"][client]
@@ -354,6 +419,7 @@ class FederatedLoop(L.Callback):
             f"[fedlm] round {summary['round']}/{self.config.rounds}: client train loss {losses} | "
             f"compute {summary['compute_seconds']:.1f}s comm {summary['comm_seconds']:.3f}s | "
             f"{summary['bytes_exchanged'] / 1e6:.2f} MB exchanged"
+            + (f" | epsilon {summary['epsilon']:.2f}, clip {summary['clip_norm']:.3g}" if "epsilon" in summary else "")
         )
 
     # -- after the last round: global and personalized models, per client ----------------------------------
@@ -402,6 +468,7 @@ class FederatedLoop(L.Callback):
             "server": self.server.state_dict(),
             "average": self.config.average,
             "private": dict(self.private),  # this process's clients only
+            "dp": self.privacy.state_dict() if self.privacy else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -414,5 +481,12 @@ class FederatedLoop(L.Callback):
         self.completed_rounds = state_dict["completed_rounds"]
         self.global_params = state_dict["global_params"]
         self.private = dict(state_dict.get("private", {}))
+        if (state_dict.get("dp") is None) != (self.privacy is None):
+            raise ValueError(
+                "the checkpoint and federation.dp disagree on differential privacy (one has it, the other not); "
+                "resume with the checkpoint's federation.dp, or start a new run."
+            )
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state_dict["dp"])
         # checkpoints from before server optimizers were FedAvg, which has no state
         self.server.load_state_dict(state_dict.get("server", {"optimizer": "fedavg", "m": None, "v": None}))

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from fedlm.accounting import epsilon_after
 from fedlm.model.backbone import DEFAULT_BACKBONE, Dtype, load_backbone
+from fedlm.model.dp_sgd import DPSGDConfig, private_gradients
 from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, initial_table
 from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX, PromptTemplate
@@ -49,6 +51,8 @@ class PTuningModule(L.LightningModule):
         cache_dtype: storage dtype of the cached key/values; bf16 halves the memory at a small loss of precision.
         compile: ``torch.compile`` the frozen transformer body (dynamic shapes). The first steps pay for the
             compilation; later ones gain a little on CPU (``results/speed.md``).
+        dp_sgd: sample-level differential privacy of training (``DPSGDConfig``; null: none). The epsilon each
+            client has spent is logged as ``dp_sgd/epsilon`` (the largest over this process's clients).
     """
 
     def __init__(
@@ -65,10 +69,14 @@ class PTuningModule(L.LightningModule):
         cache_prefix: bool = False,
         cache_dtype: Dtype = "fp32",
         compile: bool = False,
+        dp_sgd: DPSGDConfig | None = None,
     ) -> None:
         super().__init__()
         encoder = PromptEncoderConfig(**encoder) if isinstance(encoder, dict) else encoder or PromptEncoderConfig()
         label_words = dict(label_words or FPB_LABEL_WORDS)
+        dp_sgd = DPSGDConfig(**dp_sgd) if isinstance(dp_sgd, dict) else dp_sgd
+        if dp_sgd is not None:
+            dp_sgd.validate()
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -84,8 +92,10 @@ class PTuningModule(L.LightningModule):
                 "cache_prefix": cache_prefix,
                 "cache_dtype": cache_dtype,
                 "compile": compile,
+                "dp_sgd": asdict(dp_sgd) if dp_sgd else None,
             }
         )
+        self.dp_sgd = dp_sgd
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
 
         loaded = load_backbone(backbone, dtype)
@@ -131,14 +141,24 @@ class PTuningModule(L.LightningModule):
 
     # -- forward -------------------------------------------------------------------------------------------
 
-    def input_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Token embeddings with the encoder's virtual-token rows placed where the template put them."""
-        token_embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
-        table = self.encoder().to(token_embeds.dtype)  # computed once per step, shared by the batch
-        virtual = batch["virtual_index"]
-        return torch.where((virtual >= 0).unsqueeze(-1), table[virtual.clamp(min=0)], token_embeds)
+    def input_embeddings(self, batch: dict[str, torch.Tensor], tables: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the encoder's virtual-token rows placed where the template put them.
 
-    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ``tables``: one table per example, (batch, virtual tokens, hidden) (DP-SGD's per-example gradients);
+        by default the encoder's output, computed once per step and shared by the batch.
+        """
+        token_embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
+        virtual = batch["virtual_index"]
+        if tables is None:
+            rows = self.encoder().to(token_embeds.dtype)[virtual.clamp(min=0)]
+        else:
+            examples = torch.arange(len(virtual), device=virtual.device).unsqueeze(1)
+            rows = tables.to(token_embeds.dtype)[examples, virtual.clamp(min=0)]
+        return torch.where((virtual >= 0).unsqueeze(-1), rows, token_embeds)
+
+    def hidden_states(
+        self, batch: dict[str, torch.Tensor], tables: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Last hidden states and the batch they align with: the batch itself, or its suffixes if the prefix is cached.
 
         The base model without the LM head: logits are needed only at a few positions. The last column is not fed:
@@ -147,13 +167,14 @@ class PTuningModule(L.LightningModule):
         """
         if self.prefix_cache is None:
             inputs = without_last_column(batch)
-            out = self.backbone.base_model(inputs_embeds=self.input_embeddings(inputs), attention_mask=inputs["attention_mask"])
+            embeds = self.input_embeddings(inputs, tables)
+            out = self.backbone.base_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
             return out.last_hidden_state, batch
         prefixes, suffix = split_at_first_virtual(batch)
         past, past_mask = self.prefix_cache.past(prefixes)
         inputs = without_last_column(suffix)
         out = self.backbone.base_model(
-            inputs_embeds=self.input_embeddings(inputs),
+            inputs_embeds=self.input_embeddings(inputs, tables),
             attention_mask=torch.cat([past_mask, inputs["attention_mask"]], dim=1),
             position_ids=inputs["position_ids"],
             past_key_values=past,
@@ -199,12 +220,44 @@ class PTuningModule(L.LightningModule):
         return -self.answer_log_probs(hidden, aligned["targets"])[0].mean()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.train_loss(batch)
+        loss = self.train_loss(batch) if self.dp_sgd is None else self.dp_sgd_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 
+    def dp_sgd_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """DP-SGD: the batch's mean per-example loss in value, with the noisy clipped mean gradient as its gradient
+        (so that Lightning's optimizer step, FedProx and gradient clipping apply to the private gradient)."""
+        table = self.encoder()
+        size = len(batch["label"])
+        copies = table.detach().unsqueeze(0).repeat(size, 1, 1).requires_grad_(True)
+        hidden, aligned = self.hidden_states(batch, copies)
+        token_log_probs, rows = self.answer_log_probs(hidden, aligned["targets"])
+        sums = torch.zeros(size, device=self.device).index_add_(0, rows, -token_log_probs)
+        counts = torch.zeros(size, device=self.device).index_add_(0, rows, torch.ones_like(token_log_probs))
+        losses = sums / counts
+        (table_grads,) = torch.autograd.grad(losses.sum(), copies)
+        data = getattr(self._trainer, "datamodule", None)  # none outside a Trainer: the batch is the expected size
+        ranks = getattr(data, "ranks_per_client", 1)
+        expected = getattr(data, "batch_size", size) * ranks
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        grads = private_gradients(self.encoder, table, table_grads, self.dp_sgd, expected, 1 / ranks, (self.global_step, self.global_rank))
+        surrogate = sum((p * g).sum() for p, g in zip(params, grads))
+        return losses.mean().detach() + surrogate - surrogate.detach()
+
+    def dp_sgd_epsilon(self) -> float:
+        """The largest epsilon any client of this process has spent: each accounts for its own examples and steps."""
+        data, c = self.trainer.datamodule, self.dp_sgd
+        batch = data.batch_size * data.ranks_per_client
+        if data.blocks:  # federated: block.steps local steps per round on the client's own examples
+            spent = [(block.steps * (self.current_epoch + 1), batch / len(block.indices)) for block in data.blocks]
+        else:
+            spent = [(self.global_step, batch / len(data.encoded("train")))]
+        return max(epsilon_after(steps, c.noise_multiplier, min(1.0, rate), c.delta) for steps, rate in spent)
+
     def on_train_epoch_end(self) -> None:
         self._log_cache_size()
+        if self.dp_sgd is not None:
+            self.log("dp_sgd/epsilon", self.dp_sgd_epsilon(), sync_dist=True, reduce_fx="max")
 
     def _log_cache_size(self) -> None:
         """This process's prefix cache (in a federated run: its own clients' and evaluation prefixes)."""
