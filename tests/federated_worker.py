@@ -6,7 +6,10 @@ the encoder the run started from; the mask of what is shared; and what this rank
 ``torch.distributed`` collective, as it was before the collective ran (the real collective still runs).
 """
 
+import os
+import signal
 import sys
+import time
 
 import lightning as L
 import torch
@@ -72,11 +75,38 @@ class RoundRecorder(L.Callback):
         )
 
 
+class FaultInjector(L.Callback):
+    """Faults for the reliability tests, from ``FEDLM_TEST_FAULT=kind:rank:round:batch`` (kind: kill, hang, nan),
+    injected on the first attempt only (torchrun's restarts run clean)."""
+
+    def __init__(self) -> None:
+        spec = os.environ.get("FEDLM_TEST_FAULT")
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self.fault = spec.split(":") if spec and first_attempt else None
+
+    def _due(self, trainer: L.Trainer, batch_idx: int) -> bool:
+        if self.fault is None:
+            return False
+        _, rank, round_index, batch = self.fault
+        return trainer.global_rank == int(rank) and trainer.current_epoch == int(round_index) and batch_idx == int(batch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if self._due(trainer, batch_idx) and self.fault[0] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._due(trainer, batch_idx) and self.fault[0] == "hang":
+            time.sleep(3600)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+        if self._due(trainer, trainer.fit_loop.epoch_loop.batch_idx) and self.fault[0] == "nan":
+            for p in pl_module.encoder.parameters():
+                p.grad.fill_(float("nan"))
+
+
 if __name__ == "__main__":
     out, args = sys.argv[1], sys.argv[2:]
     for name in (*TENSOR_COLLECTIVES, *OBJECT_COLLECTIVES):
         setattr(dist, name, recording(name, getattr(dist, name)))
-    run = cli(args + ["--trainer.callbacks+=federated_worker.RoundRecorder"])
+    run = cli(args + ["--trainer.callbacks+=federated_worker.RoundRecorder", "--trainer.callbacks+=federated_worker.FaultInjector"])
     import federated_worker  # the class the CLI instantiated, not this script's __main__ copy
 
     recorder = next(c for c in run.trainer.callbacks if isinstance(c, federated_worker.RoundRecorder))

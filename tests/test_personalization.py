@@ -13,6 +13,7 @@ from fedlm.data import FinancialPhraseBank
 from fedlm.data.sources import DataError
 from fedlm.federation import FederationConfig, ServerConfig, Topology
 from fedlm.federation.exchange import EncoderExchange
+from fedlm.federation.loop import payload_layout
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, eval_table
 
 
@@ -121,9 +122,10 @@ def test_private_tokens_never_leave_their_client(average: str, tiny_gpt2_dir: st
     assert int((~shared).sum()) == 32  # one of the 3 virtual tokens (an input row, or a table row), 32 wide
     for rank, record in enumerate(records):
         # Each round this rank handed the all-reduce exactly: its weighted shared part, its weight, then
-        # bookkeeping (loss sum, step count, sample count per client, a DP slot), then the divergence per client.
+        # bookkeeping (payload_layout), then the divergence per client.
         size = int(shared.sum())
-        sent = [t for t in record["sent"] if t.dtype == torch.float64 and t.numel() in (size + 1 + 3 * 2 + 1, 2)]
+        layout = payload_layout(size, 2)
+        sent = [t for t in record["sent"] if t.dtype == torch.float64 and t.numel() in (layout["failed"].stop, 2)]
         others = [t.numel() for t in record["sent"] if t.dtype != torch.float64]
         assert len(sent) == 2 * 3 and len(others) == len(record["sent"]) - 6
         assert max(others) < 32  # what else was reduced (Lightning's logged scalars) has no room for a token
@@ -131,9 +133,9 @@ def test_private_tokens_never_leave_their_client(average: str, tiny_gpt2_dir: st
             payload, divergence = sent[2 * round_index], sent[2 * round_index + 1]
             params = record["rounds"][round_index]["client_params"][rank]
             weight = record["rounds"][round_index]["weights"][rank]
-            assert payload.numel() == size + 1 + 3 * 2 + 1 and divergence.numel() == 2
+            assert payload.numel() == layout["failed"].stop and divergence.numel() == 2
             torch.testing.assert_close(payload[:size], weight * params[shared].double(), rtol=0, atol=0)
-            assert payload[size] == weight and payload[size + 1 + 2 + rank] == 3  # 3 local steps
+            assert payload[layout["weight"]] == weight and payload[layout["steps"]][rank] == 3  # 3 local steps
         # the global model keeps the initial private tokens; each client's own moved away from them
         final = record["rounds"][-1]
         assert torch.equal(final["global"][~shared], record["initial"][~shared])

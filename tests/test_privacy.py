@@ -12,6 +12,7 @@ from test_federation import FEDERATION, run_ranks, write_config
 
 from fedlm.federation import FederationConfig
 from fedlm.accounting import calibrate_noise, epsilon_after
+from fedlm.federation.loop import payload_layout
 from fedlm.federation.privacy import ClientPrivacy, DPConfig
 
 
@@ -116,8 +117,9 @@ def test_without_noise_the_round_moves_by_the_mean_clipped_update_on_two_ranks(t
     size = before.numel()
     for record in records:
         sent = [t for t in record["sent"] if t.dtype == torch.float64]
-        payloads = [t for t in sent if t.numel() == size + 1 + 3 * 2 + 1]
-        assert len(payloads) == 3 and all(not t[size + 1 : size + 3].any() for t in payloads)
+        layout = payload_layout(size, 2)
+        payloads = [t for t in sent if t.numel() == layout["failed"].stop]
+        assert len(payloads) == 3 and all(not t[layout["loss"]].any() for t in payloads)
         assert not [t for t in sent if t.numel() == 2]
 
 

@@ -12,11 +12,13 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from fedlm.checkpointing import AtomicCheckpointIO, load_checkpoint
 from fedlm.data import FinancialPhraseBank, TextClassificationData
@@ -118,8 +120,15 @@ class FedLMCLI(LightningCLI):
             # Under torchrun: one process per rank, clients as process groups, no world-wide DDP.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             if trainer_config.get("strategy", "auto") == "auto":
-                kwargs["strategy"] = ClientStrategy()
+                kwargs["strategy"] = ClientStrategy(timeout=timedelta(seconds=federation.collective_timeout_s))
             kwargs["devices"], kwargs["num_nodes"] = local, world // local
+            restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+            if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                rank_zero_warn(
+                    "torchrun --max-restarts with its shared rendezvous store: restarted workers can hang while they "
+                    "set up the process group (seen in 2 of 3 restarts here). Launch with "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment."
+                )
         return super().instantiate_trainer(**kwargs)
 
 

@@ -22,6 +22,8 @@ client's private virtual tokens, which each client keeps from round to round and
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,8 @@ class FederationConfig:
         dp: client-level differential privacy of the round average (``DPConfig``; null: none).
         secure_aggregation: send the round's sums as pairwise-masked fixed-point integers whose masks cancel in
             the all-reduce (``fedlm.federation.secure``), so that no rank's update travels in the clear.
+        collective_timeout_s: under torchrun, how long a collective waits for a silent peer before failing (a dead
+            peer fails it at once); the error, not a hang, lets torchrun restart the group.
     """
 
     clients: int
@@ -85,6 +89,7 @@ class FederationConfig:
     personalize_steps: int = 0
     dp: DPConfig | None = None
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
         if self.clients < 1:
@@ -99,6 +104,8 @@ class FederationConfig:
             raise ValueError(f"federation.weighting={self.weighting!r} is unknown; use 'samples' or 'uniform'.")
         if self.prox_mu < 0:
             raise ValueError(f"federation.prox_mu={self.prox_mu} must be >= 0 (0 turns FedProx off).")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"federation.collective_timeout_s={self.collective_timeout_s} must be positive (seconds).")
         if not 0 < self.client_fraction <= 1:
             raise ValueError(f"federation.client_fraction={self.client_fraction} must be in (0, 1].")
         if self.average not in ("parameters", "table"):
@@ -129,8 +136,35 @@ def sample_clients(clients: int, fraction: float, seed: int, round_index: int) -
     return sorted(torch.randperm(clients, generator=generator)[:count].tolist())
 
 
+def payload_layout(size: int, clients: int) -> dict[str, slice]:
+    """The round's all-reduced vector: the weighted sum of the clients' shared vectors (under DP: of their clipped,
+    noised updates), the sum of weights, per-client loss sums (not under DP: they are not covered), step and sample
+    counts, DP's noised clipped-count, and per-client failure flags."""
+    sizes = {"sum": size, "weight": 1, "loss": clients, "steps": clients, "samples": clients, "count": 1, "failed": clients}
+    layout, start = {}, 0
+    for name, length in sizes.items():
+        layout[name] = slice(start, start + length)
+        start += length
+    return layout
+
+
+def extremes_over_ranks(value: int) -> tuple[int, int]:
+    """The smallest and largest ``value`` over the world's ranks, in one 16-byte all-reduce."""
+    extremes = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return -int(extremes[1]), int(extremes[0])
+
+
 class CollapsedClientsError(RuntimeError):
     """Clients ended a round with identical encoders: gradients were synchronized across clients."""
+
+
+class NonFiniteClientError(FloatingPointError):
+    """A client's training produced nan or inf; the round is not averaged."""
+
+
+class RanksDisagreeError(RuntimeError):
+    """Ranks hold different global encoders (or resumed from different rounds)."""
 
 
 class FederatedLoop(L.Callback):
@@ -147,6 +181,7 @@ class FederatedLoop(L.Callback):
         self.client_params: dict[int, torch.Tensor] = {}  # each hosted client's exchange vector at its block's end
         self.private: dict[int, torch.Tensor] = {}  # each hosted client's private tokens, kept across rounds
         self.anchor: torch.Tensor | None = None  # the current client's parameters at its round start (FedProx)
+        self.failed: set[int] = set()  # hosted clients whose loss or encoder went non-finite this round
         self.client_states: dict[int, dict[str, Any]] = {}  # optimizer and scheduler state per hosted client
         self.client_loss: dict[int, list[float]] = {}
         self.sampled: list[int] = list(range(config.clients))  # the clients taking part in the current round
@@ -212,6 +247,17 @@ class FederatedLoop(L.Callback):
             flush=True,
         )
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a checkpoint is restored and before any training (a rank whose rounds are all done skips training
+        altogether): every rank must resume from the same round."""
+        if self.topology.world_size > 1:
+            low, high = extremes_over_ranks(self.completed_rounds)
+            if low != high:
+                raise RanksDisagreeError(
+                    f"the ranks resumed from different rounds ({low} to {high} completed): a rank did not find its "
+                    "part of the checkpoint. Give every rank the same --ckpt_path, with its <checkpoint>.rank<r> beside it."
+                )
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         c = self.config
         self.exchange = EncoderExchange(pl_module.encoder, c.average, c.private_tokens)
@@ -220,14 +266,14 @@ class FederatedLoop(L.Callback):
         missing = [client for client, _, _ in self.blocks if client not in self.private]
         if missing and self.completed_rounds > 0 and c.private_tokens > 0:
             raise ValueError(
-                f"the checkpoint holds no private tokens for client(s) {missing} (each process keeps its own "
-                "clients' private tokens; a checkpoint holds rank 0's only). Resume split prompts "
-                "(federation.private_tokens) in one process, or start a new run."
+                f"the checkpoint holds no private tokens for client(s) {missing}: it was written by a process that "
+                "did not host them. Resume with the same number of processes, from the checkpoint folder of each."
             )
         for client in missing:
             self.private[client] = start.clone()
-        fresh = self._optimizer_state(trainer)
-        self.client_states = {client: copy.deepcopy(fresh) for client, _, _ in self.blocks}
+        fresh = self._optimizer_state(trainer)  # on resume, Lightning has restored this rank's optimizer
+        for client, _, _ in self.blocks:
+            self.client_states.setdefault(client, copy.deepcopy(fresh))
 
     # -- within a round ------------------------------------------------------------------------------------
 
@@ -236,6 +282,7 @@ class FederatedLoop(L.Callback):
         self.comm_seconds = 0.0
         self.client_loss = {client: [] for client, _, _ in self.blocks}
         self.client_params = {}
+        self.failed = set()
         c = self.config
         self.sampled = sample_clients(c.clients, c.client_fraction, c.seed, trainer.current_epoch)
 
@@ -308,6 +355,9 @@ class FederatedLoop(L.Callback):
                 self._load_optimizer_state(trainer, self.client_states[client])
             return
         self.client_params[client] = self.exchange.read()
+        if not (torch.isfinite(self.client_params[client]).all() and all(map(math.isfinite, self.client_loss[client]))):
+            self.failed.add(client)
+            return
         self.private[client] = self.client_params[client][~self.exchange.shared]
         if len(self.blocks) > 1:
             self.client_states[client] = copy.deepcopy(self._optimizer_state(trainer))
@@ -323,34 +373,44 @@ class FederatedLoop(L.Callback):
     def _aggregate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         topology, C, shared = self.topology, self.config.clients, self.exchange.shared
         size, dp, round_index = int(shared.sum()), self.privacy, trainer.current_epoch
-        # [sum_k w_k * theta_k | sum_k w_k | per-client loss sums | per-client step counts | per-client samples |
-        #  DP: clipped-count sum]. Under DP the sum is of clipped, noised updates (w_k = 1) and the clients' losses
-        # stay home (they are not covered by the guarantee).
-        payload = torch.zeros(size + 1 + 3 * C + 1, dtype=torch.float64)
+        layout = payload_layout(size, C)
+        payload = torch.zeros(layout["failed"].stop, dtype=torch.float64)
+        part = {name: payload[where] for name, where in layout.items()}
         for client, params in self.client_params.items():
             if topology.is_client_lead:
-                if dp is None:
-                    payload[:size] += self.weights[client] * params[shared].double()
-                    payload[size] += self.weights[client]
+                if client in self.failed:  # sends nothing of its encoder; every rank stops below
+                    part["failed"][client] = 1
+                elif dp is None:
+                    part["sum"] += self.weights[client] * params[shared].double()
+                    part["weight"] += self.weights[client]
                 else:
                     update, count_term = dp.privatize(params[shared] - self.global_params[shared], client, round_index)
-                    payload[:size] += update
-                    payload[size] += 1
-                    payload[-1] += count_term
+                    part["sum"] += update
+                    part["weight"] += 1
+                    part["count"] += count_term
             if dp is None:
-                payload[size + 1 + client] = sum(self.client_loss[client])
-            payload[size + 1 + C + client] = len(self.client_loss[client])
+                part["loss"][client] = sum(self.client_loss[client])
+            part["steps"][client] = len(self.client_loss[client])
         if topology.is_client_lead:
             for client, size_k in self.sizes.items():
-                payload[size + 1 + 2 * C + client] = size_k
+                part["samples"][client] = size_k
         payload = self._all_reduce(payload, round_index)
+        part = {name: payload[where] for name, where in layout.items()}
+        failed = part["failed"].nonzero().flatten().tolist()
+        if failed:
+            raise NonFiniteClientError(
+                f"round {round_index + 1}: client(s) {failed} produced a non-finite training loss or encoder (nan/inf); "
+                f"the round was not averaged, so the last good global encoder is round {round_index}'s, in the last "
+                "round checkpoint. Lower model.lr, or set trainer.gradient_clip_val, and resume from it."
+            )
         if dp is None:
-            average = payload[:size] / payload[size]
+            average = part["sum"] / part["weight"]
         else:
-            average = self.global_params[shared].double() + payload[:size] / payload[size]
-            dp.end_round(float(payload[-1]), len(self.sampled))
+            average = self.global_params[shared].double() + part["sum"] / part["weight"]
+            dp.end_round(float(part["count"]), len(self.sampled))
         self.global_params[shared] = self.server.step(self.global_params[shared], average)
         self.exchange.write(self.global_params)
+        self._check_ranks_agree(round_index)
 
         # How far each client moved from the new global encoder; exactly 0 for all would mean collapse. Under DP
         # these norms stay home (each rank logs its own clients'), and the check, which would need them, is off.
@@ -361,8 +421,8 @@ class FederatedLoop(L.Callback):
         if dp is None:
             divergence = self._all_reduce(divergence, round_index)
         self.completed_rounds = trainer.current_epoch + 1
-        steps = payload[size + 1 + C : size + 1 + 2 * C]
-        losses = payload[size + 1 : size + 1 + C] / steps.clamp(min=1)
+        steps = part["steps"]
+        losses = part["loss"] / steps.clamp(min=1)
         if dp is not None:  # only this rank's own clients' losses are known here
             losses.fill_(float("nan"))
             for client in self.client_params:
@@ -374,7 +434,7 @@ class FederatedLoop(L.Callback):
             "round": self.completed_rounds,
             "client_train_loss": losses.tolist(),
             "client_divergence": divergence.tolist(),
-            "client_samples": payload[size + 1 + 2 * C : size + 1 + 3 * C].tolist(),
+            "client_samples": part["samples"].tolist(),
             # each sampled client uploads and downloads its encoder once
             "bytes_exchanged": 2 * len(self.sampled) * bytes_per_client,
             "compute_seconds": time.perf_counter() - self.round_start - self.comm_seconds,
@@ -389,6 +449,19 @@ class FederatedLoop(L.Callback):
                 "all clients ended the round with identical encoders: gradients were synchronized across clients "
                 "(plain `strategy: ddp` all-reduces over the whole world). Use fedlm's ClientStrategy (the default "
                 "when a federation section is given) so that each client trains on its own data."
+            )
+
+    def _check_ranks_agree(self, round_index: int) -> None:
+        """A cheap guard: every rank must now hold bitwise the same global encoder (one 16-byte all-reduce)."""
+        if self.topology.world_size == 1:
+            return
+        digest = hashlib.sha256(self.global_params.numpy().tobytes()).digest()
+        low, high = extremes_over_ranks(int.from_bytes(digest[:7], "little"))  # 56 bits: fits int64
+        if low != high:
+            raise RanksDisagreeError(
+                f"round {round_index + 1}: the ranks hold different global encoders after averaging (checksums "
+                "differ). Some rank missed a round or resumed from another checkpoint; restart from the last round "
+                "checkpoint with the same number of processes."
             )
 
     def _all_reduce(self, tensor: torch.Tensor, round_index: int) -> torch.Tensor:
@@ -469,6 +542,7 @@ class FederatedLoop(L.Callback):
             "average": self.config.average,
             "private": dict(self.private),  # this process's clients only
             "dp": self.privacy.state_dict() if self.privacy else None,
+            "client_states": self.client_states,  # this process's clients' optimizer moments, for exact resume
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -481,6 +555,7 @@ class FederatedLoop(L.Callback):
         self.completed_rounds = state_dict["completed_rounds"]
         self.global_params = state_dict["global_params"]
         self.private = dict(state_dict.get("private", {}))
+        self.client_states = dict(state_dict.get("client_states", {}))
         if (state_dict.get("dp") is None) != (self.privacy is None):
             raise ValueError(
                 "the checkpoint and federation.dp disagree on differential privacy (one has it, the other not); "

@@ -3,11 +3,23 @@
 Plain ``strategy: ddp`` all-reduces gradients across every rank, so clients silently collapse into one
 data-parallel job. Here the model stays unwrapped; ``FederatedLoop`` reduces gradients inside each client's
 process group and averages the encoder across clients only at round boundaries.
+
+Checkpoints: every rank holds state no other rank has (its clients' optimizer moments, private tokens), and
+must never send it to another. So rank 0 writes the checkpoint as usual and every other rank writes its own
+complete checkpoint beside it, ``<file>.rank<r>``, which is what that rank resumes from.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from lightning.pytorch.strategies import DDPStrategy
+
+
+def rank_file(path: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps its own copy of checkpoint ``path`` (rank 0: the checkpoint itself)."""
+    return Path(path) if rank == 0 else Path(f"{path}.rank{rank}")
 
 
 class ClientStrategy(DDPStrategy):
@@ -15,3 +27,19 @@ class ClientStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper: gradient reduction is FederatedLoop's job, per client."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
+        self.checkpoint_io.save_checkpoint(checkpoint, rank_file(filepath, self.global_rank), storage_options)
+
+    def remove_checkpoint(self, filepath: str | Path) -> None:
+        self.checkpoint_io.remove_checkpoint(rank_file(filepath, self.global_rank))
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        own = rank_file(checkpoint_path, self.global_rank)
+        if not own.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path={checkpoint_path}: this rank ({self.global_rank}) resumes from its own part {own}, which "
+                "is missing. Each rank writes one beside the checkpoint; resume with the same number of processes "
+                "(and, across nodes, each node's own checkpoint folder)."
+            )
+        return self.checkpoint_io.load_checkpoint(own, weights_only=weights_only)

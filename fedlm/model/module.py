@@ -349,7 +349,21 @@ class PTuningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
-        checkpoint["fedlm"] = {"backbone": self.backbone_source, "embed_dim": self.encoder.input_table.shape[1]}
+        checkpoint["fedlm"] = {
+            "backbone": self.backbone_source,
+            "embed_dim": self.encoder.input_table.shape[1],
+            "architecture": self.architecture(),
+        }
+
+    def architecture(self) -> dict[str, Any]:
+        """What identifies the frozen LM a prompt was trained for, wherever its files are."""
+        config = self.backbone.config
+        return {
+            "model_type": config.model_type,
+            "layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size,
+            "tokenizer_vocab": len(self.tokenizer),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("fedlm")
@@ -360,6 +374,12 @@ class PTuningModule(L.LightningModule):
                 f"the checkpoint was trained on backbone {saved['backbone']!r} (embedding size {saved['embed_dim']}), "
                 f"but model.backbone={self.backbone_source!r} has embedding size {self.encoder.input_table.shape[1]}; "
                 "set model.backbone to the checkpoint's backbone."
+            )
+        if saved.get("architecture", self.architecture()) != self.architecture():
+            raise CheckpointMismatchError(
+                f"the checkpoint was trained on backbone {saved['backbone']!r} ({saved['architecture']}), but "
+                f"model.backbone={self.backbone_source!r} is another model ({self.architecture()}): its prompt would "
+                "mean nothing here. Set model.backbone to the checkpoint's backbone."
             )
         # checkpoints from before table averaging have no offset: it was zero
         checkpoint["state_dict"].setdefault("encoder.table_offset", torch.zeros_like(self.encoder.table_offset))

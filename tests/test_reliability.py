@@ -1,0 +1,227 @@
+"""Exact resume, a killed rank, a silent peer, a non-finite client, two nodes on loopback, bad input."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_federation import FEDERATION, REPO, TESTS, run_ranks, write_config
+
+from fedlm.federation.strategy import rank_file
+
+
+def checkpointing(folder: Path) -> dict:
+    """A round checkpoint kept per round (``round=N``) and ``last.ckpt``, as the shipped configs write them."""
+    every_round = {"dirpath": str(folder), "filename": "round{epoch}", "save_top_k": -1, "save_last": True}
+    return {"enable_checkpointing": True, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": every_round}]}
+
+
+HARD = {**FEDERATION, "clients": 3, "server": {"optimizer": "fedadam", "lr": 0.01}, "private_tokens": 1}
+
+
+def test_resume_from_a_round_checkpoint_is_bitwise_the_uninterrupted_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    """Three clients in one process (each with its own Adam moments), FedAdam (server state), split prompts (private
+    tokens) and encoder dropout (RNG): everything a round checkpoint must carry."""
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, HARD, **checkpointing(tmp_path / "ckpt"))
+    dropout = ("--model.encoder.dropout", "0.1")
+    result, (full,) = run_ranks(tmp_path, config, 1, *dropout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (tmp_path / "resumed").mkdir()
+    result, (resumed,) = run_ranks(tmp_path / "resumed", config, 1, *dropout, "--ckpt_path", str(tmp_path / "ckpt" / "roundepoch=0.ckpt"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(resumed["rounds"]) == 2  # rounds 2 and 3
+    for a, b in zip(full["rounds"][1:], resumed["rounds"]):
+        assert torch.equal(a["global"], b["global"])
+        assert all(torch.equal(a["client_params"][k], b["client_params"][k]) for k in range(3))
+    assert full["losses"][-18:] == resumed["losses"]  # 2 rounds x 3 clients x 3 steps, step for step
+
+
+def launch(out: Path, config: Path, nproc: int, *extra: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.Popen:
+    out.mkdir(exist_ok=True)
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1", **(env or {})}
+    launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = [*launcher, str(TESTS / "federated_worker.py"), str(out), "fit", "--config", str(config), *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+
+
+def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    for name in ("clean", "killed"):
+        (tmp_path / name).mkdir()
+    clean = write_config(tmp_path / "clean", tiny_gpt2_dir, synthetic_fpb, HARD | {"clients": 2}, **checkpointing(tmp_path / "clean" / "ckpt"))
+    result, reference = run_ranks(tmp_path / "clean", clean, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    config = write_config(tmp_path / "killed", tiny_gpt2_dir, synthetic_fpb, HARD | {"clients": 2}, **checkpointing(tmp_path / "killed" / "ckpt"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+    started = time.perf_counter()
+    env = {"FEDLM_TEST_FAULT": "kill:1:1:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see README: restarts
+    process = launch(tmp_path / "killed" / "out", config, 2, "--ckpt_path", "last", env=env, launcher=launcher)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGKILL" in stderr or "Signals.SIGKILL" in stderr or "exitcode: -9" in stderr  # rank 1 was killed in round 2...
+    assert (tmp_path / "killed" / "ckpt" / "last.ckpt.rank1").is_file()  # ...and resumed from its own part
+    records = [torch.load(tmp_path / "killed" / "out" / f"rank{r}.pt") for r in range(2)]
+    for rank in range(2):
+        assert len(records[rank]["rounds"]) == 2  # the restarted group ran rounds 2 and 3 only
+        assert torch.equal(records[rank]["rounds"][-1]["global"], reference[rank]["rounds"][-1]["global"])
+    assert time.perf_counter() - started < 600
+
+    # Guard: ranks that would resume from different rounds are stopped before training
+    ckpt = tmp_path / "clean" / "ckpt"
+    (ckpt / "last.ckpt.rank1").write_bytes((ckpt / "roundepoch=0.ckpt.rank1").read_bytes())
+    (tmp_path / "mixed").mkdir()
+    result, _ = run_ranks(tmp_path / "mixed", clean, 2, "--ckpt_path", str(ckpt / "last.ckpt"))
+    assert result.returncode != 0 and "RanksDisagreeError: the ranks resumed from different rounds (1 to 3" in result.stderr
+
+
+def test_a_silent_peer_fails_the_collective_instead_of_hanging(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "collective_timeout_s": 5})
+    started = time.perf_counter()
+    process = launch(tmp_path / "out", config, 2, env={"FEDLM_TEST_FAULT": "hang:1:1:0"})
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert time.perf_counter() - started < 240  # the 1-hour hang was cut by the 5 s timeout
+    assert "timed out" in stderr.lower() or "timeout" in stderr.lower()
+
+
+def test_a_non_finite_client_stops_the_round_and_keeps_the_last_good_global(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION, **checkpointing(tmp_path / "ckpt"))
+    process = launch(tmp_path / "out", config, 2, env={"FEDLM_TEST_FAULT": "nan:1:1:1"})
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "NonFiniteClientError: round 2: client(s) [1] produced a non-finite training loss or encoder" in stderr
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if "FederatedLoop" in k]
+    assert state["completed_rounds"] == 1 and torch.isfinite(state["global_params"]).all()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_each_with_only_its_own_data(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    lines = (synthetic_fpb / "Sentences_AllAgree.txt").read_text(encoding="latin-1").splitlines()
+    sites = [tmp_path / f"site{k}.txt" for k in (0, 1)]
+    for k, site in enumerate(sites):
+        site.write_text("\n".join(lines[k::2][:40]) + "\n", encoding="latin-1")
+    missing = [str(tmp_path / "elsewhere" / f"site{k}.txt") for k in (0, 1)]  # what a node cannot see
+    both = {"data": [str(sites[0]), str(sites[1])], "node0": [str(sites[0]), missing[1]], "node1": [missing[0], str(sites[1])]}
+    configs = {}
+    for name, files in both.items():
+        (tmp_path / name).mkdir()
+        config = write_config(tmp_path / name, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
+        raw = yaml.safe_load(config.read_text())
+        raw["data"]["init_args"]["client_files"] = files
+        config.write_text(yaml.safe_dump(raw))
+        configs[name] = config
+    result, reference = run_ranks(tmp_path / "data", configs["data"], 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    port = free_port()
+    nodes = []
+    for node in (0, 1):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+                    "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=fedlm-test"]  # fmt: skip
+        nodes.append(launch(tmp_path / f"node{node}" / "out", configs[f"node{node}"], 1, launcher=launcher))
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-3000:]
+    records = [torch.load(path) for path in sorted((tmp_path).glob("node*/out/rank*.pt"))]
+    assert len(records) == 2
+    for record in records:
+        assert torch.equal(record["rounds"][-1]["global"], reference[0]["rounds"][-1]["global"])
+
+
+def test_rank_parts_sit_beside_the_checkpoint() -> None:
+    assert rank_file("ckpt/last.ckpt", 0) == Path("ckpt/last.ckpt")
+    assert rank_file("ckpt/last.ckpt", 3) == Path("ckpt/last.ckpt.rank3")
+
+
+# -- bad input: refused before training, with the field and the fix ------------------------------------------------
+
+
+def fit_error(tmp_path: Path, backbone: str, fpb: Path, *args: str, federation: dict | None = FEDERATION) -> str:
+    """Run ``fedlm fit`` in-process; return the error it stopped with (SystemExit: the parser's message)."""
+    from fedlm.cli import cli
+
+    config = write_config(tmp_path, backbone, fpb, federation)
+    with pytest.raises((Exception, SystemExit)) as err:
+        cli(["fit", "--config", str(config), *args])
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.encoder", '{"type": "transformer"}'], "Expected a typing.Literal['mlp', 'lstm', 'embedding']. Got value: transformer"),
+        (["--model.encoder", '{"virtual_tokens": 0}'], "must give one positive count per marker of model.template"),
+        (["--data.init_args.client_files", '["/nowhere/site0.txt", "/nowhere/site1.txt"]'], "data.client_files: /nowhere/site0.txt does not exist"),
+    ],
+    ids=["encoder-type", "virtual-tokens", "client-path"],
+)
+def test_bad_input_is_refused_with_the_field(args: list[str], message: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    error = fit_error(tmp_path, tiny_gpt2_dir, synthetic_fpb, *args) + capsys.readouterr().err  # the parser's: stderr
+    assert message in error and "round 1/" not in error
+
+
+def test_a_client_with_no_data_is_refused(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    empty, full = tmp_path / "empty.txt", tmp_path / "full.txt"
+    empty.write_text("\n")
+    full.write_text((synthetic_fpb / "Sentences_AllAgree.txt").read_text(encoding="latin-1"), encoding="latin-1")
+    error = fit_error(tmp_path, tiny_gpt2_dir, synthetic_fpb, "--data.init_args.client_files", f'["{empty}", "{full}"]')
+    assert f"{empty}" in error and "holds no examples" in error
+
+
+def test_a_world_size_that_does_not_fit_the_clients_is_refused(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "clients": 3})
+    result, _ = run_ranks(tmp_path, config, 2)
+    assert result.returncode != 0 and "world size 2 does not fit federation.clients=3" in result.stderr
+    assert "round 1/" not in result.stderr
+
+
+def test_a_checkpoint_of_another_model_is_refused(tiny_model_dir: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    """Same embedding width (32) but another architecture: the encoder's shapes fit, its meaning would not. (The CLI
+    takes model.backbone from the checkpoint's hyperparameters; the Python API takes the module it is given.)"""
+    from test_module import tiny_module, trainer
+
+    from fedlm.data import FinancialPhraseBank
+    from fedlm.model import CheckpointMismatchError
+
+    fit = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    fit.fit(tiny_module(tiny_gpt2_dir), FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))
+    fit.save_checkpoint(tmp_path / "gpt2.ckpt")
+    other = tiny_module(tiny_model_dir)
+    if "llama" not in tiny_model_dir:  # the same model loads
+        trainer(tmp_path).test(other, FinancialPhraseBank(path=str(synthetic_fpb)), ckpt_path=tmp_path / "gpt2.ckpt")
+        return
+    with pytest.raises(CheckpointMismatchError, match="is another model .* Set model.backbone to the checkpoint's backbone"):
+        trainer(tmp_path).test(other, FinancialPhraseBank(path=str(synthetic_fpb)), ckpt_path=tmp_path / "gpt2.ckpt")
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_last_good_one(tmp_path: Path) -> None:
+    """The child saves a good checkpoint, then starts overwriting it and is SIGKILLed while the new bytes are on disk
+    but not yet renamed into place (its fsync is slowed down to hold it there)."""
+    child = f"""
+import os, sys, time, torch
+from fedlm.checkpointing import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+io.save_checkpoint({{"round": 1, "w": torch.ones(3)}}, {str(tmp_path / "last.ckpt")!r})
+os.fsync = lambda fd: (print("writing", flush=True), time.sleep(600))
+io.save_checkpoint({{"round": 2, "w": torch.zeros(1_000_000)}}, {str(tmp_path / "last.ckpt")!r})
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, env=env)
+    assert process.stdout.readline().strip() == "writing"
+    partial = list(tmp_path.glob(".last.ckpt.*.partial"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 4_000_000  # the new checkpoint, fully written...
+    process.kill()
+    process.wait(timeout=60)
+    survivor = torch.load(tmp_path / "last.ckpt", weights_only=True)  # ...but the kill came before the rename
+    assert survivor["round"] == 1 and torch.equal(survivor["w"], torch.ones(3))
