@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 MODELS = {"global": "global", "private": "own private tokens", "finetuned": "fine-tuned locally"}
+ORDER = ("fedavg", "fedprox", "fedadam", "split_prompts", "table_average")  # scripts/algorithms.sh's; others after
 
 
 @dataclass
@@ -28,7 +29,6 @@ class AlgorithmRun:
     test_acc: float  # test_after_fit: the global model on the shared test set
     federation: dict
     bytes_per_round: float
-    fit_seconds: float | None
     data_lines: list[str]
 
     def describe(self) -> str:
@@ -69,13 +69,13 @@ def read_runs(root: Path) -> list[AlgorithmRun]:
                 metrics.get("test/acc", float("nan")),
                 config.get("federation") or {},
                 max(sent, default=float("nan")),
-                metrics.get("fit_seconds"),
                 [line.removeprefix("[fedlm data] ") for line in lines if line.startswith("[fedlm data] client ")],
             )
         )
     if not runs:
         raise FileNotFoundError(f"no RUNS/<partition>/<algorithm>/.../personalization.json under {root}")
-    return runs
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(runs, key=lambda run: (run.partition != "dirichlet", run.partition, rank.get(run.algorithm, len(ORDER)), run.algorithm))
 
 
 def table(runs: list[AlgorithmRun]) -> list[str]:
@@ -83,8 +83,8 @@ def table(runs: list[AlgorithmRun]) -> list[str]:
     clients = runs[0].clients
     header = " | ".join(f"client {row['client']} held-out (n={row['holdout_examples']})" for row in clients)
     lines = [
-        f"| algorithm | model | {header} | held-out, all clients | shared test, mean over clients | MB sent per round | fit + evaluation s |",
-        "|---|---|" + "---|" * len(clients) + "---|---|---|---|",
+        f"| algorithm | model | {header} | held-out, all clients | shared test, mean over clients | MB sent per round |",
+        "|---|---|" + "---|" * len(clients) + "---|---|---|",
     ]
     for run in runs:
         named = [name for name in MODELS if name in run.clients[0]]
@@ -98,9 +98,36 @@ def table(runs: list[AlgorithmRun]) -> list[str]:
             )
             first = name == named[0]
             label = f"{run.algorithm} ({run.describe()})" if first else ""
-            extra = f"{run.bytes_per_round / 1e6:.2f} | {run.fit_seconds:.0f}" if first and run.fit_seconds else " | "
-            lines.append(f"| {label} | {MODELS[name]} | {cells} | {pooled:.3f} | {test:.3f} | {extra} |")
+            sent = f"{run.bytes_per_round / 1e6:.2f}" if first else ""
+            lines.append(f"| {label} | {MODELS[name]} | {cells} | {pooled:.3f} | {test:.3f} | {sent} |")
     return lines
+
+
+def plot(runs: list[AlgorithmRun], path: Path) -> None:
+    """One panel per algorithm: each client's held-out accuracy, global model against the personalized ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(MODELS, ("tab:blue", "tab:orange", "tab:green")))  # one color per model, in every panel
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.4), sharey=True, squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        named = [name for name in MODELS if name in run.clients[0]]
+        width = 0.8 / len(named)
+        for i, name in enumerate(named):
+            xs = [row["client"] + (i - (len(named) - 1) / 2) * width for row in run.clients]
+            ax.bar(xs, [row[name]["holdout_acc"] for row in run.clients], width, color=colors[name], label=MODELS[name])
+        ax.set_title(run.algorithm, fontsize=10)
+        ax.set_xticks([row["client"] for row in run.clients], [f"client {row['client']}" for row in run.clients], fontsize=8)
+        ax.set_ylim(0.5, 1.0)
+    axes[0][0].set_ylabel("accuracy on the client's held-out data")
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=8, ncol=len(handles))
+    fig.suptitle(f"{runs[0].partition}: global vs personalized, per client", fontsize=11, x=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write(root: Path, out: Path, command: str) -> str:
@@ -117,6 +144,10 @@ def write(root: Path, out: Path, command: str) -> str:
         text += ["", f"## {partition}", "", "Clients (training / held-out split of each, as the run logged them):", ""]
         text += [f"- {line}" for line in group[0].data_lines] + [""]
         text += table(group)
+        figure = out.parent / f"{out.stem}_{partition}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot(group, figure)
+        text += ["", f"![{partition}: held-out accuracy per client]({figure.name})"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text) + "\n")
     return "\n".join(text)
