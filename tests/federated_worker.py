@@ -76,8 +76,9 @@ class RoundRecorder(L.Callback):
 
 
 class FaultInjector(L.Callback):
-    """Faults for the reliability tests, from ``FEDLM_TEST_FAULT=kind:rank:round:batch`` (kind: kill, hang, nan),
-    injected on the first attempt only (torchrun's restarts run clean)."""
+    """Faults for the reliability tests, from ``FEDLM_TEST_FAULT=kind:rank:round:batch`` (kind: kill, hang, nan,
+    skew: this rank's server step drifts by 1e-3 at that round), injected on the first attempt only (torchrun's
+    restarts run clean)."""
 
     def __init__(self) -> None:
         spec = os.environ.get("FEDLM_TEST_FAULT")
@@ -89,6 +90,18 @@ class FaultInjector(L.Callback):
             return False
         _, rank, round_index, batch = self.fault
         return trainer.global_rank == int(rank) and trainer.current_epoch == int(round_index) and batch_idx == int(batch)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.fault is None or self.fault[0] != "skew" or trainer.global_rank != int(self.fault[1]):
+            return
+        loop = next(c for c in trainer.callbacks if isinstance(c, FederatedLoop))
+        step, due = loop.server.step, int(self.fault[2])
+
+        def drifting_step(global_params, average):  # noqa: ANN001, ANN202
+            new = step(global_params, average)
+            return new + 1e-3 if trainer.current_epoch == due else new
+
+        loop.server.step = drifting_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if self._due(trainer, batch_idx) and self.fault[0] == "kill":

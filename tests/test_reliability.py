@@ -100,6 +100,14 @@ def test_a_non_finite_client_stops_the_round_and_keeps_the_last_good_global(tiny
     assert state["completed_rounds"] == 1 and torch.isfinite(state["global_params"]).all()
 
 
+def test_ranks_that_end_a_round_with_different_global_encoders_are_stopped(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
+    process = launch(tmp_path / "out", config, 2, env={"FEDLM_TEST_FAULT": "skew:1:1:0"})
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "RanksDisagreeError: round 2: the ranks hold different global encoders after averaging" in stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
