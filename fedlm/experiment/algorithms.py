@@ -130,12 +130,14 @@ def plot(runs: list[AlgorithmRun], path: Path) -> None:
     plt.close(fig)
 
 
-def write(root: Path, out: Path, command: str) -> str:
+def write(root: Path, out: Path, command: str, notes: Path | None = None) -> str:
     runs = read_runs(root)
     text = [
         "# Federated algorithms on heterogeneous clients: global vs personalized accuracy",
         "",
-        f"Built from `{root}` by `python -m fedlm.experiment.algorithms {root} --out {out}`; runs made by `{command}`.",
+        f"Built from `{root}` by `python -m fedlm.experiment.algorithms {root} --out {out}"
+        + (f" --notes {notes}`" if notes else "`")
+        + f"; runs made by `{command}`.",
         "Accuracy on each client's own held-out examples (`data.client_holdout`), pooled over the clients, and on",
         "the shared test set; bold: the better model for that client on its held-out data (ties go to the simpler).",
     ]
@@ -148,6 +150,8 @@ def write(root: Path, out: Path, command: str) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         plot(group, figure)
         text += ["", f"![{partition}: held-out accuracy per client]({figure.name})"]
+    if notes is not None:
+        text += ["", notes.read_text().strip()]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text) + "\n")
     return "\n".join(text)
@@ -158,8 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", type=Path, help="the folder scripts/algorithms.sh wrote (runs/algorithms)")
     parser.add_argument("--out", type=Path, required=True, help="the markdown file to write")
     parser.add_argument("--command", default="bash scripts/algorithms.sh", help="how the runs were made, for the record")
+    parser.add_argument("--notes", type=Path, help="a markdown file appended as is (the interpretation, by hand)")
     args = parser.parse_args(argv)
-    print(write(args.runs, args.out, args.command))
+    print(write(args.runs, args.out, args.command, args.notes))
 
 
 if __name__ == "__main__":
