@@ -123,9 +123,10 @@ def plot(runs: list[AlgorithmRun], path: Path) -> None:
         ax.set_ylim(0.5, 1.0)
     axes[0][0].set_ylabel("accuracy on the client's held-out data")
     handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=8, ncol=len(handles))
-    fig.suptitle(f"{runs[0].partition}: global vs personalized, per client", fontsize=11, x=0.3)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    ordered = [label for label in MODELS.values() if label in handles]
+    fig.legend([handles[label] for label in ordered], ordered, loc="lower center", fontsize=8, ncol=len(ordered))
+    fig.suptitle(f"{runs[0].partition}: global vs personalized, per client", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
