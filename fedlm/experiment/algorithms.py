@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
-MODELS = {"global": "global", "private": "own private tokens", "finetuned": "fine-tuned locally"}
+from fedlm.federation.personalize import MODELS as MODEL_NAMES
+
+MODELS = dict(zip(MODEL_NAMES, ("global", "own private tokens", "fine-tuned locally")))  # how the table names them
 ORDER = ("fedavg", "fedprox", "fedadam", "split_prompts", "table_average")  # scripts/algorithms.sh's; others after
 
 

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.utils import parameters_to_vector
 
 from fedlm.federation.exchange import Averaged, EncoderExchange
-from fedlm.federation.personalize import personalize, write_personalization
+from fedlm.federation.personalize import MODELS, personalize, write_personalization
 from fedlm.federation.privacy import ClientPrivacy, DPConfig
 from fedlm.federation.secure import SecureAggregationConfig, SecureAggregator
 from fedlm.federation.server import ServerConfig, ServerOptimizer
@@ -124,12 +124,16 @@ class FederationConfig:
 
     @property
     def sampled_per_round(self) -> int:
-        return max(1, round(self.client_fraction * self.clients))
+        return clients_per_round(self.clients, self.client_fraction)
+
+
+def clients_per_round(clients: int, fraction: float) -> int:
+    return max(1, round(fraction * clients))
 
 
 def sample_clients(clients: int, fraction: float, seed: int, round_index: int) -> list[int]:
     """The clients that take part in a round: the same on every rank, from the seed and round alone."""
-    count = max(1, round(fraction * clients))  # FederationConfig.sampled_per_round
+    count = clients_per_round(clients, fraction)
     if count == clients:
         return list(range(clients))
     generator = torch.Generator().manual_seed(derive_seed("client-sampling", seed, round_index))
@@ -510,7 +514,7 @@ class FederatedLoop(L.Callback):
             metrics = {
                 f"personal/client{row['client']}/{model}/{split}": row[model][split]
                 for row in results
-                for model in ("global", "private", "finetuned")
+                for model in MODELS
                 if model in row
                 for split in ("holdout_acc", "test_acc")
             }

@@ -26,6 +26,8 @@ from fedlm.seeding import derive_seed
 if TYPE_CHECKING:
     from fedlm.federation.loop import FederatedLoop
 
+MODELS = ("global", "private", "finetuned")  # in the order of the table; ties on held-out data go to the first
+
 
 def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {name: tensor.to(device) for name, tensor in batch.items()}
@@ -74,16 +76,20 @@ def personalize(loop: FederatedLoop, trainer: L.Trainer, module: L.LightningModu
             if config.private_tokens > 0:
                 models["private"] = loop.client_model(client)
             row: dict[str, Any] = {"client": client, "holdout_examples": len(held), "train_examples": len(train)}
+
+            def score() -> dict[str, float]:
+                return {"holdout_acc": accuracy(module, held, batch_size), "test_acc": accuracy(module, test, batch_size)}
+
             for name, vector in models.items():
                 exchange.write(vector)
-                row[name] = {"holdout_acc": accuracy(module, held, batch_size), "test_acc": accuracy(module, test, batch_size)}
+                row[name] = score()
             if config.personalize_steps > 0:
                 exchange.write(models["private" if config.private_tokens > 0 else "global"])
                 seed = derive_seed("personalize", config.seed, client)
                 finetune(module, train, config.personalize_steps, datamodule.batch_size, seed)
-                row["finetuned"] = {"holdout_acc": accuracy(module, held, batch_size), "test_acc": accuracy(module, test, batch_size)}
-            named = [name for name in ("global", "private", "finetuned") if name in row]
-            row["best_on_holdout"] = max(named, key=lambda name: row[name]["holdout_acc"])  # ties: the simpler model
+                row["finetuned"] = score()
+            named = [name for name in MODELS if name in row]
+            row["best_on_holdout"] = max(named, key=lambda name: row[name]["holdout_acc"])
             results.append(row)
         exchange.write(loop.global_params)  # the module leaves as the global model, for test_after_fit
     if loop.topology.world_size > 1:
@@ -99,7 +105,7 @@ def write_personalization(results: list[dict[str, Any]], folder: Path) -> str:
     """``personalization.json`` in the run's log folder, and the table as text (returned, for the log)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "personalization.json").write_text(json.dumps(results, indent=2) + "\n")
-    named = [name for name in ("global", "private", "finetuned") if name in results[0]]
+    named = [name for name in MODELS if name in results[0]]
     lines = ["client  held-out  " + "  ".join(f"{name + ' held-out/test':>24}" for name in named) + "  better on held-out"]
     for row in results:
         cells = "  ".join(f"{row[name]['holdout_acc']:>11.3f} / {row[name]['test_acc']:.3f}      " for name in named)
