@@ -1,5 +1,6 @@
 """Client-level differential privacy: clipping, noise scale, the accountant, the budget, adaptive clipping."""
 
+import json
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from test_federation import FEDERATION, run_ranks, write_config
 
 from fedlm.federation import FederationConfig
 from fedlm.accounting import calibrate_noise, epsilon_after
+from fedlm.experiment import privacy as privacy_report
 from fedlm.federation.loop import payload_layout
 from fedlm.federation.privacy import ClientPrivacy, DPConfig
 
@@ -257,3 +259,31 @@ def test_dp_sgd_logs_the_accountants_epsilon_per_client(tiny_gpt2_dir: str, synt
     # 2 clients of 48 examples, batch 4, 3 local steps per round, 3 rounds: each spent 9 steps at rate 4/48
     expected = epsilon_after(9, 1.2, 4 / 48, 1e-5)
     assert float(run.trainer.callback_metrics["dp_sgd/epsilon"]) == pytest.approx(expected, rel=1e-6)
+
+
+# -- the report of scripts/privacy.sh's runs ------------------------------------------------------------------
+
+
+def test_privacy_report_reads_what_the_runs_printed_and_logged(tmp_path: Path) -> None:
+    def fake_run(aggregation: str, epsilon: str, acc: float, spent: list[float], comm: float) -> None:
+        folder = tmp_path / "runs" / aggregation / f"epsilon_{epsilon}"
+        logs = folder / "logs" / "version_0"
+        logs.mkdir(parents=True)
+        metrics = {"test/acc": acc, "test/macro_f1": acc - 0.1, "fit_seconds": 500.0}
+        (logs / "test_metrics.json").write_text(json.dumps(metrics))
+        header = "epoch,round/compute_seconds,round/comm_seconds,dp/epsilon,val/acc\n"
+        rows = [f"{i},{20 + i},{comm},{e},\n" for i, e in enumerate(spent or [""] * 2)]
+        (logs / "metrics.csv").write_text(header + "".join(rows) + "1,,,,0.5\n")  # a validation row: not a round
+        line = "" if epsilon == "none" else "[fedlm dp] noise multiplier 2.780, clip norm 0.3: 2 rounds spend epsilon 8.00\n"
+        (folder / "output.log").write_text("start\n" + line)
+
+    fake_run("plain", "none", 0.85, [], 0.5)
+    fake_run("plain", "8", 0.60, [5.1, 8.0], 0.5)
+    fake_run("secure", "8", 0.61, [5.1, 8.0], 1.5)
+    out = tmp_path / "privacy.md"
+    privacy_report.main([str(tmp_path / "runs"), "--out", str(out), "--command", "bash scripts/privacy.sh"])
+    text = out.read_text()
+    assert "| no DP | plain | - | - | 0.850 | 0.750 | 20.5 | 0.500 | 500 |" in text
+    assert "| epsilon 8 | plain | 2.780 | 8.00 | 0.600 | 0.500 | 20.5 | 0.500 | 500 |" in text
+    assert text.index("| epsilon 8 | plain") < text.index("| epsilon 8 | secure | 2.780 | 8.00 | 0.610")
+    assert out.with_suffix(".png").stat().st_size > 10_000

@@ -17,10 +17,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning import Trainer
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fedlm.checkpointing import AtomicCheckpointIO, load_checkpoint
+from fedlm.cli.progress import RoundProgressBar
+from fedlm.cli.tracking import (
+    LoggerSaveConfigCallback,
+    WandbConfig,
+    WandbLogger,
+    log_confusion_matrix,
+    log_figure,
+    save_confusion_png,
+)
 from fedlm.data import FinancialPhraseBank, TextClassificationData
 from fedlm.federation import ClientStrategy, FederatedLoop, FederationConfig
 from fedlm.model import PTuningModule
@@ -39,6 +50,8 @@ class FedLMCLI(LightningCLI):
             default="last",
             help="what test_after_fit tests: the final model, or the first checkpoint callback's best",
         )
+        parser.add_argument("--wandb", type=WandbConfig | None, default=None, help="also log to Weights & Biases")
+        parser.add_argument("--tensorboard", type=bool, default=False, help="also log to TensorBoard")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads ``ckpt_path``'s hyperparameters before the trainer exists: check the file first."""
@@ -51,7 +64,18 @@ class FedLMCLI(LightningCLI):
     def _tests_best(self) -> bool:
         return self._get(self.config, "test_after_fit") and self._get(self.config, "test_checkpoint") == "best"
 
+    def _describe_run_to_loggers(self) -> None:
+        """Name, group and tag W&B runs by run kind and seed (before the logger creates its run)."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                seed = self._get(self.config, "seed_everything")
+                logger.describe(self._run_kind(), seed, getattr(self.datamodule, "local_client", None))
+
+    def before_test(self) -> None:
+        self._describe_run_to_loggers()
+
     def before_fit(self) -> None:
+        self._describe_run_to_loggers()
         if self._tests_best() and getattr(self.trainer.checkpoint_callback, "monitor", None) is None:
             raise ValueError(
                 "test_checkpoint: best needs a ModelCheckpoint callback with a monitor (the first one under "
@@ -102,17 +126,43 @@ class FedLMCLI(LightningCLI):
         (folder / "test_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         predictions = {"classes": self.model.template.label_names, "label": labels, "predicted": preds}
         (folder / "test_predictions.json").write_text(json.dumps(predictions) + "\n")
+        names = self.model.template.label_names
+        accuracy = metrics.get("test/acc")
+        title = f"test, {checkpoint}" + (f": accuracy {float(accuracy):.3f}" if accuracy is not None else "")
+        figure = save_confusion_png(labels, preds, names, folder / "test_confusion.png", title)
+        log_figure(self.trainer.loggers, "test/confusion_png", figure, self.trainer.global_step)
+        log_confusion_matrix(self.trainer.loggers, "test/confusion_matrix", labels, preds, names)
         print(f"[fedlm] test metrics written to {folder / 'test_metrics.json'}", flush=True)
+
+    def _loggers(self, configured: Any, root: str) -> list[Logger] | Any:
+        """``trainer.logger``'s loggers, plus W&B and TensorBoard when the ``wandb:``/``tensorboard:`` options ask."""
+        wandb, tensorboard = self._get(self.config_init, "wandb"), self._get(self.config_init, "tensorboard")
+        if wandb is None and not tensorboard:
+            return configured
+        if configured is None or configured is True:  # Lightning's default logger, made explicit so others can join
+            loggers = [CSVLogger(save_dir=root, name="lightning_logs")]
+        else:
+            loggers = [] if configured is False else list(configured) if isinstance(configured, list) else [configured]
+        if wandb is not None:
+            settings = {k: v for k, v in vars(wandb).items() if k != "save_dir"}
+            loggers.append(WandbLogger(save_dir=wandb.save_dir or root, **settings))
+        if tensorboard:
+            loggers.append(TensorBoardLogger(save_dir=root, name="tensorboard"))
+        return loggers
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         if not trainer_config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        kwargs["logger"] = self._loggers(trainer_config.get("logger"), trainer_config.get("default_root_dir") or ".")
         federation = self._get(self.config_init, "federation")
         if federation is None:
             return super().instantiate_trainer(**kwargs)
         callbacks = trainer_config.get("callbacks") or []
-        kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), FederatedLoop(federation)]
+        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), FederatedLoop(federation)]
+        if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RoundProgressBar())
+        kwargs["callbacks"] = callbacks
         kwargs["use_distributed_sampler"] = False  # each client samples its own shard
         kwargs["max_epochs"] = federation.rounds  # one epoch per round
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -139,6 +189,7 @@ def cli(args: list[str] | None = None) -> FedLMCLI:
         PTuningModule,
         TextClassificationData,
         subclass_mode_data=True,
+        save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,

@@ -8,6 +8,7 @@ redone, so the same command resumes an interrupted experiment; a run folder with
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,8 @@ class TriadConfig:
         output: folder of the runs and of the report (``output/report``).
         zero_shot: also test the untrained encoder per seed (the row every trained run must beat).
         overrides: extra command-line arguments for every run (e.g. ``["--trainer.max_epochs", "1"]``).
+        wandb_project: also log every run to this W&B project (offline without credentials; runs grouped by kind,
+            tagged by seed, so W&B's bands are over seeds), and the report's table and plots to one more run.
     """
 
     centralized: str = "configs/fpb_centralized.yaml"
@@ -42,6 +45,7 @@ class TriadConfig:
     output: str = "runs/fpb_triad"
     zero_shot: bool = True
     overrides: list[str] = field(default_factory=list)
+    wandb_project: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,11 @@ def plan(config: TriadConfig) -> list[PlannedRun]:
     return runs
 
 
-def command(run: PlannedRun, folder: Path, overrides: list[str]) -> list[str]:
+def command(run: PlannedRun, folder: Path, overrides: list[str], wandb_project: str | None = None) -> list[str]:
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(folder), "name": "logs", "version": 0}}
     extra = ["--test_after_fit", "true"] if run.args[0] == "fit" else []
+    if wandb_project is not None:
+        extra += ["--wandb.project", wandb_project]
     return [sys.executable, "-m", "fedlm", *run.args, *extra, "--trainer.default_root_dir", str(folder),
             "--trainer.logger", json.dumps(logger), "--trainer.enable_progress_bar", "false", *overrides]  # fmt: skip
 
@@ -99,7 +105,7 @@ def run_experiment(config: TriadConfig) -> Path:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        argv = command(run, folder, config.overrides)
+        argv = command(run, folder, config.overrides, config.wandb_project)
         (folder / "command.json").write_text(json.dumps(argv) + "\n")
         started = time.perf_counter()
         print(f"{label}: running, log {folder / 'output.log'}", flush=True)
@@ -111,7 +117,23 @@ def run_experiment(config: TriadConfig) -> Path:
         print(f"{label}: finished in {time.perf_counter() - started:.0f}s", flush=True)
     readme = write_report([output], output / "report")
     print(f"[fedlm experiment] report: {readme}", flush=True)
+    if config.wandb_project is not None:
+        log_report_to_wandb(readme, config.wandb_project)
     return readme
+
+
+def log_report_to_wandb(readme: Path, project: str) -> None:
+    """The report's plots (as images) and its README (as a file) in one W&B run of job type ``report``."""
+    import wandb
+
+    from fedlm.cli.tracking import has_wandb_credentials
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
+    run = wandb.init(project=project, dir=str(readme.parent), job_type="report", group="report",
+                     name=f"report-{readme.parent.parent.name}", mode=mode)  # fmt: skip
+    run.log({f"report/{png.stem}": wandb.Image(str(png)) for png in sorted(readme.parent.glob("*.png"))})
+    run.save(str(readme), base_path=str(readme.parent), policy="now")
+    run.finish()
 
 
 def experiment_main(argv: list[str] | None = None) -> None:

@@ -440,6 +440,7 @@ class FederatedLoop(L.Callback):
             "client_divergence": divergence.tolist(),
             "client_samples": part["samples"].tolist(),
             # each sampled client uploads and downloads its encoder once
+            "client_bytes": [2 * bytes_per_client if client in self.sampled else 0 for client in range(C)],
             "bytes_exchanged": 2 * len(self.sampled) * bytes_per_client,
             "compute_seconds": time.perf_counter() - self.round_start - self.comm_seconds,
             "comm_seconds": self.comm_seconds,
@@ -480,6 +481,7 @@ class FederatedLoop(L.Callback):
 
     def _log(self, pl_module: L.LightningModule, summary: dict[str, Any]) -> None:
         metrics = {
+            "round": float(summary["round"]),  # an x-axis for per-round charts (W&B: set it in the chart)
             "round/bytes_exchanged": float(summary["bytes_exchanged"]),
             "round/compute_seconds": summary["compute_seconds"],
             "round/comm_seconds": summary["comm_seconds"],
@@ -490,6 +492,7 @@ class FederatedLoop(L.Callback):
             metrics[f"client{client}/train_loss"] = summary["client_train_loss"][client]
             metrics[f"client{client}/divergence"] = summary["client_divergence"][client]
             metrics[f"client{client}/samples"] = summary["client_samples"][client]
+            metrics[f"client{client}/bytes"] = float(summary["client_bytes"][client])
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
         losses = " ".join(f"{loss:.3f}" for loss in summary["client_train_loss"])
         rank_zero_info(
@@ -510,15 +513,15 @@ class FederatedLoop(L.Callback):
             return
         table = write_personalization(results, folder)
         rank_zero_info(f"[fedlm] global vs personalized accuracy per client (held-out / shared test):\n{table}")
-        if trainer.logger is not None:
-            metrics = {
-                f"personal/client{row['client']}/{model}/{split}": row[model][split]
-                for row in results
-                for model in MODELS
-                if model in row
-                for split in ("holdout_acc", "test_acc")
-            }
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        metrics = {
+            f"personal/client{row['client']}/{model}/{split}": row[model][split]
+            for row in results
+            for model in MODELS
+            if model in row
+            for split in ("holdout_acc", "test_acc")
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     # -- optimizer state per client, so that simulated clients do not share Adam moments -------------------
 

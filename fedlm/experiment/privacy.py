@@ -1,0 +1,159 @@
+"""``python -m fedlm.experiment.privacy RUNS --out results/privacy.md``: test accuracy against the client-level
+privacy budget, with and without secure aggregation, and the time per round, from ``scripts/privacy.sh``'s runs.
+
+Runs are found as ``RUNS/<plain|secure>/epsilon_<none|E>/logs/version_0/`` (``test_metrics.json``, ``metrics.csv``)
+with the launcher's ``output.log`` two levels up; the noise multiplier and the epsilon spent are read from what the
+run printed and logged, not recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+NOISE_LINE = re.compile(r"\[fedlm dp\] noise multiplier ([0-9.]+), clip norm ([0-9.e-]+)")
+
+
+@dataclass
+class PrivacyRun:
+    aggregation: str  # plain or secure
+    target_epsilon: float | None  # None: no DP
+    noise_multiplier: float | None
+    clip_norm: float | None
+    epsilon_spent: float | None  # dp/epsilon after the last round
+    rounds: int
+    test_acc: float
+    test_macro_f1: float
+    compute_seconds: float  # mean per round, rank 0
+    comm_seconds: float  # mean per round, rank 0: the all-reduces (masked ones included), waits for peers too
+    fit_seconds: float
+
+    @property
+    def budget(self) -> str:
+        return "no DP" if self.target_epsilon is None else f"epsilon {self.target_epsilon:g}"
+
+
+def read_run(folder: Path) -> PrivacyRun:
+    aggregation, name = folder.parts[-2:]
+    logs = folder / "logs" / "version_0"
+    metrics = json.loads((logs / "test_metrics.json").read_text())
+    with (logs / "metrics.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("round/compute_seconds")]
+    epsilons = [float(row["dp/epsilon"]) for row in rows if row.get("dp/epsilon")]
+    printed = NOISE_LINE.search((folder / "output.log").read_text()) if (folder / "output.log").is_file() else None
+    target = name.removeprefix("epsilon_")
+    return PrivacyRun(
+        aggregation=aggregation,
+        target_epsilon=None if target == "none" else float(target),
+        noise_multiplier=float(printed.group(1)) if printed else None,
+        clip_norm=float(printed.group(2)) if printed else None,
+        epsilon_spent=epsilons[-1] if epsilons else None,
+        rounds=len(rows),
+        test_acc=metrics["test/acc"],
+        test_macro_f1=metrics["test/macro_f1"],
+        compute_seconds=mean(float(row["round/compute_seconds"]) for row in rows),
+        comm_seconds=mean(float(row["round/comm_seconds"]) for row in rows),
+        fit_seconds=metrics["fit_seconds"],
+    )
+
+
+def read_runs(root: Path) -> list[PrivacyRun]:
+    folders = sorted(path.parents[2] for path in root.glob("*/epsilon_*/logs/version_0/test_metrics.json"))
+    runs = [read_run(folder) for folder in folders]
+    # no DP first, then from the loosest budget to the tightest; plain before secure
+    return sorted(runs, key=lambda r: (r.target_epsilon is not None, -(r.target_epsilon or 0), r.aggregation))
+
+
+def table(runs: list[PrivacyRun]) -> str:
+    lines = [
+        "| budget (delta 1e-5) | aggregation | noise multiplier | epsilon spent | test accuracy | test macro-F1 | compute s / round | all-reduce s / round | fit s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        noise = "-" if r.noise_multiplier is None else f"{r.noise_multiplier:.3f}"
+        spent = "-" if r.epsilon_spent is None else f"{r.epsilon_spent:.2f}"
+        lines.append(
+            f"| {r.budget} | {r.aggregation} | {noise} | {spent} | {r.test_acc:.3f} | {r.test_macro_f1:.3f} | "
+            f"{r.compute_seconds:.1f} | {r.comm_seconds:.3f} | {r.fit_seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[PrivacyRun], out: Path) -> Path:
+    """Test accuracy against epsilon (no DP as a line), one marker per aggregation; seconds per round beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    styles = {"plain": ("o", "tab:blue"), "secure": ("x", "tab:red")}
+    for aggregation, (marker, color) in styles.items():
+        private = sorted((r for r in runs if r.aggregation == aggregation and r.target_epsilon), key=lambda r: r.target_epsilon)
+        if private:
+            acc_ax.plot([r.target_epsilon for r in private], [r.test_acc for r in private], marker=marker, color=color,
+                        label=f"DP-FedAvg, {aggregation} all-reduce")  # fmt: skip
+        for r in runs:
+            if r.aggregation == aggregation and r.target_epsilon is None:
+                acc_ax.axhline(r.test_acc, color=color, linestyle="--", linewidth=1, label=f"no DP, {aggregation}")
+    acc_ax.set_xscale("log")
+    acc_ax.set_xlabel("client-level epsilon (delta 1e-5)")
+    acc_ax.set_ylabel("test accuracy")
+    acc_ax.legend(fontsize=8)
+    names = [f"{r.budget}\n{r.aggregation}" for r in runs]
+    time_ax.bar(names, [r.compute_seconds for r in runs], label="compute", color="tab:gray")
+    time_ax.bar(names, [r.comm_seconds for r in runs], bottom=[r.compute_seconds for r in runs], label="all-reduce", color="tab:orange")
+    time_ax.set_ylabel("seconds per round (rank 0)")
+    time_ax.tick_params(axis="x", labelsize=7)
+    time_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(root: Path, out: Path, command: str, notes: Path | None) -> Path:
+    runs = read_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {root} (expected <plain|secure>/epsilon_<E>/logs/version_0/).")
+    png = plot(runs, out.with_suffix(".png"))
+    lines = [
+        "# Privacy: test accuracy against the client-level budget, with and without secure aggregation",
+        "",
+        "Made with:",
+        "",
+        f"    {command}",
+        "",
+        table(runs),
+        "",
+        f"![accuracy against epsilon, and time per round]({png.name})",
+        "",
+    ]
+    if notes is not None:
+        lines += [notes.read_text().strip(), ""]
+    out.write_text("\n".join(lines))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedlm.experiment.privacy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, help="the folder scripts/privacy.sh wrote (runs/privacy)")
+    parser.add_argument("--out", type=Path, required=True, help="the Markdown report (its PNG goes beside it)")
+    parser.add_argument("--notes", type=Path, default=None, help="Markdown appended after the table (setup, reading)")
+    parser.add_argument("--command", default="bash scripts/privacy.sh", help="the command that made the runs")
+    args = parser.parse_args(argv)
+    if args.notes is not None and not args.notes.is_file():
+        parser.error(f"--notes {args.notes}: no such file")
+    command = f"{args.command} && python -m fedlm.experiment.privacy {args.runs} --out {args.out}" + (
+        f" --notes {args.notes}" if args.notes else ""
+    )
+    print(write_report(args.runs, args.out, command, args.notes).read_text())
+
+
+if __name__ == "__main__":
+    main()
