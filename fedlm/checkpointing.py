@@ -6,6 +6,8 @@ Lightning's default goes through an fsspec transaction that writes to the system
 moves the file, which degrades to a non-atomic copy when checkpoints live on another filesystem (a shared
 disk, say). Here the temporary file sits beside the target, is fsynced, and replaces it with one rename.
 
+``atomic_write`` does the same for any file (fedlm export's files, fedlm predict's results).
+
 Reads: always ``weights_only=True``, whatever the caller asks. A fedlm checkpoint holds tensors and plain data
 only, so a file that needs more (a tampered or foreign pickle) is refused instead of run.
 """
@@ -14,9 +16,9 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -45,15 +47,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Let ``write`` fill a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    The file is created with the umask's permissions, as ``open`` would (``tempfile.mkstemp`` would make it 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = partial_name(path)
+    try:
+        with open(temporary, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def partial_name(path: Path) -> Path:
+    """A hidden name beside ``path`` that no other writer uses, for what is renamed to ``path`` once complete."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")

@@ -92,14 +92,18 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny("gpt2", tmp_path_factory.mktemp("tiny-gpt2")))
 
 
-@pytest.fixture()
-def synthetic_fpb(tmp_path: Path) -> Path:
-    """A Financial PhraseBank-shaped folder (latin-1, ``sentence@label``) with synthetic sentences."""
-    folder = tmp_path / "FinancialPhraseBank-v1.0"
+def write_synthetic_fpb(parent: Path) -> Path:
+    """A Financial PhraseBank-shaped folder (latin-1, ``sentence@label``) with synthetic sentences, in ``parent``."""
+    folder = parent / "FinancialPhraseBank-v1.0"
     folder.mkdir()
     lines = [f"{s}@{label}" for s, label in synthetic_sentences(120)]
     (folder / "Sentences_AllAgree.txt").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
     return folder
+
+
+@pytest.fixture()
+def synthetic_fpb(tmp_path: Path) -> Path:
+    return write_synthetic_fpb(tmp_path)
 
 
 @pytest.fixture(autouse=True)

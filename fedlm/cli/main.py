@@ -1,5 +1,6 @@
 """``fedlm`` command line: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``; ``fedlm experiment``
-and ``fedlm report`` live in ``fedlm.experiment``.
+and ``fedlm report`` live in ``fedlm.experiment``, ``fedlm export`` and ``fedlm predict SOURCE [INPUT]`` (new
+sentences) in ``fedlm.cli.export`` and ``fedlm.cli.predict``.
 
 Configs compose (``--config base.yaml --config override.yaml``, later wins) and ``--print_config`` shows
 the resolved result.
@@ -196,11 +197,23 @@ def cli(args: list[str] | None = None) -> FedLMCLI:
     )
 
 
+# Options that only LightningCLI's ``predict`` takes: with one of them, ``fedlm predict`` is LightningCLI's.
+LIGHTNING_PREDICT_OPTIONS = ("--config", "--ckpt_path", "--print_config", "--model", "--data", "--trainer")
+
+
 def main() -> None:
-    """The ``fedlm`` console script: LightningCLI's subcommands, plus ``experiment`` and ``report``."""
+    """The ``fedlm`` console script: LightningCLI's subcommands, plus ``experiment``, ``report``, ``export`` and
+    ``predict SOURCE [INPUT]`` (LightningCLI's ``predict`` when given its ``--config``, ``--ckpt_path``, ...)."""
     if len(sys.argv) > 1 and sys.argv[1] in ("experiment", "report"):
         from fedlm.experiment import experiment_main, report_main
 
         (experiment_main if sys.argv[1] == "experiment" else report_main)(sys.argv[2:])
+        return
+    lightning_predict = any(arg.startswith(LIGHTNING_PREDICT_OPTIONS) for arg in sys.argv[2:])
+    if len(sys.argv) > 1 and (sys.argv[1] == "export" or (sys.argv[1] == "predict" and not lightning_predict)):
+        from fedlm.cli.export import export_main
+        from fedlm.cli.predict import predict_main
+
+        (export_main if sys.argv[1] == "export" else predict_main)(sys.argv[2:])
         return
     cli()

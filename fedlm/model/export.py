@@ -1,0 +1,206 @@
+"""A trained prompt without its encoder: read from a checkpoint or an export folder, written as an export folder.
+
+Prediction needs only the encoder's output (the virtual-token table) and how to use it, so an export folder holds:
+
+- ``prompt.safetensors``: one float32 tensor ``virtual_tokens`` (virtual tokens, hidden), the checkpoint's
+  inference table, placed into the template's virtual-token slots;
+- ``prompt.json``: the template, label words, virtual-token blocks, max_length, the backbone's dtype, and the backbone
+  the prompt was trained on (what the user named, and its architecture, to refuse another model);
+- ``peft/``: the same table as a PEFT prompt-tuning adapter, written only when the template is PEFT's layout (all
+  virtual tokens before the input), so that ``PeftModel.from_pretrained`` predicts what fedlm predicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from fedlm.checkpointing import atomic_write, load_checkpoint, partial_name
+from fedlm.model.module import CheckpointMismatchError, PTuningModule
+from fedlm.model.prompt_encoder import PromptEncoderConfig
+from fedlm.model.template import PromptTemplate
+
+FORMAT, FORMAT_VERSION = "fedlm-prompt", 1
+TABLE_FILE, SETTINGS_FILE, PEFT_FOLDER = "prompt.safetensors", "prompt.json", "peft"
+TABLE_KEY = "virtual_tokens"
+
+
+class PromptFormatError(ValueError):
+    """A checkpoint or folder that holds no fedlm prompt; the message says what is missing and what to pass."""
+
+
+class PeftLayoutError(ValueError):
+    """A PEFT adapter was required, but PEFT's prompt tuning cannot reproduce this template."""
+
+
+@dataclass
+class TrainedPrompt:
+    table: torch.Tensor  # (virtual tokens, hidden), float32
+    template: str
+    label_words: dict[str, str]
+    virtual_tokens: int | list[int]  # as configured: one block, or one count per marker
+    max_length: int
+    dtype: str  # the frozen backbone's, as trained
+    backbone: str  # what model.backbone named
+    architecture: dict[str, Any] | None  # PTuningModule.architecture(); None in checkpoints older than it
+
+    @classmethod
+    def load(cls, source: str | Path) -> TrainedPrompt:
+        """From a ``.ckpt`` file written by ``fedlm fit``, or a folder written by ``fedlm export``."""
+        return cls.from_folder(source) if Path(source).is_dir() else cls.from_checkpoint(source)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> TrainedPrompt:
+        checkpoint = load_checkpoint(path)  # weights_only: a tampered file is refused, never run
+        saved = checkpoint.get("fedlm")
+        table = checkpoint.get("state_dict", {}).get("encoder.inference_table")
+        hparams = checkpoint.get("hyper_parameters")
+        if saved is None or table is None or hparams is None:
+            raise PromptFormatError(
+                f"{path} is not a fedlm checkpoint (it lacks the 'fedlm' entry, the encoder's inference table or the "
+                "hyperparameters); pass a .ckpt written by `fedlm fit`."
+            )
+        return cls(
+            table=table.float(),
+            template=hparams["template"],
+            label_words=dict(hparams["label_words"]),
+            virtual_tokens=hparams["encoder"]["virtual_tokens"],
+            max_length=hparams["max_length"],
+            dtype=hparams["dtype"],
+            backbone=saved["backbone"],
+            architecture=saved.get("architecture"),
+        )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> TrainedPrompt:
+        folder = Path(folder)
+        for name in (SETTINGS_FILE, TABLE_FILE):
+            if not (folder / name).is_file():
+                raise PromptFormatError(
+                    f"{folder} is not a fedlm export folder: it has no {name}. Write one with "
+                    f"`fedlm export CHECKPOINT --out {folder}`."
+                )
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
+        if settings.get("format") != FORMAT or settings.get("version", 0) > FORMAT_VERSION:
+            raise PromptFormatError(
+                f"{folder / SETTINGS_FILE} is not a {FORMAT} file of version {FORMAT_VERSION} or older; re-export "
+                "the checkpoint with this version's `fedlm export`."
+            )
+        names = [field.name for field in fields(cls) if field.name != "table"]
+        missing = [name for name in names if name not in settings]
+        if missing:
+            raise PromptFormatError(
+                f"{folder / SETTINGS_FILE} lacks {missing}; re-export the checkpoint with `fedlm export`."
+            )
+        tensors = load_file(folder / TABLE_FILE)
+        if TABLE_KEY not in tensors:
+            raise PromptFormatError(f"{folder / TABLE_FILE} has no tensor {TABLE_KEY!r}; re-export the checkpoint.")
+        return cls(table=tensors[TABLE_KEY], **{name: settings[name] for name in names})
+
+    def save(self, folder: Path) -> None:
+        """``prompt.safetensors`` and ``prompt.json`` in ``folder``, each written atomically."""
+        settings = {"format": FORMAT, "version": FORMAT_VERSION, **asdict(self)}
+        del settings["table"]
+        table = safetensors_bytes({TABLE_KEY: self.table.float().contiguous()})
+        atomic_write(folder / TABLE_FILE, lambda file: file.write(table))
+        atomic_write(folder / SETTINGS_FILE, lambda file: file.write((json.dumps(settings, indent=2) + "\n").encode()))
+
+    def module(self, backbone: str | None = None) -> PTuningModule:
+        """A PTuningModule in eval mode that predicts with this table alone.
+
+        An embedding encoder's output is its input table (plus a zero offset), so it carries the table and the
+        module's own scoring does the rest. ``backbone`` overrides where the frozen LM is (files move).
+        """
+        module = PTuningModule(
+            backbone=backbone or self.backbone,
+            dtype=self.dtype,
+            template=self.template,
+            label_words=self.label_words,
+            encoder=PromptEncoderConfig(type="embedding", virtual_tokens=self.virtual_tokens),
+            max_length=self.max_length,
+            cache_prefix=False,
+        )
+        expected = (self.architecture or module.architecture(), tuple(self.table.shape))
+        found = (module.architecture(), tuple(module.encoder.input_table.shape))
+        if found != expected:
+            raise CheckpointMismatchError(
+                f"the prompt was trained on backbone {self.backbone!r} ({expected[0]}, table {expected[1]}), but "
+                f"{module.backbone_source!r} is another model ({found[0]}, table {found[1]}): its prompt would mean "
+                "nothing there. Pass --backbone with the location of the prompt's backbone."
+            )
+        with torch.no_grad():
+            module.encoder.input_table.copy_(self.table)
+        module.eval()
+        module.encoder.refresh_table()  # now, outside the inference mode that prediction runs in
+        return module
+
+
+def peft_mismatch(template: PromptTemplate) -> str | None:
+    """Why PEFT's prompt tuning, which puts every virtual token before the whole input, would score ``template``
+    differently from fedlm, and what to do instead; None when it scores it the same."""
+    if template.prefix_ids:
+        return (
+            f"the tokenizer starts every input with special tokens {template.prefix_ids}, which fedlm puts before "
+            "the virtual tokens and PEFT after them, whatever the template; use the folder with fedlm predict"
+        )
+    blocks = sum(isinstance(piece, int) for piece in template.pieces)
+    if blocks > 1 or not isinstance(template.pieces[0], int):
+        return (
+            "the template does not start with its only block of virtual tokens, where PEFT puts them. To get a PEFT "
+            "adapter, train with the prefix layout: --model.template '<|VIRTUAL_PROMPT_0|> {sentence} "
+            "sentiment:{label}' --model.cache_prefix false"
+        )
+    return None
+
+
+def save_peft_adapter(module: PTuningModule, folder: Path) -> None:
+    """``module``'s virtual tokens as a PEFT prompt-tuning adapter, saved by PEFT itself into ``folder`` (replaced).
+
+    PEFT writes a folder of files, so it writes a staging folder beside ``folder`` that is then renamed into place.
+    """
+    from peft import PromptTuningConfig, get_peft_model  # only export needs PEFT
+
+    table = module.encoder().detach()
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(table), token_dim=table.shape[1])
+    adapter = get_peft_model(module.backbone, config)
+    with torch.no_grad():
+        adapter.prompt_encoder["default"].embedding.weight.copy_(table)
+    staging = partial_name(folder)
+    staging.mkdir()
+    try:
+        adapter.save_pretrained(staging)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_export(
+    prompt: TrainedPrompt, folder: Path, backbone: str | None = None, require_peft: bool = False
+) -> str | None:
+    """The export folder of ``prompt``; returns why no PEFT adapter was written (None when it was).
+
+    The backbone is loaded to check that it is the prompt's and to decide on PEFT (its tokenizer's special tokens).
+    """
+    module = prompt.module(backbone)
+    mismatch = peft_mismatch(module.template)
+    if mismatch is not None and require_peft:
+        raise PeftLayoutError(
+            f"--peft require: no PEFT adapter can reproduce {prompt.template!r}: {mismatch}."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    prompt.save(folder)
+    if mismatch is None:
+        save_peft_adapter(module, folder / PEFT_FOLDER)
+    else:
+        shutil.rmtree(folder / PEFT_FOLDER, ignore_errors=True)  # an earlier export's adapter would not match
+    return mismatch
