@@ -92,7 +92,11 @@ def test_tensorboard_logs_beside_csv(tiny_gpt2_dir: str, synthetic_fpb: Path, tm
     config = federated_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     run = cli(["fit", "--config", str(config), "--config", str(REPO / "configs/loggers/tensorboard.yaml")])
     assert Path(run.trainer.log_dir) == tmp_path / "logs" / "version_0"
-    content = b"".join(events.read_bytes() for events in (tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    # fit, test and figure each close their own file (reopened writers used to replace each other's files, named by
+    # the second, when a phase took under a second, as here)
+    files = sorted((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(files) == 3
+    content = b"".join(events.read_bytes() for events in files)
     for tag in (b"client1/train_loss", b"val/acc", b"test/confusion_png", b"federation"):
         assert tag in content, tag
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning import Trainer
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -27,6 +27,7 @@ from fedlm.checkpointing import AtomicCheckpointIO, load_checkpoint
 from fedlm.cli.progress import RoundProgressBar
 from fedlm.cli.tracking import (
     LoggerSaveConfigCallback,
+    TensorBoardLogger,
     WandbConfig,
     WandbLogger,
     log_confusion_matrix,

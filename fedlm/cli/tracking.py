@@ -17,7 +17,8 @@ from urllib.parse import urlparse
 
 from lightning import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
 
@@ -113,6 +114,27 @@ class WandbLogger(LightningWandbLogger):
         self._wandb_init.setdefault("config", {}).update({"run_kind": kind, "seed": seed, "client": client})
 
 
+class TensorBoardLogger(LightningTensorBoardLogger):
+    """Lightning's TensorBoardLogger, with a new event file for whatever is logged after each finalize.
+
+    A fit and the test after it each finalize (close) their loggers, and a closed tensorboardX writer reopens on the
+    next log with a file named by the second: within the same second it replaces the earlier file, and the fit's
+    scalars are lost (seen on a short run). Here each reopening gets its own file suffix instead; TensorBoard reads
+    every event file of the folder. (Flushing without closing is no cure: tensorboardX writes asynchronously.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parts = 0
+
+    def finalize(self, status: str) -> None:
+        super().finalize(status)  # flush, close, save hparams.yaml
+        if self._experiment is not None:
+            self._experiment = None  # the next log makes a new writer...
+            self._parts += 1
+            self._kwargs["filename_suffix"] = f".{self._parts}"  # ...with a file of its own
+
+
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Also hand the whole resolved config (every section, not just the model's hyperparameters) to each logger."""
 
@@ -124,7 +146,7 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 
 
 def log_figure(loggers: list[Logger], key: str, path: Path, step: int | None = None) -> None:
-    """Show a saved PNG in the loggers that display images (W&B, TensorBoard); the file itself stays beside the run."""
+    """Show a saved PNG in the loggers that display images (W&B, fedlm's TensorBoard); the file stays beside the run."""
     for logger in loggers:
         if isinstance(logger, LightningWandbLogger):
             import wandb
@@ -135,7 +157,7 @@ def log_figure(loggers: list[Logger], key: str, path: Path, step: int | None = N
 
             image = matplotlib.image.imread(str(path))[..., :3]
             logger.experiment.add_image(key, image, global_step=step or 0, dataformats="HWC")
-            logger.experiment.close()  # written out now (after a fit the writer was closed; a later log reopens it)
+            logger.finalize("success")  # written out now: this comes after the trainer finalized its loggers
 
 
 def save_confusion_png(labels: list[int], preds: list[int], names: list[str], path: Path, title: str) -> Path:
