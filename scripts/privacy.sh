@@ -7,7 +7,9 @@
 # test_metrics.json exists is kept, so the same command resumes. Then:
 #   python -m fedlm.experiment.privacy runs/privacy --out results/privacy.md
 #   FEDLM_FPB_DIR=../shared/data/FinancialPhraseBank-v1.0 bash scripts/privacy.sh [runs/privacy]
-# EPSILONS ("none 8 4 1") and AGGREGATIONS ("plain secure") pick a subset of the grid.
+# EPSILONS ("none 8 4 1") and AGGREGATIONS ("plain secure") pick a subset of the grid; two controls are not in it
+# by default: EPSILONS=clip (clipping to the same bound, no noise: what clipping alone costs) and larger budgets
+# such as EPSILONS=100 (to see where learning would come back).
 set -euo pipefail
 out=${1:-runs/privacy}
 torchrun=${TORCHRUN:-torchrun}
@@ -17,7 +19,9 @@ for aggregation in ${AGGREGATIONS:-plain secure}; do
     if [[ -f $folder/logs/version_0/test_metrics.json ]]; then echo "[privacy] $folder: done before, kept"; continue; fi
     rm -rf "$folder" && mkdir -p "$folder"
     extra=()
-    if [[ $epsilon != none ]]; then
+    if [[ $epsilon == clip ]]; then
+      extra+=(--config configs/privacy/dp_epsilon8.yaml --federation.dp.target_epsilon null --federation.dp.noise_multiplier 0)
+    elif [[ $epsilon != none ]]; then
       extra+=(--config configs/privacy/dp_epsilon8.yaml --federation.dp.target_epsilon "$epsilon" --federation.dp.noise_seed 1234)
     fi
     [[ $aggregation == secure ]] && extra+=(--config configs/privacy/secure_aggregation.yaml)

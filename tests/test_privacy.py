@@ -280,10 +280,12 @@ def test_privacy_report_reads_what_the_runs_printed_and_logged(tmp_path: Path) -
     fake_run("plain", "none", 0.85, [], 0.5)
     fake_run("plain", "8", 0.60, [5.1, 8.0], 0.5)
     fake_run("secure", "8", 0.61, [5.1, 8.0], 1.5)
+    fake_run("plain", "clip", 0.84, [float("inf")] * 2, 0.5)
     out = tmp_path / "privacy.md"
     privacy_report.main([str(tmp_path / "runs"), "--out", str(out), "--command", "bash scripts/privacy.sh"])
     text = out.read_text()
     assert "| no DP | plain | - | - | 0.850 | 0.750 | 20.5 | 0.500 | 500 |" in text
     assert "| epsilon 8 | plain | 2.780 | 8.00 | 0.600 | 0.500 | 20.5 | 0.500 | 500 |" in text
     assert text.index("| epsilon 8 | plain") < text.index("| epsilon 8 | secure | 2.780 | 8.00 | 0.610")
+    assert text.index("| no DP |") < text.index("| clipping only, no noise | plain | 2.780 | infinite | 0.840 |") < text.index("| epsilon 8 |")
     assert out.with_suffix(".png").stat().st_size > 10_000

@@ -22,7 +22,8 @@ NOISE_LINE = re.compile(r"\[fedlm dp\] noise multiplier ([0-9.]+), clip norm ([0
 @dataclass
 class PrivacyRun:
     aggregation: str  # plain or secure
-    target_epsilon: float | None  # None: no DP
+    target_epsilon: float | None  # None: no DP, or clipping only
+    clip_only: bool  # clipped to the DP bound, no noise (epsilon infinite): what clipping alone costs
     noise_multiplier: float | None
     clip_norm: float | None
     epsilon_spent: float | None  # dp/epsilon after the last round
@@ -35,6 +36,8 @@ class PrivacyRun:
 
     @property
     def budget(self) -> str:
+        if self.clip_only:
+            return "clipping only, no noise"
         return "no DP" if self.target_epsilon is None else f"epsilon {self.target_epsilon:g}"
 
 
@@ -49,7 +52,8 @@ def read_run(folder: Path) -> PrivacyRun:
     target = name.removeprefix("epsilon_")
     return PrivacyRun(
         aggregation=aggregation,
-        target_epsilon=None if target == "none" else float(target),
+        target_epsilon=None if target in ("none", "clip") else float(target),
+        clip_only=target == "clip",
         noise_multiplier=float(printed.group(1)) if printed else None,
         clip_norm=float(printed.group(2)) if printed else None,
         epsilon_spent=epsilons[-1] if epsilons else None,
@@ -65,8 +69,8 @@ def read_run(folder: Path) -> PrivacyRun:
 def read_runs(root: Path) -> list[PrivacyRun]:
     folders = sorted(path.parents[2] for path in root.glob("*/epsilon_*/logs/version_0/test_metrics.json"))
     runs = [read_run(folder) for folder in folders]
-    # no DP first, then from the loosest budget to the tightest; plain before secure
-    return sorted(runs, key=lambda r: (r.target_epsilon is not None, -(r.target_epsilon or 0), r.aggregation))
+    # no DP, clipping only, then from the loosest budget to the tightest; plain before secure
+    return sorted(runs, key=lambda r: (r.target_epsilon is not None, r.clip_only, -(r.target_epsilon or 0), r.aggregation))
 
 
 def table(runs: list[PrivacyRun]) -> str:
@@ -76,7 +80,7 @@ def table(runs: list[PrivacyRun]) -> str:
     ]
     for r in runs:
         noise = "-" if r.noise_multiplier is None else f"{r.noise_multiplier:.3f}"
-        spent = "-" if r.epsilon_spent is None else f"{r.epsilon_spent:.2f}"
+        spent = "infinite" if r.clip_only else "-" if r.epsilon_spent is None else f"{r.epsilon_spent:.2f}"
         lines.append(
             f"| {r.budget} | {r.aggregation} | {noise} | {spent} | {r.test_acc:.3f} | {r.test_macro_f1:.3f} | "
             f"{r.compute_seconds:.1f} | {r.comm_seconds:.3f} | {r.fit_seconds:.0f} |"
@@ -100,7 +104,8 @@ def plot(runs: list[PrivacyRun], out: Path) -> Path:
                         label=f"DP-FedAvg, {aggregation} all-reduce")  # fmt: skip
         for r in runs:
             if r.aggregation == aggregation and r.target_epsilon is None:
-                acc_ax.axhline(r.test_acc, color=color, linestyle="--", linewidth=1, label=f"no DP, {aggregation}")
+                acc_ax.axhline(r.test_acc, color=color, linestyle=":" if r.clip_only else "--", linewidth=1,
+                               label=f"{r.budget}, {aggregation}")  # fmt: skip
     acc_ax.set_xscale("log")
     acc_ax.set_xlabel("client-level epsilon (delta 1e-5)")
     acc_ax.set_ylabel("test accuracy")
