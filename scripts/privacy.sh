@@ -20,7 +20,7 @@ for aggregation in ${AGGREGATIONS:-plain secure}; do
     rm -rf "$folder" && mkdir -p "$folder"
     extra=()
     if [[ $epsilon == clip ]]; then
-      extra+=(--config configs/privacy/dp_epsilon8.yaml --federation.dp.target_epsilon null --federation.dp.noise_multiplier 0)
+      extra+=(--config configs/privacy/dp_epsilon8.yaml --federation.dp '{"target_epsilon": null, "noise_multiplier": 0.0}')
     elif [[ $epsilon != none ]]; then
       extra+=(--config configs/privacy/dp_epsilon8.yaml --federation.dp.target_epsilon "$epsilon" --federation.dp.noise_seed 1234)
     fi
