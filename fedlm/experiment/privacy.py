@@ -66,6 +66,14 @@ def read_run(folder: Path) -> PrivacyRun:
     )
 
 
+def majority_share(root: Path) -> float | None:
+    """The accuracy of always answering the test set's most frequent class (every run tests the same sentences)."""
+    for path in sorted(root.glob("*/epsilon_*/logs/version_0/test_predictions.json")):
+        labels = json.loads(path.read_text())["label"]
+        return max(labels.count(label) for label in set(labels)) / len(labels)
+    return None
+
+
 def read_runs(root: Path) -> list[PrivacyRun]:
     folders = sorted(path.parents[2] for path in root.glob("*/epsilon_*/logs/version_0/test_metrics.json"))
     runs = [read_run(folder) for folder in folders]
@@ -88,14 +96,14 @@ def table(runs: list[PrivacyRun]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[PrivacyRun], out: Path) -> Path:
+def plot(runs: list[PrivacyRun], out: Path, majority: float | None = None) -> Path:
     """Test accuracy against epsilon (no DP as a line), one marker per aggregation; seconds per round beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (acc_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"plain": ("o", "tab:blue"), "secure": ("x", "tab:red")}
     for aggregation, (marker, color) in styles.items():
         private = sorted((r for r in runs if r.aggregation == aggregation and r.target_epsilon), key=lambda r: r.target_epsilon)
@@ -106,15 +114,18 @@ def plot(runs: list[PrivacyRun], out: Path) -> Path:
             if r.aggregation == aggregation and r.target_epsilon is None:
                 acc_ax.axhline(r.test_acc, color=color, linestyle=":" if r.clip_only else "--", linewidth=1,
                                label=f"{r.budget}, {aggregation}")  # fmt: skip
+    if majority is not None:
+        acc_ax.axhline(majority, color="black", linestyle="-.", linewidth=1, label="majority class")
     acc_ax.set_xscale("log")
     acc_ax.set_xlabel("client-level epsilon (delta 1e-5)")
     acc_ax.set_ylabel("test accuracy")
     acc_ax.legend(fontsize=8)
-    names = [f"{r.budget}\n{r.aggregation}" for r in runs]
-    time_ax.bar(names, [r.compute_seconds for r in runs], label="compute", color="tab:gray")
-    time_ax.bar(names, [r.comm_seconds for r in runs], bottom=[r.compute_seconds for r in runs], label="all-reduce", color="tab:orange")
-    time_ax.set_ylabel("seconds per round (rank 0)")
-    time_ax.tick_params(axis="x", labelsize=7)
+    names = [f"{r.budget}, {r.aggregation}" for r in runs]
+    time_ax.barh(names, [r.compute_seconds for r in runs], label="compute", color="tab:gray")
+    time_ax.barh(names, [r.comm_seconds for r in runs], left=[r.compute_seconds for r in runs], label="all-reduce", color="tab:orange")
+    time_ax.invert_yaxis()  # the table's order, top to bottom
+    time_ax.set_xlabel("seconds per round (rank 0)")
+    time_ax.tick_params(axis="y", labelsize=7)
     time_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -126,7 +137,7 @@ def write_report(root: Path, out: Path, command: str, notes: Path | None) -> Pat
     runs = read_runs(root)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {root} (expected <plain|secure>/epsilon_<E>/logs/version_0/).")
-    png = plot(runs, out.with_suffix(".png"))
+    png = plot(runs, out.with_suffix(".png"), majority_share(root))
     lines = [
         "# Privacy: test accuracy against the client-level budget, with and without secure aggregation",
         "",
