@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import wandb
-import yaml
+from test_federation import write_config
 from wandb_records import read_offline_run
 
 from fedlm.cli import cli
@@ -14,28 +14,14 @@ from fedlm.experiment.runner import PlannedRun, command, log_report_to_wandb
 REPO = Path(__file__).resolve().parents[1]
 
 
+FEDERATION = {"clients": 2, "rounds": 2, "local_steps": 2, "seed": 3}
+RUN = ["--seed_everything", "11", "--test_after_fit", "true"]  # a seed the run's W&B name must carry; then a test
+
+
 def federated_config(tmp_path: Path, backbone: str, fpb: Path, **trainer) -> Path:
-    config = {
-        "seed_everything": 11,
-        "test_after_fit": True,
-        "trainer": {
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "enable_checkpointing": False,
-            "num_sanity_val_steps": 0,
-            "limit_val_batches": 1,
-            "default_root_dir": str(tmp_path),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}},
-            **trainer,
-        },
-        "model": {"backbone": backbone, "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8}, "lr": 0.05},
-        "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 4}},
-        "federation": {"clients": 2, "rounds": 2, "local_steps": 2, "seed": 3},
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    """test_federation's tiny config, with CSV logs: the logger every other one joins."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}}
+    return write_config(tmp_path, backbone, fpb, FEDERATION, logger=logger, **trainer)
 
 
 @pytest.fixture()
@@ -62,7 +48,7 @@ def test_an_offline_wandb_run_holds_config_round_and_client_metrics_and_the_conf
 ) -> None:
     config = federated_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     try:
-        run = cli(["fit", "--config", str(config), "--config", str(REPO / "configs/loggers/wandb.yaml")])
+        run = cli(["fit", "--config", str(config), "--config", str(REPO / "configs/loggers/wandb.yaml"), *RUN])
     finally:
         wandb.finish()
     log_dir = Path(run.trainer.log_dir)
@@ -90,7 +76,7 @@ def test_an_offline_wandb_run_holds_config_round_and_client_metrics_and_the_conf
 
 def test_tensorboard_logs_beside_csv(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = federated_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
-    run = cli(["fit", "--config", str(config), "--config", str(REPO / "configs/loggers/tensorboard.yaml")])
+    run = cli(["fit", "--config", str(config), "--config", str(REPO / "configs/loggers/tensorboard.yaml"), *RUN])
     assert Path(run.trainer.log_dir) == tmp_path / "logs" / "version_0"
     # fit, test and figure each close their own file (reopened writers used to replace each other's files, named by
     # the second, when a phase took under a second, as here)
@@ -105,7 +91,7 @@ def test_the_progress_bar_spans_all_rounds_and_names_client_and_step(
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = federated_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, enable_progress_bar=True)
-    cli(["fit", "--config", str(config), "--test_after_fit", "false"])
+    cli(["fit", "--config", str(config)])
     out = capsys.readouterr().out
     assert "round 2/2" in out and "8/8" in out  # 2 rounds x (2 clients x 2 local steps) on one bar
     assert "client=0, step=1/2" in out and "client=1, step=2/2" in out

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning import Trainer
-from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fedlm.checkpointing import AtomicCheckpointIO, load_checkpoint

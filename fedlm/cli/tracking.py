@@ -33,6 +33,11 @@ def has_wandb_credentials() -> bool:
         return False
 
 
+def default_wandb_mode() -> str:
+    """``WANDB_MODE`` when set, else online with credentials and offline without: one rule for every W&B run."""
+    return os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
+
+
 @dataclass
 class WandbConfig:
     """The top-level ``wandb:`` section: also log the run to Weights & Biases, beside ``trainer.logger``'s loggers
@@ -82,8 +87,7 @@ class WandbLogger(LightningWandbLogger):
         **kwargs: Any,
     ) -> None:
         if offline is None:
-            mode = os.environ.get("WANDB_MODE")
-            offline = mode in ("offline", "dryrun") if mode else not has_wandb_credentials()
+            offline = default_wandb_mode() in ("offline", "dryrun")
         Path(save_dir).mkdir(parents=True, exist_ok=True)  # wandb.init refuses a missing directory
         super().__init__(
             project=project or os.environ.get("WANDB_PROJECT", "fedlm"),

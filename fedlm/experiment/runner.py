@@ -8,7 +8,6 @@ redone, so the same command resumes an interrupted experiment; a run folder with
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -126,11 +125,10 @@ def log_report_to_wandb(readme: Path, project: str) -> None:
     """The report's plots (as images) and its README (as a file) in one W&B run of job type ``report``."""
     import wandb
 
-    from fedlm.cli.tracking import has_wandb_credentials
+    from fedlm.cli.tracking import default_wandb_mode
 
-    mode = os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
     run = wandb.init(project=project, dir=str(readme.parent), job_type="report", group="report",
-                     name=f"report-{readme.parent.parent.name}", mode=mode)  # fmt: skip
+                     name=f"report-{readme.parent.parent.name}", mode=default_wandb_mode())  # fmt: skip
     run.log({f"report/{png.stem}": wandb.Image(str(png)) for png in sorted(readme.parent.glob("*.png"))})
     run.save(str(readme), base_path=str(readme.parent), policy="now")
     run.finish()

@@ -434,14 +434,15 @@ class FederatedLoop(L.Callback):
         skipped = [client for client in range(C) if client not in self.sampled]
         losses[skipped] = divergence[skipped] = float("nan")  # no update this round, nothing to report
         bytes_per_client = size * self.global_params.element_size()
+        # each sampled client uploads and downloads its encoder once
+        client_bytes = [2 * bytes_per_client if client in self.sampled else 0 for client in range(C)]
         summary = {
             "round": self.completed_rounds,
             "client_train_loss": losses.tolist(),
             "client_divergence": divergence.tolist(),
             "client_samples": part["samples"].tolist(),
-            # each sampled client uploads and downloads its encoder once
-            "client_bytes": [2 * bytes_per_client if client in self.sampled else 0 for client in range(C)],
-            "bytes_exchanged": 2 * len(self.sampled) * bytes_per_client,
+            "client_bytes": client_bytes,
+            "bytes_exchanged": sum(client_bytes),
             "compute_seconds": time.perf_counter() - self.round_start - self.comm_seconds,
             "comm_seconds": self.comm_seconds,
         }
