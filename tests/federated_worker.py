@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector
 
 from fedlm.cli import cli
+from fedlm.cli.main import release_process_group
 from fedlm.federation import FederatedLoop
 
 SENT: list[torch.Tensor] = []  # what this rank handed to all_reduce
@@ -127,3 +128,4 @@ if __name__ == "__main__":
     record = {"rounds": recorder.rounds, "losses": recorder.losses, "initial": recorder.initial,
               "shared": recorder.shared, "sent": SENT, "collectives": COLLECTIVES}  # fmt: skip
     torch.save(record, f"{out}/rank{rank}.pt")
+    release_process_group()  # as the fedlm console script does
