@@ -26,13 +26,21 @@ def main() -> None:
     seeds = sorted(set(sets[0]) & set(sets[1]))
     if not seeds:
         parser.error(f"no seed in common: {sorted(sets[0])} vs {sorted(sets[1])}")
-    print(f"| setting | {' | '.join(f'seed {s}' for s in seeds)} | accuracy, mean [95% CI] | macro-F1, mean [95% CI] |")
-    print(f"|---|{'---|' * len(seeds)}---|---|")
+    print(
+        f"| setting | {' | '.join(f'seed {s}' for s in seeds)} | accuracy, mean [95% CI] | macro-F1, mean [95% CI] "
+        "| epochs | fit time, s |"
+    )
+    print(f"|---|{'---|' * len(seeds)}---|---|---|---|")
     for name, runs in zip(args.names, sets):
         accuracy = [runs[s].metrics["test/acc"] for s in seeds]
         f1 = [runs[s].metrics["test/macro_f1"] for s in seeds]
         cells = " | ".join(f"{a:.3f} / {f:.3f}" for a, f in zip(accuracy, f1))
-        print(f"| {name} (acc / F1) | {cells} | {mean_interval(accuracy, (0, 1))} | {mean_interval(f1, (0, 1))} |")
+        epochs = sorted({runs[s].metrics["epochs_completed"] for s in seeds})
+        seconds = [runs[s].metrics["fit_seconds"] for s in seeds]
+        print(
+            f"| {name} (acc / F1) | {cells} | {mean_interval(accuracy, (0, 1))} | {mean_interval(f1, (0, 1))} "
+            f"| {', '.join(map(str, epochs))} | {min(seconds):.0f}-{max(seconds):.0f} |"
+        )
     boot = paired_bootstrap([sets[0][s].correct for s in seeds], [sets[1][s].correct for s in seeds])
     print(
         f"\n{args.names[0]} - {args.names[1]}: {100 * boot.difference:+.1f} points of test accuracy over {len(seeds)} "
