@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+RUN_LOGS = "*/epsilon_*/logs/version_0"  # under RUNS: <plain|secure>/epsilon_<E>/, as scripts/privacy.sh writes them
 NOISE_LINE = re.compile(r"\[fedlm dp\] noise multiplier ([0-9.]+), clip norm ([0-9.e-]+)")
 
 
@@ -68,14 +69,14 @@ def read_run(folder: Path) -> PrivacyRun:
 
 def majority_share(root: Path) -> float | None:
     """The accuracy of always answering the test set's most frequent class (every run tests the same sentences)."""
-    for path in sorted(root.glob("*/epsilon_*/logs/version_0/test_predictions.json")):
+    for path in sorted(root.glob(f"{RUN_LOGS}/test_predictions.json")):
         labels = json.loads(path.read_text())["label"]
         return max(labels.count(label) for label in set(labels)) / len(labels)
     return None
 
 
 def read_runs(root: Path) -> list[PrivacyRun]:
-    folders = sorted(path.parents[2] for path in root.glob("*/epsilon_*/logs/version_0/test_metrics.json"))
+    folders = sorted(path.parents[2] for path in root.glob(f"{RUN_LOGS}/test_metrics.json"))
     runs = [read_run(folder) for folder in folders]
     # no DP, clipping only, then from the loosest budget to the tightest; plain before secure
     return sorted(runs, key=lambda r: (r.target_epsilon is not None, r.clip_only, -(r.target_epsilon or 0), r.aggregation))
