@@ -49,7 +49,7 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
 
 
-def build_tiny(arch: str, directory: Path) -> Path:
+def build_tiny(arch: str, directory: Path, width: int = 32) -> Path:
     tokenizer = train_tokenizer()
     torch.manual_seed(0)
     if arch == "gpt2":
@@ -66,8 +66,8 @@ def build_tiny(arch: str, directory: Path) -> Path:
     else:
         config = LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=width,
+            intermediate_size=2 * width,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,

@@ -7,7 +7,7 @@ import torch
 
 from fedlm.data import FinancialPhraseBank
 from fedlm.model import PTuningModule
-from fedlm.model.prefix_cache import split_at_first_virtual
+from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
 from test_module import batch_of, single_token_words, tiny_module, trainer
 
 CACHED_TEMPLATE = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
@@ -167,3 +167,18 @@ def test_bf16_autocast_trains_through_the_cache_close_to_fp32(tiny_gpt2_dir: str
     assert torch.isfinite(run.callback_metrics["train/loss"])
     assert all(p.dtype == torch.float32 for p in fast.encoder.parameters())  # master weights stay fp32
     assert any(not torch.equal(a, b) for a, b in zip(encoder, fast.encoder.parameters()))
+
+
+def test_an_entry_depends_on_its_own_prefix_only_not_on_what_it_was_filled_with(tiny_model_dir: str) -> None:
+    """Content-addressed means exact: a prefix's key/values are bitwise the same whether it is first seen alone or
+    in a batch beside longer prefixes (padding changes the kernels' shapes, hence their summation order). Without
+    this a resumed run, whose cache starts empty, or a rank that hosts other clients would train on other bits."""
+    module = tiny_module(tiny_model_dir, template=CACHED_TEMPLATE, cache_prefix=True).eval()
+    prefixes = list(dict.fromkeys(split_at_first_virtual(mixed_batch(module))[0]))
+    shortest = min(prefixes, key=len)
+    together = PrefixCache(module.backbone)
+    together.past(prefixes)
+    for prefix in prefixes:
+        alone = PrefixCache(module.backbone)
+        alone.past([prefix])
+        assert torch.equal(together.entries[prefix], alone.entries[prefix]), (len(prefix), len(shortest))

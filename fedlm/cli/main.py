@@ -195,6 +195,9 @@ def cli(args: list[str] | None = None) -> FedLMCLI:
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        # Same seed, same result: without it the backward of the virtual-token gather (a scatter-add) sums in
+        # thread order on CPU (results/reproducibility.md). `--trainer.deterministic false` trades that for speed.
+        trainer_defaults={"deterministic": True},
         args=args,
     )
 

@@ -111,36 +111,34 @@ class PrefixCache:
 
     @torch.no_grad()
     def _fill(self, prefixes: list[tuple[int, ...]]) -> None:
-        """Run the frozen LM once over the new prefixes: those that start with the head after it, the rest whole."""
-        after_head = [prefix for prefix in prefixes if self.starts_with_head(prefix)]
-        whole = [prefix for prefix in prefixes if not self.starts_with_head(prefix)]
-        if after_head and self.head_entry is None:
-            self.head_entry = self._forward([self.head])[0]
-            self.nbytes += self.head_entry.numel() * self.head_entry.element_size()
-        for group, skip in ((whole, 0), (after_head, len(self.head))):
-            if group:
-                for prefix, entry in zip(group, self._forward([prefix[skip:] for prefix in group], skip > 0)):
-                    self.entries[prefix] = entry
-                    self.nbytes += entry.numel() * entry.element_size()
+        """Run the frozen LM over each new prefix on its own: after the head if it starts with it, else whole.
 
-    def _forward(self, sequences: list[tuple[int, ...]], after_head: bool = False) -> list[torch.Tensor]:
-        """Each sequence's key/values, right-padded in one batch (causal attention keeps padding out of them);
-        with ``after_head``, the head's key/values are the past of every row."""
+        One prefix per forward because a batch is not neutral to the last bit: beside other rows (padded or not), a
+        prefix's key/values come out of kernels of another shape, which sum in another order. Alone, an entry depends
+        on its own tokens only, so the cache's contents do not depend on which prefixes arrived together (a resumed
+        run starts with an empty cache; another rank hosts other clients). Measured on SmolLM2, batching the fill
+        saved less than the run-to-run noise of its time (results/reproducibility.md).
+        """
+        for prefix in prefixes:
+            if self.starts_with_head(prefix):
+                if self.head_entry is None:
+                    self.head_entry = self._forward(self.head)
+                    self.nbytes += self.head_entry.numel() * self.head_entry.element_size()
+                entry = self._forward(prefix[len(self.head) :], after_head=True)
+            else:
+                entry = self._forward(prefix)
+            self.entries[prefix] = entry
+            self.nbytes += entry.numel() * entry.element_size()
+
+    def _forward(self, sequence: tuple[int, ...], after_head: bool = False) -> torch.Tensor:
+        """One sequence's (layers, 2, heads, length, head dim) key/values; with ``after_head``, the head's are its past."""
         device = self.model.device
-        ids = torch.zeros((len(sequences), max(map(len, sequences))), dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = torch.tensor(sequence, device=device)
-            mask[row, : len(sequence)] = 1
+        ids = torch.tensor([sequence], dtype=torch.long, device=device)
         cache = DynamicCache(config=self.model.config)
         if after_head:
-            head = self.head_entry.to(self.model.dtype).unsqueeze(2).expand(-1, -1, len(sequences), -1, -1, -1)
+            head = self.head_entry.to(self.model.dtype).unsqueeze(2)
             cache = DynamicCache([(layer[0], layer[1]) for layer in head], config=self.model.config)
-            mask = torch.cat([torch.ones((len(sequences), len(self.head)), dtype=torch.long, device=device), mask], 1)
+        skip = cache.get_seq_length()
+        mask = torch.ones((1, skip + len(sequence)), dtype=torch.long, device=device)
         self.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        skip = len(self.head) if after_head else 0
-        layers = [(keys, values) for keys, values, _ in cache]
-        return [
-            torch.stack([torch.stack([k[row, :, skip : skip + n], v[row, :, skip : skip + n]]) for k, v in layers]).to(self.dtype)
-            for row, n in enumerate(map(len, sequences))
-        ]
+        return torch.stack([torch.stack([keys[0, :, skip:], values[0, :, skip:]]) for keys, values, _ in cache]).to(self.dtype)
