@@ -25,10 +25,11 @@ HARD = {**FEDERATION, "clients": 3, "server": {"optimizer": "fedadam", "lr": 0.0
 
 
 def test_resume_from_a_round_checkpoint_is_bitwise_the_uninterrupted_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
-    """Three clients in one process (each with its own Adam moments), FedAdam (server state), split prompts (private
-    tokens) and encoder dropout (RNG): everything a round checkpoint must carry."""
+    """Three clients in one process (each with its own Adam moments and lr schedule), FedAdam (server state), split
+    prompts (private tokens) and encoder dropout (RNG): everything a round checkpoint must carry."""
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, HARD, **checkpointing(tmp_path / "ckpt"))
-    dropout = ("--model.encoder.dropout", "0.1")
+    schedule = ("--model.lr_schedule", "cosine", "--model.warmup_steps", "2", "--model.final_lr_fraction", "0.1")
+    dropout = ("--model.encoder.dropout", "0.1", *schedule)
     result, (full,) = run_ranks(tmp_path, config, 1, *dropout)
     assert result.returncode == 0, result.stderr[-3000:]
     (tmp_path / "resumed").mkdir()

@@ -111,7 +111,8 @@ class FedLMCLI(LightningCLI):
 
     def _write_test_outputs(self, metrics: dict[str, Any], checkpoint: str, fit_seconds: float | None) -> None:
         """test_metrics.json and test_predictions.json in the log folder (the inputs of ``fedlm report``)."""
-        labels, preds = self.model.test_predictions(len(self.datamodule.encoded("test")))  # a collective
+        predictions = self.model.test_predictions(len(self.datamodule.encoded("test")))  # a collective
+        labels, preds = predictions["label"], predictions["predicted"]
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if not self.trainer.is_global_zero:
             return
@@ -126,8 +127,11 @@ class FedLMCLI(LightningCLI):
             "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             **{k: float(v) for k, v in metrics.items() if k.startswith("test/")},
         }
+        if self.model.calibrate is not None:
+            biases = dict(zip(self.model.template.label_names, self.model.label_bias.tolist()))
+            summary["calibration"] = {"objective": self.model.calibrate, "label_bias": biases}
         (folder / "test_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        predictions = {"classes": self.model.template.label_names, "label": labels, "predicted": preds}
+        predictions = {"classes": self.model.template.label_names, **predictions}
         (folder / "test_predictions.json").write_text(json.dumps(predictions) + "\n")
         names = self.model.template.label_names
         accuracy = metrics.get("test/acc")

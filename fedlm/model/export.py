@@ -5,9 +5,11 @@ Prediction needs only the encoder's output (the virtual-token table) and how to 
 - ``prompt.safetensors``: one float32 tensor ``virtual_tokens`` (virtual tokens, hidden), the checkpoint's
   inference table, placed into the template's virtual-token slots;
 - ``prompt.json``: the template, label words, virtual-token blocks, max_length, the backbone's dtype, and the backbone
-  the prompt was trained on (what the user named, and its architecture, to refuse another model);
+  the prompt was trained on (what the user named, and its architecture, to refuse another model), and the label
+  calibration's per-class biases if the run calibrated (``model.calibrate``; prediction adds them to the scores);
 - ``peft/``: the same table as a PEFT prompt-tuning adapter, written only when the template is PEFT's layout (all
-  virtual tokens before the input), so that ``PeftModel.from_pretrained`` predicts what fedlm predicts.
+  virtual tokens before the input), so that ``PeftModel.from_pretrained`` predicts what fedlm predicts (without
+  calibration's biases, which PEFT has no place for).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class TrainedPrompt:
     dtype: str  # the frozen backbone's, as trained
     backbone: str  # what model.backbone named
     architecture: dict[str, Any] | None  # PTuningModule.architecture(); None in checkpoints older than it
+    label_bias: list[float] | None = None  # calibration's per-class biases, in label_words order; None: uncalibrated
 
     @classmethod
     def load(cls, source: str | Path) -> TrainedPrompt:
@@ -63,6 +66,7 @@ class TrainedPrompt:
         saved = checkpoint.get("fedlm")
         table = checkpoint.get("state_dict", {}).get("encoder.inference_table")
         hparams = checkpoint.get("hyper_parameters")
+        bias = checkpoint.get("state_dict", {}).get("label_bias")
         if saved is None or table is None or hparams is None:
             raise PromptFormatError(
                 f"{path} is not a fedlm checkpoint (it lacks the 'fedlm' entry, the encoder's inference table or the "
@@ -77,6 +81,7 @@ class TrainedPrompt:
             dtype=hparams["dtype"],
             backbone=saved["backbone"],
             architecture=saved.get("architecture"),
+            label_bias=bias.tolist() if bias is not None and bool(bias.any()) else None,
         )
 
     @classmethod
@@ -95,7 +100,7 @@ class TrainedPrompt:
                 "the checkpoint with this version's `fedlm export`."
             )
         names = [field.name for field in fields(cls) if field.name != "table"]
-        missing = [name for name in names if name not in settings]
+        missing = [name for name in names if name not in settings and name != "label_bias"]  # older exports lack it
         if missing:
             raise PromptFormatError(
                 f"{folder / SETTINGS_FILE} lacks {missing}; re-export the checkpoint with `fedlm export`."
@@ -103,7 +108,7 @@ class TrainedPrompt:
         tensors = load_file(folder / TABLE_FILE)
         if TABLE_KEY not in tensors:
             raise PromptFormatError(f"{folder / TABLE_FILE} has no tensor {TABLE_KEY!r}; re-export the checkpoint.")
-        return cls(table=tensors[TABLE_KEY], **{name: settings[name] for name in names})
+        return cls(table=tensors[TABLE_KEY], **{name: settings[name] for name in names if name in settings})
 
     def save(self, folder: Path) -> None:
         """``prompt.safetensors`` and ``prompt.json`` in ``folder``, each written atomically."""
@@ -138,6 +143,8 @@ class TrainedPrompt:
             )
         with torch.no_grad():
             module.encoder.input_table.copy_(self.table)
+            if self.label_bias is not None:
+                module.label_bias.copy_(torch.tensor(self.label_bias, dtype=torch.float64))
         module.eval()
         module.encoder.refresh_table()  # now, outside the inference mode that prediction runs in
         return module

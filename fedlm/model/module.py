@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -14,11 +14,15 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from fedlm.accounting import epsilon_after
 from fedlm.model.backbone import DEFAULT_BACKBONE, Dtype, load_backbone
+from fedlm.model.calibration import OBJECTIVES, Objective, fit_label_biases, split_half
 from fedlm.model.dp_sgd import DPSGDConfig, private_gradients
 from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, initial_table
+from fedlm.model.schedule import Schedule, lr_factor
 from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX, PromptTemplate
 
+
+Loss = Literal["answer_tokens", "label_words"]
 
 # The frozen backbone is in eval mode on purpose; Lightning's warning about it would only alarm users.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -43,7 +47,14 @@ class PTuningModule(L.LightningModule):
         template: where virtual tokens, ``{sentence}`` and ``{label}`` go.
         label_words: class name -> the text the model should produce after the prompt.
         encoder: the prompt encoder's shape.
-        lr, weight_decay, warmup_steps: AdamW on the encoder, linear warm-up then constant.
+        lr, weight_decay: AdamW on the encoder.
+        warmup_steps, lr_schedule, final_lr_fraction: the lr warms up linearly over ``warmup_steps``, then stays
+            (``constant``) or decays (``cosine``, ``linear``) to ``final_lr_fraction * lr`` at the last step. The
+            horizon is the optimizer's steps in the run: in a federated run, a client's own steps over all rounds
+            (``rounds x local steps``), so in round r (from 0) its local step j is step ``r * local_steps + j``.
+        loss: what training minimizes: ``answer_tokens``, the cross-entropy of the gold answer's tokens over the
+            whole vocabulary, or ``label_words``, the cross-entropy over the classes' scores (a softmax over the label
+            words only; needs one-token label words).
         max_length: longest sequence in tokens; longer sentences are truncated.
         cache_prefix: compute the frozen LM's key/values of the text before the first virtual token once per
             distinct prefix and run forward/backward over the rest only (exact; needs a template that starts with
@@ -51,6 +62,10 @@ class PTuningModule(L.LightningModule):
         cache_dtype: storage dtype of the cached key/values; bf16 halves the memory at a small loss of precision.
         compile: ``torch.compile`` the frozen transformer body (dynamic shapes). The first steps pay for the
             compilation; later ones gain a little on CPU (``results/speed.md``).
+        calibrate: label calibration (``accuracy`` or ``macro_f1``; null: none). After every validation one additive
+            bias per class is fitted to the validation scores, maximizing that objective, and kept in the checkpoint
+            (``label_bias``): test, predict and export then report both the raw and the calibrated predictions. Each
+            validation also logs what the biases are worth on sentences they were not fitted on (split halves).
         dp_sgd: sample-level differential privacy of training (``DPSGDConfig``; null: none). The epsilon each
             client has spent is logged as ``dp_sgd/epsilon`` (the largest over this process's clients).
     """
@@ -65,10 +80,14 @@ class PTuningModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: Schedule = "constant",
+        final_lr_fraction: float = 0.0,
+        loss: Loss = "answer_tokens",
         max_length: int = 512,
         cache_prefix: bool = False,
         cache_dtype: Dtype = "fp32",
         compile: bool = False,
+        calibrate: Objective | None = None,
         dp_sgd: DPSGDConfig | None = None,
     ) -> None:
         super().__init__()
@@ -88,15 +107,33 @@ class PTuningModule(L.LightningModule):
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps,
+                "lr_schedule": lr_schedule,
+                "final_lr_fraction": final_lr_fraction,
+                "loss": loss,
                 "max_length": max_length,
                 "cache_prefix": cache_prefix,
                 "cache_dtype": cache_dtype,
                 "compile": compile,
+                "calibrate": calibrate,
                 "dp_sgd": asdict(dp_sgd) if dp_sgd else None,
             }
         )
         self.dp_sgd = dp_sgd
+        if lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"model.lr_schedule={lr_schedule!r} is unknown; use 'constant', 'cosine' or 'linear'.")
+        if not 0.0 <= final_lr_fraction <= 1.0:
+            raise ValueError(f"model.final_lr_fraction={final_lr_fraction} must be in [0, 1] (a fraction of model.lr).")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps={warmup_steps} must be >= 0.")
+        if loss not in ("answer_tokens", "label_words"):
+            raise ValueError(f"model.loss={loss!r} is unknown; use 'answer_tokens' or 'label_words'.")
+        if loss != "answer_tokens" and dp_sgd is not None:
+            raise ValueError("model.dp_sgd clips per-example answer-token losses; set model.loss: answer_tokens with it.")
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.lr_schedule, self.final_lr_fraction, self.loss = lr_schedule, final_lr_fraction, loss
+        if calibrate is not None and calibrate not in OBJECTIVES:
+            raise ValueError(f"model.calibrate={calibrate!r} is unknown; use one of {OBJECTIVES} or null.")
+        self.calibrate = calibrate
 
         loaded = load_backbone(backbone, dtype)
         self.backbone = loaded.model
@@ -105,6 +142,11 @@ class PTuningModule(L.LightningModule):
         if compile:
             self.backbone.base_model.compile(dynamic=True)
         self.template = PromptTemplate(template, loaded.tokenizer, encoder.virtual_tokens, label_words, max_length)
+        if loss == "label_words" and not self.template.single_token_answers:
+            raise ValueError(
+                "model.loss=label_words scores each class by its label word's one token, but some of model.label_words "
+                f"{label_words} take several tokens with this tokenizer; pick one-token words or model.loss=answer_tokens."
+            )
         if cache_prefix and isinstance(self.template.pieces[0], int):
             raise ValueError(
                 f"model.cache_prefix=true caches the text before the first virtual token, but model.template="
@@ -124,6 +166,10 @@ class PTuningModule(L.LightningModule):
             }
         )
         self.val_metrics, self.test_metrics = metrics.clone(prefix="val/"), metrics.clone(prefix="test/")
+        self.test_calibrated_metrics = metrics.clone(prefix="test/calibrated/")
+        # Zero until a validation fits it; float64 so that a fitted midpoint between two scores stays between them.
+        self.register_buffer("label_bias", torch.zeros(num_classes, dtype=torch.float64))
+        self.eval_outputs: list[torch.Tensor] = []  # (examples, 1 + classes): label, then the class scores
         self.val_class_f1, self.test_class_f1 = (MulticlassF1Score(num_classes, average=None) for _ in range(2))
         self.val_confusion, self.test_confusion = (MulticlassConfusionMatrix(num_classes) for _ in range(2))
 
@@ -215,9 +261,15 @@ class PTuningModule(L.LightningModule):
     # -- Lightning steps -----------------------------------------------------------------------------------
 
     def train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean answer-token loss of the gold labels: what training minimizes."""
+        """What training minimizes: the mean answer-token loss of the gold labels, or the cross-entropy over the
+        label words' scores (``model.loss``)."""
         hidden, aligned = self.hidden_states(batch)
-        return -self.answer_log_probs(hidden, aligned["targets"])[0].mean()
+        if self.loss == "answer_tokens":
+            return -self.answer_log_probs(hidden, aligned["targets"])[0].mean()
+        # The classes' logits, as scoring reads them: the softmax over them is the one over their log-probabilities.
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        logits = self.backbone.get_output_embeddings()(hidden[rows, aligned["prompt_length"] - 1]).float()
+        return F.cross_entropy(logits[:, [answer[0] for answer in self.template.answers]], aligned["label"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.train_loss(batch) if self.dp_sgd is None else self.dp_sgd_loss(batch)
@@ -280,31 +332,58 @@ class PTuningModule(L.LightningModule):
         getattr(self, f"{split}_confusion").update(preds, labels)
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log_dict(metrics, prog_bar=True, batch_size=len(labels))
-        if split == "test":
-            self.test_outputs.append(torch.stack([labels, preds]).cpu())
+        if split == "test" and self.calibrate is not None:
+            self.test_calibrated_metrics.update(self.calibrated_scores(scores).argmax(-1), labels)
+            self.log_dict(self.test_calibrated_metrics, batch_size=len(labels))
+        self.eval_outputs.append(torch.cat([labels[:, None].double(), scores.double()], dim=1).cpu())
+
+    def calibrated_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The label scores plus the fitted per-class biases (unchanged while there are none)."""
+        return scores.double() + self.label_bias if bool(self.label_bias.any()) else scores
 
     def on_validation_epoch_start(self) -> None:
         self._reset_per_class("val")
+        self.eval_outputs = []
 
     def on_test_epoch_start(self) -> None:
         self._reset_per_class("test")
-        self.test_outputs: list[torch.Tensor] = []
+        self.eval_outputs = []
 
-    def test_predictions(self, size: int) -> tuple[list[int], list[int]]:
-        """Gold and predicted class of each of the ``size`` test examples of the last test, in dataset order.
+    def evaluated(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gold class and label scores of each of the ``size`` examples of the last validation or test, in dataset order.
 
-        A collective under torch.distributed: rank ``r`` tested examples ``r, r + W, ...`` (padding, if a
-        sampler added any, comes last and is cut off), so the ranks' lists interleave back into dataset order.
+        A collective under torch.distributed: rank ``r`` evaluated examples ``r, r + W, ...`` (padding, if a
+        sampler added any, comes last and is cut off), so the ranks' rows interleave back into dataset order.
         """
-        local = torch.cat(self.test_outputs, dim=1) if self.test_outputs else torch.zeros(2, 0, dtype=torch.long)
+        width = 1 + len(self.template.answers)
+        local = torch.cat(self.eval_outputs) if self.eval_outputs else torch.zeros(0, width, dtype=torch.float64)
         shards = [local]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             shards = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(shards, local)
-        longest = max(shard.shape[1] for shard in shards)
-        ordered = [shard[:, j] for j in range(longest) for shard in shards if j < shard.shape[1]][:size]
-        labels, preds = torch.stack(ordered, dim=1).tolist() if ordered else ([], [])
-        return labels, preds
+        longest = max(len(shard) for shard in shards)
+        ordered = [shard[j] for j in range(longest) for shard in shards if j < len(shard)][:size]
+        rows = torch.stack(ordered) if ordered else torch.zeros(0, width, dtype=torch.float64)
+        return rows[:, 0].long(), rows[:, 1:]
+
+    def test_predictions(self, size: int) -> dict[str, list[int]]:
+        """Gold, predicted and (with calibration) calibrated class of each test example of the last test. A collective."""
+        labels, scores = self.evaluated(size)
+        predictions = {"label": labels.tolist(), "predicted": scores.argmax(-1).tolist()}
+        if self.calibrate is not None:
+            predictions["predicted_calibrated"] = self.calibrated_scores(scores).argmax(-1).tolist()
+        return predictions
+
+    def fit_calibration(self) -> None:
+        """Fit the label biases to the last validation's scores (every rank alike), and log what they are worth on the
+        half of the validation set they were not fitted on."""
+        labels, scores = self.evaluated(len(self.trainer.datamodule.encoded("val")))  # a collective
+        self.label_bias.copy_(fit_label_biases(scores, labels, self.calibrate))
+        raw, calibrated = split_half(scores, labels, self.calibrate)
+        self.log(f"val/calibration/halves_raw_{self.calibrate}", raw)
+        self.log(f"val/calibration/halves_calibrated_{self.calibrate}", calibrated)
+        for name, bias in zip(self.template.label_names, self.label_bias.tolist()):
+            self.log(f"val/calibration/bias_{name}", bias)
 
     def _reset_per_class(self, split: str) -> None:
         # Reset here, not after logging: state made under `validate`'s inference mode could not be updated by
@@ -315,6 +394,8 @@ class PTuningModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_per_class("val")
         self._log_cache_size()
+        if self.calibrate is not None and not self.trainer.sanity_checking:
+            self.fit_calibration()
 
     def on_test_epoch_end(self) -> None:
         self._log_per_class("test")
@@ -333,7 +414,7 @@ class PTuningModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         _, scores = self.loss_and_scores(batch)
-        probs = scores.softmax(-1)  # renormalized over the label words
+        probs = self.calibrated_scores(scores).softmax(-1).float()  # renormalized over the label words
         return {
             "label": [self.template.label_names[i] for i in probs.argmax(-1).tolist()],
             "probs": probs.cpu(),
@@ -341,9 +422,24 @@ class PTuningModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        warmup = max(self.warmup_steps, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total, warmup, kind, floor = self.schedule_horizon(), self.warmup_steps, self.lr_schedule, self.final_lr_fraction
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, kind, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def schedule_horizon(self) -> int:
+        """The optimizer steps the lr schedule spans: the fit's steps, or in a federated run one client's steps over all
+        rounds (each client steps its own optimizer and scheduler)."""
+        blocks = getattr(self.trainer.datamodule, "blocks", None)
+        if not blocks:
+            return int(self.trainer.estimated_stepping_batches)
+        steps = {block.steps for block in blocks}
+        if len(steps) > 1 and self.lr_schedule != "constant":
+            raise ValueError(
+                f"model.lr_schedule={self.lr_schedule!r} decays over a client's steps, but the clients this process "
+                f"simulates take different numbers of local steps ({sorted(steps)}, from federation.local_epochs); set "
+                "federation.local_steps, or run one process per client (torchrun), or model.lr_schedule: constant."
+            )
+        return self.trainer.max_epochs * steps.pop()
 
     # -- checkpoints: encoder, inference table and hyperparameters; never the frozen LM ---------------------
 
@@ -383,6 +479,7 @@ class PTuningModule(L.LightningModule):
             )
         # checkpoints from before table averaging have no offset: it was zero
         checkpoint["state_dict"].setdefault("encoder.table_offset", torch.zeros_like(self.encoder.table_offset))
+        checkpoint["state_dict"].setdefault("label_bias", torch.zeros_like(self.label_bias))  # before calibration
         own = self.encoder.state_dict()
         for key, value in checkpoint["state_dict"].items():
             name = key.removeprefix("encoder.")
