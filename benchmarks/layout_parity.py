@@ -2,7 +2,7 @@
 
 Each argument is a folder searched for runs (``test_metrics.json`` + ``test_predictions.json``, as ``fedlm fit
 --test_after_fit true`` writes them). Prints each seed's accuracy and macro-F1, the mean with a 95% t-interval, and
-a paired bootstrap of the accuracy difference over the test sentences, on the seeds both sets have:
+a paired bootstrap of the accuracy difference over seeds and test sentences, on the seeds both sets have:
 
     python benchmarks/layout_parity.py --a runs/parity/prefix --b runs/fpb_triad/seed1234/centralized ...
 """
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from fedlm.experiment.report import find_runs
-from fedlm.experiment.stats import mean_interval, paired_bootstrap
+from fedlm.experiment.stats import hierarchical_bootstrap, mean_interval
 
 
 def main() -> None:
@@ -41,10 +41,11 @@ def main() -> None:
             f"| {name} (acc / F1) | {cells} | {mean_interval(accuracy, (0, 1))} | {mean_interval(f1, (0, 1))} "
             f"| {', '.join(map(str, epochs))} | {min(seconds):.0f}-{max(seconds):.0f} |"
         )
-    boot = paired_bootstrap([sets[0][s].correct for s in seeds], [sets[1][s].correct for s in seeds])
+    labels = sets[0][seeds[0]].labels
+    boot = hierarchical_bootstrap([sets[0][s].predicted for s in seeds], labels, [sets[1][s].predicted for s in seeds])
     print(
         f"\n{args.names[0]} - {args.names[1]}: {100 * boot.difference:+.1f} points of test accuracy over {len(seeds)} "
-        f"seed(s); paired bootstrap 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], p = {boot.p_value:.3f}"
+        f"seed(s); paired bootstrap over seeds and sentences, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], p = {boot.p_value:.3f}"
     )
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from fedlm.experiment import TriadConfig, run_experiment, write_report
 from fedlm.experiment.report import find_runs, group, read_curve
-from fedlm.experiment.stats import mean_interval, paired_bootstrap
+from fedlm.experiment.stats import hierarchical_bootstrap, mean_interval
 
 
 def test_mean_interval_is_the_student_t_interval() -> None:
@@ -26,28 +26,53 @@ def test_mean_interval_is_the_student_t_interval() -> None:
         mean_interval([])
 
 
-def test_paired_bootstrap_on_known_inputs() -> None:
-    same = [[True, False, True, True]] * 2
-    result = paired_bootstrap(same, same)
+def test_hierarchical_bootstrap_on_known_inputs() -> None:
+    labels = [0, 1, 2, 1]
+    same = [[0, 1, 1, 1]] * 2
+    result = hierarchical_bootstrap(same, labels, same)
     assert (result.difference, result.low, result.high, result.p_value) == (0.0, 0.0, 0.0, 1.0)
 
-    always, never = [[True] * 50], [[False] * 50]
-    result = paired_bootstrap(always, never)
+    right, wrong = [[1] * 50], [[0] * 50]
+    result = hierarchical_bootstrap(right, [1] * 50, wrong)
     assert (result.difference, result.low, result.high) == (1.0, 1.0, 1.0) and result.p_value == 0.0
 
-    # b = a with 40 of 1000 right answers turned wrong: the difference is 0.04, and the interval of a
-    # resampled proportion of 40 discordant pairs is about 0.04 +- 1.96 * sqrt(0.04 * 0.96 / 1000).
+    # One seed: the bootstrap over sentences. b = a with 40 of 1000 right answers turned wrong: the difference is
+    # 0.04, and the interval of a resampled proportion of 40 discordant pairs is about 0.04 +- 1.96 * sqrt(0.04 * 0.96 / 1000).
     generator = torch.Generator().manual_seed(0)
-    a = (torch.rand(1000, generator=generator) < 0.8).tolist()
+    truth = [1] * 1000
+    a = [1 if x else 0 for x in (torch.rand(1000, generator=generator) < 0.8).tolist()]
     flipped = [i for i, x in enumerate(a) if x][:40]
-    b = [x and i not in flipped for i, x in enumerate(a)]
-    result = paired_bootstrap([a], [b], resamples=20_000)
+    b = [0 if i in flipped else x for i, x in enumerate(a)]
+    result = hierarchical_bootstrap([a], truth, [b], resamples=20_000)
     assert result.difference == pytest.approx(0.04)
     half = 1.96 * math.sqrt(0.04 * 0.96 / 1000)
     assert result.low == pytest.approx(0.04 - half, abs=0.003) and result.high == pytest.approx(0.04 + half, abs=0.003)
     assert result.p_value < 0.001
     with pytest.raises(ValueError, match="same shape"):
-        paired_bootstrap([[True]], [[True, False]])
+        hierarchical_bootstrap([[1]], [1], [[1, 0]])
+
+
+def test_the_interval_widens_with_seed_to_seed_variance() -> None:
+    """Seeds that disagree (one at 0.6, two at 1.0) widen the interval past what the sentences alone give; the
+    t-interval over seeds would not see the sentences, the sentence bootstrap would not see the seeds."""
+    labels = [1] * 200
+    steady = [[1] * 180 + [0] * 20] * 3  # 0.9 each seed
+    spread = [[1] * 120 + [0] * 80, [1] * 200, [1] * 200]  # 0.6, 1.0, 1.0: mean 0.867
+    narrow, wide = hierarchical_bootstrap(steady, labels), hierarchical_bootstrap(spread, labels)
+    assert narrow.difference == pytest.approx(0.9) and wide.difference == pytest.approx(0.8667, abs=1e-4)
+    assert wide.high - wide.low > 3 * (narrow.high - narrow.low)
+    assert wide.low < 0.7  # a draw of three copies of the 0.6 seed is possible
+
+
+def test_macro_f1_bootstrap_centres_on_the_per_seed_macro_f1() -> None:
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (120,), generator=generator)
+    preds = [torch.where(torch.rand(120, generator=generator) < 0.8, labels, (labels + 1) % 3) for _ in range(2)]
+    result = hierarchical_bootstrap([p.tolist() for p in preds], labels.tolist(), metric="macro_f1")
+    expected = sum(float(multiclass_f1_score(p, labels, 3, average="macro")) for p in preds) / 2
+    assert result.difference == pytest.approx(expected) and result.low < expected < result.high
 
 
 def test_read_curve_maps_validation_steps_to_the_fraction_of_the_budget(tmp_path: Path) -> None:
@@ -99,7 +124,8 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(tiny_gpt2_dir: str,
     assert rows["federated"][0].predicted != rows["federated"][1].predicted or rows["federated"][0].metrics["test/loss"] != rows["federated"][1].metrics["test/loss"]
 
     text = readme.read_text()
-    assert "| federated | 2 |" in text and "Federated within 1 point of centralized" in text and "paired bootstrap" in text
+    assert "| federated | 2 |" in text and "Federated within 1 point of centralized or above it" in text
+    assert "bootstrap over seeds and sentences" in text and "95% CI over seeds and sentences" in text
     for png in ["val_loss_centralized_vs_federated", "val_loss_local_vs_federated", "val_accuracy", "confusion_matrices"]:
         assert (readme.parent / f"{png}.png").stat().st_size > 10_000
 
@@ -111,7 +137,7 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(tiny_gpt2_dir: str,
     redo.unlink()
     run_experiment(config)
     assert kept.stat().st_mtime_ns == before
-    assert json.loads(redo.read_text())["test/loss"] == old["test/loss"]  # and deterministic
+    assert json.loads(redo.read_text()) == {**old, "fit_seconds": json.loads(redo.read_text())["fit_seconds"]}  # bitwise
 
 
 def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> None:
@@ -128,8 +154,8 @@ def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> Non
     fake_run(tmp_path / "l1", "local", 1, [1, 1, 1, 1], client=0)
     readme = write_report([tmp_path], tmp_path / "report")
     text = readme.read_text()
-    assert "| centralized | 1 | 1.000 |" in text and "| federated | 1 | 0.750 |" in text and "| client 0 alone | 1 | 0.500 |" in text
-    assert "majority class (b) | - | 0.500" in text
-    assert "Federated within 1 point of centralized: no, federated is lower by 25.0 points" in text
+    assert "| centralized | 1 | 1.000 [1.000, 1.000] |" in text and "| federated | 1 | 0.750 [" in text
+    assert "| client 0 alone | 1 | 0.500 [" in text and "majority class (b) | - | 0.500" in text
+    assert "Federated within 1 point of centralized or above it: not shown: the interval reaches" in text
     assert "Federated above every local-only client: yes" in text
-    assert "95% t-interval (clipped to [0, 1])" in text and f"fedlm report {tmp_path} --out" in text
+    assert "resamples the seeds and the" in text and f"fedlm report {tmp_path} --out" in text

@@ -1,10 +1,11 @@
-"""Intervals over seeds and a paired bootstrap over test examples: what a table of a few seeds can honestly say."""
+"""Intervals over seeds, and a bootstrap over seeds and test sentences together: what a table of a few seeds can\nhonestly say."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -47,27 +48,68 @@ def mean_interval(values: list[float], bounds: tuple[float, float] | None = None
 
 @dataclass(frozen=True)
 class BootstrapResult:
-    difference: float  # accuracy of a minus accuracy of b, averaged over seeds
+    difference: float  # the statistic of a minus that of b, averaged over seeds (b absent: a's own statistic)
     low: float
     high: float
     p_value: float  # two-sided: how often the resampled difference falls on the other side of zero, doubled
     resamples: int
 
 
-def paired_bootstrap(a_correct: list[list[bool]], b_correct: list[list[bool]], resamples: int = 10_000, seed: int = 0) -> BootstrapResult:
-    """Paired bootstrap of the accuracy difference a - b over test examples.
+Metric = Literal["accuracy", "macro_f1"]
 
-    ``a_correct[s][i]`` says whether system a got test example i right in seed s (b likewise, same seeds and
-    examples). Each resample draws the test examples with replacement, the same draw for a, b and every seed,
-    so the interval reflects how much the difference depends on which sentences happen to be in the test set.
+
+def resampled_metric(preds: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """``metric`` of each seed's predictions (seeds, examples) under each resample's example counts (resamples,
+    examples): (seeds, resamples). A count of k weighs an example as k copies of it."""
+    n = labels.numel()
+    if metric == "accuracy":
+        return (preds == labels).double() @ weights.T / n
+    classes = int(max(labels.max(), preds.max())) + 1
+    f1 = torch.zeros(preds.shape[0], weights.shape[0], dtype=torch.float64)
+    for c in range(classes):
+        actual = weights @ (labels == c).double()  # (resamples,)
+        predicted = (preds == c).double() @ weights.T  # (seeds, resamples)
+        hits = ((preds == c) & (labels == c)).double() @ weights.T
+        total = predicted + actual
+        f1 += torch.where(total > 0, 2 * hits / total.clamp(min=1e-12), 0.0)
+    return f1 / classes
+
+
+def hierarchical_bootstrap(
+    a_preds: list[list[int]],
+    labels: list[int],
+    b_preds: list[list[int]] | None = None,
+    metric: Metric = "accuracy",
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> BootstrapResult:
+    """95 % interval of a test metric (or of a - b, paired by seed) over both sources of chance: the seeds and the
+    test sentences.
+
+    ``a_preds[s][i]`` is system a's predicted class for test example i in seed s (``b_preds`` likewise, same seeds
+    and examples). Each resample draws the seeds with replacement and, independently, the test examples with
+    replacement (one draw of examples for a, b and every seed, so that a and b stay paired); the statistic is the
+    mean over the drawn seeds of each seed's metric on the drawn examples. With one seed this is the plain
+    bootstrap over sentences. With few seeds it cannot see seed variance larger than the seeds it has: 3 seeds give
+    a rough interval, which the report says.
     """
-    a, b = torch.tensor(a_correct, dtype=torch.float64), torch.tensor(b_correct, dtype=torch.float64)
-    if a.shape != b.shape or a.dim() != 2 or a.shape[1] == 0:
-        raise ValueError(f"a and b must be (seeds, examples) of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    per_example = (a - b).mean(dim=0)  # the difference on each example, averaged over seeds
+    a = torch.tensor(a_preds, dtype=torch.long)
+    y = torch.tensor(labels, dtype=torch.long)
+    b = torch.tensor(b_preds, dtype=torch.long) if b_preds is not None else None
+    if a.dim() != 2 or a.shape[1] == 0 or a.shape[1] != y.numel() or (b is not None and b.shape != a.shape):
+        shapes = f"{tuple(a.shape)}{'' if b is None else f' and {tuple(b.shape)}'} for {y.numel()} labels"
+        raise ValueError(f"predictions must be (seeds, examples) of the same shape, with one label per example; got {shapes}")
     generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, per_example.numel(), (resamples, per_example.numel()), generator=generator)
-    differences = per_example[draws].mean(dim=1)
-    low, high = torch.quantile(differences, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    below, above = (differences <= 0).double().mean().item(), (differences >= 0).double().mean().item()
-    return BootstrapResult(per_example.mean().item(), low, high, min(1.0, 2 * min(below, above)), resamples)
+    draws = torch.randint(0, y.numel(), (resamples, y.numel()), generator=generator)
+    weights = torch.zeros(resamples, y.numel(), dtype=torch.float64).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    seed_draws = torch.randint(0, a.shape[0], (resamples, a.shape[0]), generator=generator)
+    identity = torch.ones(1, y.numel(), dtype=torch.float64)
+    value = resampled_metric(a, y, weights, metric)
+    point = resampled_metric(a, y, identity, metric)[:, 0]
+    if b is not None:
+        value = value - resampled_metric(b, y, weights, metric)
+        point = point - resampled_metric(b, y, identity, metric)[:, 0]
+    statistic = value.T.gather(1, seed_draws).mean(dim=1)  # (resamples,): mean over the drawn seeds
+    low, high = torch.quantile(statistic, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    below, above = (statistic <= 0).double().mean().item(), (statistic >= 0).double().mean().item()
+    return BootstrapResult(point.mean().item(), low, high, min(1.0, 2 * min(below, above)), resamples)
