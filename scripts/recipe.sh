@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The recipe search of results/recipe.md: centralized fits of SmolLM2 on the all-agree split, one per setting and
+# seed, every one calibrating (model.calibrate: macro_f1, which changes no training step) so that the split-half
+# value of calibration comes for free. Settings are chosen on validation only: the table is built from metrics.csv
+# (python -m fedlm.experiment.recipe runs/recipe --out results/recipe.md), never from a test file. A run whose
+# metrics.csv has its last validation is kept, so the same command resumes.
+#   FEDLM_FPB_DIR=../shared/data/FinancialPhraseBank-v1.0 bash scripts/recipe.sh [runs/recipe]
+# SETTINGS picks a subset of the names below, SEEDS the seeds (default 1234 1235).
+set -euo pipefail
+out=${1:-runs/recipe}
+nemo="--model.lr_schedule cosine --model.final_lr_fraction 0.1 --model.weight_decay 0.01 --trainer.gradient_clip_val 1.0"
+declare -A flags=(
+  [base]=""                                                       # configs/fpb_centralized.yaml as shipped
+  [cosine]="$nemo"                                                # NeMo's p-tuning schedule, clipping, decay
+  [cosine_labelwords]="$nemo --model.loss label_words"
+  [cosine_labelwords_4ep]="$nemo --model.loss label_words --trainer.max_epochs 4 --model.warmup_steps 40"
+  [cosine_labelwords_4ep_20tok]="$nemo --model.loss label_words --trainer.max_epochs 4 --model.warmup_steps 40 --model.encoder.virtual_tokens 20"
+  [cosine_labelwords_4ep_lr3e-3]="$nemo --model.loss label_words --trainer.max_epochs 4 --model.warmup_steps 40 --model.lr 0.003"
+)
+for setting in ${SETTINGS:-base cosine cosine_labelwords cosine_labelwords_4ep}; do
+  [[ -v flags[$setting] ]] || { echo "unknown setting $setting; known: ${!flags[*]}" >&2; exit 2; }
+  for seed in ${SEEDS:-1234 1235}; do
+    folder=$out/$setting/seed$seed
+    if [[ -f $folder/done ]]; then echo "[recipe] $folder: done before, kept"; continue; fi
+    rm -rf "$folder" && mkdir -p "$folder"
+    echo "[recipe] $folder: running, log $folder/output.log"
+    # shellcheck disable=SC2086
+    .venv/bin/fedlm fit --config configs/fpb_centralized.yaml ${flags[$setting]} --model.calibrate macro_f1 \
+      --seed_everything "$seed" --data.init_args.shuffle_seed "$seed" --test_after_fit false \
+      --trainer.default_root_dir "$folder" --trainer.enable_progress_bar false \
+      --trainer.logger "{\"class_path\": \"lightning.pytorch.loggers.CSVLogger\", \"init_args\": {\"save_dir\": \"$folder\", \"name\": \"logs\", \"version\": 0}}" \
+      > "$folder/output.log" 2>&1
+    touch "$folder/done"
+  done
+done

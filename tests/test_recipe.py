@@ -1,0 +1,37 @@
+"""The recipe search table: validation only, the end of each run, settings ranked by their mean over seeds."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from fedlm.experiment.recipe import RUN_METRICS, read_search_run, search_table
+
+
+def fake_run(root: Path, setting: str, seed: int, accuracies: list[float], halves: tuple[float, float] | None = None) -> Path:
+    folder = root / setting / f"seed{seed}" / "logs" / "version_0"
+    folder.mkdir(parents=True)
+    fields = ["step", "train/loss", "val/acc", "val/macro_f1", "val/calibration/halves_raw_macro_f1", "val/calibration/halves_calibrated_macro_f1"]
+    with (folder / "metrics.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        for step, acc in enumerate(accuracies):
+            writer.writerow({"step": step, "train/loss": 1.0})  # a training row: no validation in it
+            row = {"step": step, "val/acc": acc, "val/macro_f1": acc - 0.1}
+            if halves is not None:
+                row.update({"val/calibration/halves_raw_macro_f1": halves[0], "val/calibration/halves_calibrated_macro_f1": halves[1]})
+            writer.writerow(row)
+    return folder / "metrics.csv"
+
+
+def test_runs_score_their_last_validations_and_settings_rank_by_the_mean_over_seeds(tmp_path: Path) -> None:
+    fake_run(tmp_path, "base", 1, [0.5, 0.80, 0.82, 0.84])
+    fake_run(tmp_path, "base", 2, [0.5, 0.70, 0.72, 0.74])
+    fake_run(tmp_path, "better", 1, [0.6, 0.90, 0.90, 0.90], halves=(0.80, 0.84))
+    run = read_search_run(tmp_path / "base" / "seed1" / "logs" / "version_0" / "metrics.csv", last=3)
+    assert (run.setting, run.seed, run.validations) == ("base", 1, 4) and run.val_acc == pytest.approx(0.82)
+    assert run.val_macro_f1 == pytest.approx(0.72) and run.halves_raw is None
+    runs = [read_search_run(path, 3) for path in sorted(tmp_path.glob(RUN_METRICS))]
+    lines = search_table(runs, 3).splitlines()
+    assert lines[2].startswith("| better | 1 | 0.900 | 0.800 | 0.800 -> 0.840 |")
+    assert lines[3].startswith("| base | 1 2 | 0.770 (0.720-0.820) |")
