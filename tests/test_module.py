@@ -203,3 +203,21 @@ def test_a_compiled_backbone_trains_like_the_eager_one(tiny_gpt2_dir: str, synth
         trained.append(torch.cat([p.detach().flatten() for p in module.encoder.parameters()]))
     assert module.hparams.compile and module.backbone.base_model._compiled_call_impl is not None
     torch.testing.assert_close(trained[1], trained[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache_prefix", [False, True])
+def test_the_label_words_loss_is_the_cross_entropy_over_the_class_scores(tiny_model_dir: str, cache_prefix: bool) -> None:
+    words = single_token_words(tiny_module(tiny_model_dir))
+    template = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
+    module = tiny_module(tiny_model_dir, label_words=words, loss="label_words", template=template, cache_prefix=cache_prefix)
+    batch = batch_of(module, SENTENCES)
+    _, scores = module.loss_and_scores(batch)  # log-probabilities of the label words
+    loss = module.train_loss(batch)
+    torch.testing.assert_close(loss, F.cross_entropy(scores, batch["label"]), atol=1e-6, rtol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in module.encoder.parameters() if p.requires_grad)
+
+
+def test_the_label_words_loss_needs_one_token_words(tiny_gpt2_dir: str) -> None:
+    with pytest.raises(ValueError, match="model.loss=label_words scores each class by its label word's one token"):
+        tiny_module(tiny_gpt2_dir, loss="label_words")  # the tiny tokenizer splits " negative"

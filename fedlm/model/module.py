@@ -248,9 +248,7 @@ class PTuningModule(L.LightningModule):
         loss = -self.answer_log_probs(hidden, aligned["targets"])[0].mean()
         if self.template.single_token_answers:
             # Every label word is one token: the gold pass already holds all of their scores.
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            last_prompt = hidden[rows, aligned["prompt_length"] - 1]
-            log_probs = F.log_softmax(self.backbone.get_output_embeddings()(last_prompt).float(), dim=-1)
+            log_probs = F.log_softmax(self.last_prompt_logits(hidden, aligned), dim=-1)
             return loss, log_probs[:, [answer[0] for answer in self.template.answers]]
         candidates = {k: v.to(self.device) for k, v in self.template.candidates(batch).items()}
         hidden, aligned = self.hidden_states(candidates)
@@ -267,9 +265,13 @@ class PTuningModule(L.LightningModule):
         if self.loss == "answer_tokens":
             return -self.answer_log_probs(hidden, aligned["targets"])[0].mean()
         # The classes' logits, as scoring reads them: the softmax over them is the one over their log-probabilities.
+        logits = self.last_prompt_logits(hidden, aligned)[:, [answer[0] for answer in self.template.answers]]
+        return F.cross_entropy(logits, aligned["label"])
+
+    def last_prompt_logits(self, hidden: torch.Tensor, aligned: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's full-vocabulary logits after its prompt: where a one-token label word is read."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        logits = self.backbone.get_output_embeddings()(hidden[rows, aligned["prompt_length"] - 1]).float()
-        return F.cross_entropy(logits[:, [answer[0] for answer in self.template.answers]], aligned["label"])
+        return self.backbone.get_output_embeddings()(hidden[rows, aligned["prompt_length"] - 1]).float()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.train_loss(batch) if self.dp_sgd is None else self.dp_sgd_loss(batch)
