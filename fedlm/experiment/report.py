@@ -39,10 +39,6 @@ class Run:
     def name(self) -> str:
         return f"client {self.client} alone" if self.kind == "local" else self.kind
 
-    @property
-    def correct(self) -> list[bool]:
-        return [label == pred for label, pred in zip(self.labels, self.predicted)]
-
 
 def read_run(folder: Path) -> Run:
     metrics = json.loads((folder / "test_metrics.json").read_text())
