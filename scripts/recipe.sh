@@ -5,7 +5,8 @@
 # (python -m fedlm.experiment.recipe runs/recipe --out results/recipe.md), never from a test file. A run whose
 # metrics.csv has its last validation is kept, so the same command resumes.
 #   FEDLM_FPB_DIR=../shared/data/FinancialPhraseBank-v1.0 bash scripts/recipe.sh [runs/recipe]
-# SETTINGS picks a subset of the names below, SEEDS the seeds (default 1234 1235).
+# SETTINGS picks a subset of the names below, SEEDS the seeds (default 1234 1235). The runs share the prefix cache on
+# disk (PREFIX_CACHE, default runs/prefix_cache, ~3 GiB), so only the first computes the sentences' key/values.
 set -euo pipefail
 out=${1:-runs/recipe}
 nemo="--model.lr_schedule cosine --model.final_lr_fraction 0.1 --model.weight_decay 0.01 --trainer.gradient_clip_val 1.0"
@@ -26,6 +27,7 @@ for setting in ${SETTINGS:-base cosine cosine_labelwords cosine_labelwords_4ep};
     echo "[recipe] $folder: running, log $folder/output.log"
     # shellcheck disable=SC2086
     .venv/bin/fedlm fit --config configs/fpb_centralized.yaml ${flags[$setting]} --model.calibrate macro_f1 \
+      --model.cache_dir "${PREFIX_CACHE:-runs/prefix_cache}" \
       --seed_everything "$seed" --data.init_args.shuffle_seed "$seed" --test_after_fit false \
       --trainer.default_root_dir "$folder" --trainer.enable_progress_bar false \
       --trainer.logger "{\"class_path\": \"lightning.pytorch.loggers.CSVLogger\", \"init_args\": {\"save_dir\": \"$folder\", \"name\": \"logs\", \"version\": 0}}" \

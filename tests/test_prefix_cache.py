@@ -182,3 +182,45 @@ def test_an_entry_depends_on_its_own_prefix_only_not_on_what_it_was_filled_with(
         alone = PrefixCache(module.backbone)
         alone.past([prefix])
         assert torch.equal(together.entries[prefix], alone.entries[prefix]), (len(prefix), len(shortest))
+
+
+@pytest.mark.parametrize("template", [CACHED_TEMPLATE, "Classify this news.\nSentence: {sentence}\n<|VIRTUAL_PROMPT_0|> Sentiment:{label}"])
+def test_a_later_process_reads_the_stored_entries_and_computes_the_same_bits(
+    tiny_model_dir: str, tmp_path: Path, template: str
+) -> None:
+    """A run that reads its prefixes from disk trains on the bits a run that computes them trains on."""
+    store = tmp_path / "prefixes"
+    first = tiny_module(tiny_model_dir, template=template, cache_prefix=True, cache_dir=str(store))
+    batch = mixed_batch(first)
+    first.train_loss(batch).backward()
+    written = first.prefix_cache.store.writes
+    assert written == len(first.prefix_cache) + (first.prefix_cache.head_entry is not None) > 0
+    assert first.prefix_cache.store.hits == 0
+
+    second = tiny_module(tiny_model_dir, template=template, cache_prefix=True, cache_dir=str(store))
+    loss = second.train_loss(batch)
+    loss.backward()
+    assert second.prefix_cache.store.hits == written and second.prefix_cache.store.writes == 0
+    assert second.prefix_cache.entries.keys() == first.prefix_cache.entries.keys()
+    assert all(torch.equal(second.prefix_cache.entries[k], v) for k, v in first.prefix_cache.entries.items())
+    assert torch.equal(loss, first.train_loss(batch))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(first.encoder.parameters(), second.encoder.parameters()))
+    assert not list(store.rglob(".entry-*"))  # no staging file left behind
+
+
+def test_stored_entries_are_kept_apart_per_backbone_and_a_colliding_file_is_a_miss(tiny_gpt2_dir: str, tmp_path: Path) -> None:
+    module = tiny_module(tiny_gpt2_dir, template=CACHED_TEMPLATE, cache_prefix=True).eval()
+    one = PrefixCache(module.backbone, store=tmp_path)
+    with torch.no_grad():
+        module.backbone.get_input_embeddings().weight.add_(1e-3)  # other weights: other bits, another folder
+    other = PrefixCache(module.backbone, store=tmp_path)
+    assert one.store.folder != other.store.folder
+    prefix = (5, 6, 7)
+    one.past([prefix])
+    one.store.path((8, 9)).write_bytes(one.store.path(prefix).read_bytes())  # as if (8, 9) hashed like (5, 6, 7)
+    assert one.store.load((8, 9)) is None and one.store.load(prefix) is not None
+
+
+def test_a_cache_dir_without_the_cache_is_refused(tiny_gpt2_dir: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"model\.cache_dir=.*model\.cache_prefix=true"):
+        tiny_module(tiny_gpt2_dir, cache_dir=str(tmp_path))

@@ -11,15 +11,26 @@ row's prefix length plus its offset), so rotary and absolute position embeddings
 
 A fixed head that every prefix starts with (an instruction before the sentence) is stored once: each entry then
 holds only the rest, computed with the head's key/values as its past, and ``past`` lays head and rest side by side.
+
+With a ``PrefixStore`` the entries also live on disk, so that the runs of a search or an experiment (each its own
+process) compute each sentence's key/values once between them instead of once each.
 """
 
 from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from fedlm.model.backbone import DTYPES, Dtype
 from fedlm.model.template import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 def split_at_first_virtual(batch: dict[str, torch.Tensor]) -> tuple[list[tuple[int, ...]], dict[str, torch.Tensor]]:
@@ -53,6 +64,57 @@ def split_at_first_virtual(batch: dict[str, torch.Tensor]) -> tuple[list[tuple[i
     return prefixes, suffix
 
 
+def backbone_fingerprint(model: PreTrainedModel, dtype: torch.dtype) -> str:
+    """A digest of everything a cached entry's bits depend on: the weights, the dtypes, torch and its thread count.
+
+    The thread count is in it because a CPU kernel may split a sum differently over another number of threads, and an
+    entry read from disk must equal the one this process would compute.
+    """
+    digest = hashlib.sha256(f"{torch.__version__}|{model.device.type}|{torch.get_num_threads()}|{dtype}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class PrefixStore:
+    """Cache entries on disk, one file each, in a folder of their own per backbone fingerprint.
+
+    A file is named by a digest of its key and holds the key too, so a digest collision reads as a miss. Files are
+    written to a temporary name and renamed, so processes sharing the folder (ranks, parallel runs) never read half
+    a file. The entries are derived from the data: keep the folder out of version control (``runs/`` is ignored).
+    """
+
+    def __init__(self, root: str | Path, fingerprint: str) -> None:
+        self.folder = Path(root) / fingerprint
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hits = self.writes = 0
+
+    def path(self, key: tuple[int, ...]) -> Path:
+        return self.folder / f"{hashlib.sha256(torch.tensor(key, dtype=torch.int64).numpy().tobytes()).hexdigest()[:32]}.pt"
+
+    def load(self, key: tuple[int, ...]) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        stored = torch.load(path, weights_only=True)
+        if stored["key"].tolist() != list(key):
+            return None
+        self.hits += 1
+        return stored["entry"]
+
+    def save(self, key: tuple[int, ...], entry: torch.Tensor) -> None:
+        handle, staging = tempfile.mkstemp(prefix=".entry-", dir=self.folder)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save({"key": torch.tensor(key, dtype=torch.int64), "entry": entry.cpu()}, file)
+            os.replace(staging, self.path(key))
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+        self.writes += 1
+
+
 class PrefixCache:
     """The frozen LM's key/values of each distinct prefix, content-addressed by the prefix token ids.
 
@@ -62,7 +124,9 @@ class PrefixCache:
     whole prefix, or over what follows ``head`` for a prefix that starts with it (``head`` itself is stored once).
     """
 
-    def __init__(self, model: PreTrainedModel, dtype: Dtype = "fp32", head: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, model: PreTrainedModel, dtype: Dtype = "fp32", head: tuple[int, ...] = (), store: str | Path | None = None
+    ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"model.cache_dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
         if any(DynamicCache(config=model.config).is_sliding):
@@ -76,6 +140,9 @@ class PrefixCache:
         self.nbytes = 0
         self.head = tuple(head)
         self.head_entry: torch.Tensor | None = None
+        self.store = PrefixStore(store, backbone_fingerprint(model, self.dtype)) if store is not None else None
+        if self.store is not None:
+            log.info("Prefix cache on disk: %s", self.store.folder)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -122,13 +189,24 @@ class PrefixCache:
         for prefix in prefixes:
             if self.starts_with_head(prefix):
                 if self.head_entry is None:
-                    self.head_entry = self._forward(self.head)
+                    self.head_entry = self._computed((-1, *self.head), self.head)
                     self.nbytes += self.head_entry.numel() * self.head_entry.element_size()
-                entry = self._forward(prefix[len(self.head) :], after_head=True)
+                # -2 marks an entry computed after a head of this length: not the bits of the same tokens computed whole.
+                entry = self._computed((-2, len(self.head), *prefix), prefix[len(self.head) :], after_head=True)
             else:
-                entry = self._forward(prefix)
+                entry = self._computed(prefix, prefix)
             self.entries[prefix] = entry
             self.nbytes += entry.numel() * entry.element_size()
+
+    def _computed(self, key: tuple[int, ...], sequence: tuple[int, ...], after_head: bool = False) -> torch.Tensor:
+        """The entry of ``sequence``: read from the store if it has ``key``, else computed (and then stored)."""
+        if self.store is None:
+            return self._forward(sequence, after_head)
+        entry = self.store.load(key)
+        if entry is None:
+            entry = self._forward(sequence, after_head)
+            self.store.save(key, entry)
+        return entry.to(self.model.device)
 
     def _forward(self, sequence: tuple[int, ...], after_head: bool = False) -> torch.Tensor:
         """One sequence's (layers, 2, heads, length, head dim) key/values; with ``after_head``, the head's are its past."""
