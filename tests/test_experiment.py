@@ -159,3 +159,29 @@ def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> Non
     assert "Federated within 1 point of centralized or above it: not shown: the interval reaches" in text
     assert "Federated above every local-only client: yes" in text
     assert "resamples the seeds and the" in text and f"fedlm report {tmp_path} --out" in text
+
+
+def test_calibrated_predictions_get_rows_and_a_verdict_of_their_own(tmp_path: Path) -> None:
+    labels = [0, 1, 1, 2]
+
+    def fake_run(folder: Path, kind: str, predicted: list[int], calibrated: list[int], client: int | None = None) -> None:
+        folder.mkdir(parents=True)
+        acc = lambda preds: sum(p == y for p, y in zip(preds, labels)) / 4  # noqa: E731
+        metrics = {"kind": kind, "seed": 1, "client": client, "test/acc": acc(predicted), "test/macro_f1": acc(predicted),
+                   "test/calibrated/acc": acc(calibrated), "test/calibrated/macro_f1": acc(calibrated)}  # fmt: skip
+        predictions = {"classes": ["a", "b", "c"], "label": labels, "predicted": predicted, "predicted_calibrated": calibrated}
+        (folder / "test_metrics.json").write_text(json.dumps(metrics))
+        (folder / "test_predictions.json").write_text(json.dumps(predictions))
+
+    fake_run(tmp_path / "c1", "centralized", [0, 1, 1, 1], [0, 1, 1, 1])
+    fake_run(tmp_path / "f1", "federated", [1, 1, 1, 1], [0, 1, 1, 2])  # calibration fixes it
+    fake_run(tmp_path / "l1", "local", [0, 1, 1, 2], [1, 1, 1, 1], client=0)
+    rows = group(find_runs([tmp_path]))
+    assert list(rows) == ["centralized", "centralized, calibrated", "federated", "federated, calibrated",
+                          "client 0 alone", "client 0 alone, calibrated"]  # fmt: skip
+    assert rows["federated, calibrated"][0].predicted == [0, 1, 1, 2] and rows["federated"][0].predicted == [1, 1, 1, 1]
+    text = write_report([tmp_path], tmp_path / "report").read_text()
+    assert "| federated, calibrated | 1 | 1.000 [1.000, 1.000] |" in text and "| federated | 1 | 0.500 [" in text
+    raw, calibrated = text.split("With calibrated predictions")
+    assert "Federated above every local-only client: no" in raw.split("## Verdict")[1]
+    assert "Federated above every local-only client: yes" in calibrated.split("## Plots")[0]

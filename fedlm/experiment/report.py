@@ -1,7 +1,9 @@
 """``fedlm report RUN_DIR...``: the triad's table and plots, rebuilt from saved run logs without retraining.
 
 A run is any folder holding ``test_metrics.json`` and ``test_predictions.json`` (written by ``fit`` with
-``test_after_fit: true``, or by ``test``) and, for the curves, the CSVLogger's ``metrics.csv``.
+``test_after_fit: true``, or by ``test``) and, for the curves, the CSVLogger's ``metrics.csv``. A run trained with
+``model.calibrate`` also has calibrated predictions: they make a row of their own beside the raw one ("federated,
+calibrated"), and the verdict is given for each.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import csv
 import json
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -34,10 +36,19 @@ class Run:
     curve: list[tuple[float, float, float]] = field(default_factory=list)  # (fraction of budget, val loss, val acc)
     bytes_exchanged: float = 0.0
     config: dict = field(default_factory=dict)  # the resolved fedlm config LightningCLI saved (config.yaml)
+    calibrated: list[int] | None = None  # predictions with the label biases fitted on validation, if any
+    variant: str = ""  # "" for the raw predictions, "calibrated" for the calibrated view of the same run
 
     @property
     def name(self) -> str:
-        return f"client {self.client} alone" if self.kind == "local" else self.kind
+        base = f"client {self.client} alone" if self.kind == "local" else self.kind
+        return f"{base}, {self.variant}" if self.variant else base
+
+
+def calibrated_view(run: Run) -> Run:
+    """The same run scored by its calibrated predictions (the test/calibrated/* metrics)."""
+    metrics = {**run.metrics, "test/acc": run.metrics["test/calibrated/acc"], "test/macro_f1": run.metrics["test/calibrated/macro_f1"]}
+    return replace(run, metrics=metrics, predicted=run.calibrated, calibrated=None, variant="calibrated")
 
 
 def read_run(folder: Path) -> Run:
@@ -52,6 +63,7 @@ def read_run(folder: Path) -> Run:
         predictions["classes"],
         predictions["label"],
         predictions["predicted"],
+        calibrated=predictions.get("predicted_calibrated"),
     )
     if (folder / "metrics.csv").is_file():
         run.curve, run.bytes_exchanged = read_curve(folder / "metrics.csv")
@@ -65,7 +77,7 @@ def setup_table(rows: dict[str, list[Run]]) -> str:
     lines = ["| run | backbone | template | encoder | lr | warm-up | batch | schedule |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         config = runs[0].config
-        if not config or runs[0].kind == "zero-shot":
+        if not config or runs[0].kind == "zero-shot" or runs[0].variant:
             continue
         model, data = config.get("model", {}), config.get("data", {}).get("init_args", {})
         encoder, federation = model.get("encoder", {}), config.get("federation")
@@ -99,15 +111,22 @@ def find_runs(folders: list[Path]) -> list[Run]:
     found = sorted({p.parent for folder in folders for p in Path(folder).rglob("test_metrics.json")})
     if not found:
         raise FileNotFoundError(f"no test_metrics.json under {', '.join(map(str, folders))}; run fit with test_after_fit: true")
-    return [read_run(folder) for folder in found]
+    runs = [read_run(folder) for folder in found]
+    return runs + [calibrated_view(run) for run in runs if run.calibrated is not None]
 
 
 def group(runs: list[Run]) -> dict[str, list[Run]]:
     """Runs by row name (centralized, federated, client k alone, zero-shot), each list ordered by seed."""
     rows: dict[str, list[Run]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: (KIND_ORDER.index(r.kind) if r.kind in KIND_ORDER else 9, r.client or 0, r.seed or 0)):
+    order = lambda r: (KIND_ORDER.index(r.kind) if r.kind in KIND_ORDER else 9, r.client or 0, r.variant, r.seed or 0)  # noqa: E731
+    for run in sorted(runs, key=order):
         rows[run.name].append(run)
     return dict(rows)
+
+
+def view(rows: dict[str, list[Run]], variant: str) -> dict[str, list[Run]]:
+    """The rows of one variant under their plain names (so that "federated" means its calibrated row, say)."""
+    return {runs[0].name.removesuffix(f", {variant}"): runs for runs in rows.values() if runs[0].variant == variant}
 
 
 def majority(run: Run) -> tuple[str, float]:
@@ -215,6 +234,14 @@ def verdict(rows: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
+def verdict_calibrated(rows: dict[str, list[Run]]) -> list[str]:
+    """The verdict again on the calibrated rows, when the federated runs have them."""
+    calibrated = view(rows, "calibrated")
+    if "federated" not in calibrated:
+        return []
+    return ["With calibrated predictions (label biases fitted on the validation set):", "", *verdict(calibrated), ""]
+
+
 def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -245,7 +272,7 @@ def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
     names = list(rows)
     palette = plt.get_cmap("tab10").colors
     colors = {name: palette[i % 10] for i, name in enumerate(names)}
-    local = [n for n in names if rows[n][0].kind == "local"]
+    local = [n for n in names if rows[n][0].kind == "local" and not rows[n][0].variant]
     written = []
 
     def save(fig, filename: str) -> None:  # noqa: ANN001
@@ -265,7 +292,7 @@ def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
     save(fig, "val_loss_local_vs_federated.png")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    curves(ax, [n for n in names if rows[n][0].curve], 2, "validation accuracy")
+    curves(ax, [n for n in names if rows[n][0].curve and not rows[n][0].variant], 2, "validation accuracy")
     ax.set_title("Validation accuracy during training")
     save(fig, "val_accuracy.png")
 
@@ -330,8 +357,9 @@ def write_report(folders: list[Path], out: Path, command: str | None = None, not
         "",
         "## Verdict",
         "",
-        *verdict(rows),
+        *verdict(view(rows, "")),
         "",
+        *verdict_calibrated(rows),
         *interpretation,
         "## Plots",
         "",
