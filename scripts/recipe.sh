@@ -14,6 +14,7 @@ declare -A flags=(
   [base]=""                                                       # configs/fpb_centralized.yaml as shipped
   [cosine]="$nemo"                                                # NeMo's p-tuning schedule, clipping, decay
   [cosine_labelwords]="$nemo --model.loss label_words"
+  [cosine_labelwords_lr3e-3]="$nemo --model.loss label_words --model.lr 0.003"
   [cosine_labelwords_4ep]="$nemo --model.loss label_words --trainer.max_epochs 4 --model.warmup_steps 40"
   [cosine_labelwords_4ep_20tok]="$nemo --model.loss label_words --trainer.max_epochs 4 --model.warmup_steps 40 --model.encoder.virtual_tokens 20"
   [cosine_labelwords_4ep_lr3e-3]="$nemo --model.loss label_words --trainer.max_epochs 4 --model.warmup_steps 40 --model.lr 0.003"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlm.experiment.recipe import RUN_METRICS, read_search_run, search_table
+from fedlm.experiment.recipe import finished_runs, read_search_run, search_table
 
 
 def fake_run(root: Path, setting: str, seed: int, accuracies: list[float], halves: tuple[float, float] | None = None) -> Path:
@@ -21,6 +21,7 @@ def fake_run(root: Path, setting: str, seed: int, accuracies: list[float], halve
             if halves is not None:
                 row.update({"val/calibration/halves_raw_macro_f1": halves[0], "val/calibration/halves_calibrated_macro_f1": halves[1]})
             writer.writerow(row)
+    (folder.parents[1] / "done").touch()  # as recipe.sh marks a finished run
     return folder / "metrics.csv"
 
 
@@ -31,7 +32,10 @@ def test_runs_score_their_last_validations_and_settings_rank_by_the_mean_over_se
     run = read_search_run(tmp_path / "base" / "seed1" / "logs" / "version_0" / "metrics.csv", last=3)
     assert (run.setting, run.seed, run.validations) == ("base", 1, 4) and run.val_acc == pytest.approx(0.82)
     assert run.val_macro_f1 == pytest.approx(0.72) and run.halves_raw is None
-    runs = [read_search_run(path, 3) for path in sorted(tmp_path.glob(RUN_METRICS))]
+    (fake_run(tmp_path, "running", 1, [0.99]).parents[2] / "done").unlink()  # still going: left out
+    finished, unfinished = finished_runs(tmp_path)
+    assert [path.parents[3].name for path in unfinished] == ["running"] and len(finished) == 3
+    runs = [read_search_run(path, 3) for path in finished]
     lines = search_table(runs, 3).splitlines()
     assert lines[2].startswith("| better | 1 | 0.900 | 0.800 | 0.800 -> 0.840 |")
     assert lines[3].startswith("| base | 1 2 | 0.770 (0.720-0.820) |")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -49,6 +50,17 @@ def read_search_run(path: Path, last: int) -> SearchRun:
     )
 
 
+def finished_runs(root: Path) -> tuple[list[Path], list[Path]]:
+    """The metrics.csv of the finished runs under ``root``, and of the others.
+
+    recipe.sh marks a finished run with a file ``done`` beside its logs; a run still going (or killed) would be
+    scored by its early validations.
+    """
+    paths = sorted(root.glob(RUN_METRICS))
+    finished = [path for path in paths if (path.parents[2] / "done").is_file()]
+    return finished, [path for path in paths if path not in finished]
+
+
 def spread(values: list[float]) -> str:
     return f"{mean(values):.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else f"{values[0]:.3f}"
 
@@ -81,7 +93,9 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=3, help="validations averaged at the end of each run")
     parser.add_argument("--notes", type=Path, default=None, help="a hand-written reading to put under the table")
     args = parser.parse_args()
-    paths = sorted(args.runs.glob(RUN_METRICS))
+    paths, unfinished = finished_runs(args.runs)
+    for path in unfinished:
+        print(f"[recipe] {path.parents[2]}: not finished, left out", file=sys.stderr)
     if not paths:
         raise SystemExit(f"no runs under {args.runs} ({RUN_METRICS}); make them with bash scripts/recipe.sh {args.runs}")
     table = search_table([read_search_run(path, args.last) for path in paths], args.last)
