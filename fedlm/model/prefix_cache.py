@@ -189,7 +189,7 @@ class PrefixCache:
         for prefix in prefixes:
             if self.starts_with_head(prefix):
                 if self.head_entry is None:
-                    self.head_entry = self._computed((-1, *self.head), self.head)
+                    self.head_entry = self._computed(self.head, self.head)  # the head alone is a whole prefix
                     self.nbytes += self.head_entry.numel() * self.head_entry.element_size()
                 # -2 marks an entry computed after a head of this length: not the bits of the same tokens computed whole.
                 entry = self._computed((-2, len(self.head), *prefix), prefix[len(self.head) :], after_head=True)
