@@ -211,9 +211,10 @@ def test_the_label_words_loss_is_the_cross_entropy_over_the_class_scores(tiny_mo
     template = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
     module = tiny_module(tiny_model_dir, label_words=words, loss="label_words", template=template, cache_prefix=cache_prefix)
     batch = batch_of(module, SENTENCES)
-    _, scores = module.loss_and_scores(batch)  # log-probabilities of the label words
+    evaluated, scores = module.loss_and_scores(batch)  # log-probabilities of the label words
     loss = module.train_loss(batch)
     torch.testing.assert_close(loss, F.cross_entropy(scores, batch["label"]), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(evaluated, loss, atol=1e-6, rtol=1e-6)  # val/loss is the loss that is trained
     loss.backward()
     assert all(p.grad is not None for p in module.encoder.parameters() if p.requires_grad)
 

@@ -250,16 +250,19 @@ class PTuningModule(L.LightningModule):
         return token_log_probs, predicts_answer.nonzero()[:, 0]
 
     def loss_and_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean answer-token loss of the gold labels, and the (batch, classes) log-probability of each label word.
+        """The loss training minimizes (``model.loss``), and the (batch, classes) log-probability of each label word.
 
         Classification is constrained scoring: the label word with the highest log-probability wins.
         """
         hidden, aligned = self.hidden_states(batch)
-        loss = -self.answer_log_probs(hidden, aligned["targets"])[0].mean()
+        loss = None if self.loss == "label_words" else -self.answer_log_probs(hidden, aligned["targets"])[0].mean()
         if self.template.single_token_answers:
             # Every label word is one token: the gold pass already holds all of their scores.
             log_probs = F.log_softmax(self.last_prompt_logits(hidden, aligned), dim=-1)
-            return loss, log_probs[:, [answer[0] for answer in self.template.answers]]
+            scores = log_probs[:, [answer[0] for answer in self.template.answers]]
+            if loss is None:  # the softmax over the scores is the one over the label words' logits: train_loss's
+                loss = F.cross_entropy(scores, aligned["label"])
+            return loss, scores
         candidates = {k: v.to(self.device) for k, v in self.template.candidates(batch).items()}
         hidden, aligned = self.hidden_states(candidates)
         token_log_probs, rows = self.answer_log_probs(hidden, aligned["targets"])
