@@ -4,6 +4,10 @@ Each client draws from an endless stream of its own examples: shuffle 0, then sh
 (seed, client, pass). A round takes the next ``steps`` global batches of that stream, so what a client sees
 depends only on the seed, its data and the round index: not on which rank hosts it, nor on whether the run was
 resumed.
+
+DP-SGD instead draws every step's batch afresh (``draw="independent"``): a uniformly random subset of the client's
+examples, of fixed size, independent of every other step. That is the sampling its accountant composes
+(``fedlm.accounting``); shuffled passes, where each example appears exactly once per pass, are not.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import torch
 from torch.utils.data import Sampler
 
 from fedlm.seeding import derive_seed
+
+BatchDraw = Literal["shuffle", "independent"]  # passes over shuffles, or a fresh draw per step (DP-SGD)
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,8 @@ class RoundBatchSampler(Sampler[list[int]]):
     With ``ranks_per_client > 1`` every rank of a client walks the same stream and takes its own slice of each
     global batch, which is data parallelism within the client. With ``bucket_batches > 1`` and the examples'
     token ``lengths``, each window of that many global batches is regrouped by length (then the window's batches
-    are shuffled), so batches pad less; a round still holds exactly the same examples.
+    are shuffled), so batches pad less; a round still holds exactly the same examples. ``draw="independent"``
+    replaces the stream by a fresh draw per step (module docstring).
     """
 
     def __init__(
@@ -43,12 +51,25 @@ class RoundBatchSampler(Sampler[list[int]]):
         ranks_per_client: int = 1,
         lengths: Sequence[int] | None = None,
         bucket_batches: int = 1,
+        draw: BatchDraw = "shuffle",
     ) -> None:
         if bucket_batches > 1 and lengths is None:
             raise ValueError("bucket_batches > 1 needs the examples' lengths.")
+        if draw == "independent" and bucket_batches > 1:
+            raise ValueError(
+                "data.bucket_batches regroups examples across batches, so DP-SGD's batches would no longer be uniform "
+                "draws; set data.bucket_batches: 1 with model.dp_sgd."
+            )
+        global_batch = batch_size * ranks_per_client
+        small = [block.client for block in blocks if len(block.indices) < global_batch]
+        if draw == "independent" and small:
+            raise ValueError(
+                f"client(s) {small} hold fewer examples than one batch of {global_batch} (data.batch_size times the "
+                "client's ranks); DP-SGD draws each batch from them without replacement: lower data.batch_size."
+            )
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
         self.rank_in_client, self.ranks_per_client = rank_in_client, ranks_per_client
-        self.lengths, self.bucket_batches = lengths, bucket_batches
+        self.lengths, self.bucket_batches, self.draw = lengths, bucket_batches, draw
         self.round = 0
         # Lightning calls set_epoch on dataloader.sampler and dataloader.batch_sampler.sampler, never on the batch
         # sampler itself; without this every round would replay round 0's batches.
@@ -65,6 +86,10 @@ class RoundBatchSampler(Sampler[list[int]]):
         global_batch = self.batch_size * self.ranks_per_client
         mine = slice(self.rank_in_client * self.batch_size, (self.rank_in_client + 1) * self.batch_size)
         for block in self.blocks:
+            if self.draw == "independent":
+                for step in range(block.steps):
+                    yield self._drawn(block, step, global_batch)[mine]
+                continue
             start = self.round * block.steps * global_batch
             stream = [block.indices[self._position(block.client, len(block.indices), p)] for p in range(start, start + block.steps * global_batch)]
             batches = [stream[i : i + global_batch] for i in range(0, len(stream), global_batch)]
@@ -72,6 +97,10 @@ class RoundBatchSampler(Sampler[list[int]]):
                 batches = self._bucketed(block.client, batches)
             for batch in batches:
                 yield batch[mine]
+
+    def _drawn(self, block: ClientBlock, step: int, size: int) -> list[int]:
+        generator = torch.Generator().manual_seed(derive_seed("dp-batch", self.seed, block.client, self.round, step))
+        return [block.indices[i] for i in torch.randperm(len(block.indices), generator=generator)[:size].tolist()]
 
     def _bucketed(self, client: int, batches: list[list[int]]) -> list[list[int]]:
         assert self.lengths is not None

@@ -193,7 +193,9 @@ class FederatedLoop(L.Callback):
         self.secure: SecureAggregator | None = None
         dp = config.dp
         self.privacy = (
-            ClientPrivacy(dp, config.rounds, config.clients, config.sampled_per_round, config.client_fraction) if dp else None
+            ClientPrivacy(dp, config.rounds, config.clients, config.sampled_per_round, config.secure_aggregation.enabled)
+            if dp
+            else None
         )
         self.completed_rounds = 0
 
@@ -227,7 +229,8 @@ class FederatedLoop(L.Callback):
             rank_zero_info(
                 f"[fedlm dp] noise multiplier {p.noise_multiplier:.3f}, clip norm {p.clip_norm:g}"
                 f"{' (adaptive)' if p.config.adaptive_clipping else ''}: {fitting} rounds spend epsilon "
-                f"{p.epsilon_for(fitting):.2f} at delta {p.config.delta:g}"
+                f"{p.epsilon_for(fitting):.2f} at delta {p.config.delta:g} (replace-one; {p.peer_epsilon_for(fitting):.2f} "
+                "against a peer)"
                 + (f"; stopping there, before the {self.config.rounds} configured" if fitting < self.config.rounds else "")
             )
         blocks = datamodule.federate(self.topology, self.config.local_steps, self.config.local_epochs)
@@ -447,7 +450,7 @@ class FederatedLoop(L.Callback):
             "comm_seconds": self.comm_seconds,
         }
         if dp is not None:
-            summary["epsilon"], summary["clip_norm"] = dp.epsilon(), dp.clip_norm
+            summary["epsilon"], summary["peer_epsilon"], summary["clip_norm"] = dp.epsilon(), dp.peer_epsilon(), dp.clip_norm
         self._log(pl_module, summary)
         collapsed = dp is None and float(divergence[self.sampled].max()) == 0.0
         if len(self.sampled) > 1 and collapsed and steps.sum() > 0:
@@ -489,6 +492,7 @@ class FederatedLoop(L.Callback):
         }
         if "epsilon" in summary:
             metrics["dp/epsilon"], metrics["dp/clip_norm"] = summary["epsilon"], summary["clip_norm"]
+            metrics["dp/epsilon_peer"] = summary["peer_epsilon"]
         for client in range(self.config.clients):
             metrics[f"client{client}/train_loss"] = summary["client_train_loss"][client]
             metrics[f"client{client}/divergence"] = summary["client_divergence"][client]
@@ -500,7 +504,11 @@ class FederatedLoop(L.Callback):
             f"[fedlm] round {summary['round']}/{self.config.rounds}: client train loss {losses} | "
             f"compute {summary['compute_seconds']:.1f}s comm {summary['comm_seconds']:.3f}s | "
             f"{summary['bytes_exchanged'] / 1e6:.2f} MB exchanged"
-            + (f" | epsilon {summary['epsilon']:.2f}, clip {summary['clip_norm']:.3g}" if "epsilon" in summary else "")
+            + (
+                f" | epsilon {summary['epsilon']:.2f} (peer {summary['peer_epsilon']:.2f}), clip {summary['clip_norm']:.3g}"
+                if "epsilon" in summary
+                else ""
+            )
         )
 
     # -- after the last round: global and personalized models, per client ----------------------------------

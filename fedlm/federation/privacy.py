@@ -3,13 +3,18 @@ clipping (Andrew et al. 2021) and an RDP accountant from Google's ``dp-accountin
 
 Each round, each sampled client's update ``delta_k = theta_k - global`` (of the shared part only) is clipped to
 L2 norm ``clip_norm``; the round average is ``global + (sum_k clipped delta_k + noise) / m`` over the ``m``
-sampled clients, with ``noise ~ N(0, (noise_multiplier * clip_norm)^2)``. One client changes the sum by at most
-``clip_norm``, so each round is a Gaussian mechanism on clients; the accountant composes the rounds (with client
-sampling as Poisson subsampling at ``client_fraction``, the usual approximation of a fixed-size draw).
+sampled clients, with ``noise ~ N(0, (noise_multiplier * clip_norm)^2)``. The clients are a fixed-size draw (``m``
+of ``N``, without replacement), so the accountant composes one sampled-without-replacement Gaussian per round
+under the replace-one relation (``fedlm.accounting``): ``epsilon`` is what anyone who sees only the global models
+can learn about one client, provided they do not know which clients were drawn (the draw is seeded by
+``federation.seed``).
 
 The noise is distributed: each client adds its share ``N(0, sigma^2 / m)`` to its own clipped update before the
-all-reduce, so the sum carries the full noise without any party ever holding it (pair it with secure
-aggregation, and no party sees a single client's update either). The shares come from the operating system's
+all-reduce, so the sum carries the full noise. A peer sees more than the global models. Without secure
+aggregation the all-reduce hands it, at worst, one client's update with only that client's share of the noise
+(noise multiplier ``z / sqrt(m)``); with it, the sum, from which it can subtract its own share, leaving the other
+clients' ``z * sqrt((m - 1) / m)``. A peer also knows who took part, so its figure, ``peer_epsilon``, composes
+those Gaussians over every round without sampling amplification. The shares come from the operating system's
 randomness unless ``noise_seed`` is set, which makes runs reproducible and is then no privacy at all: anyone with
 the config can subtract the noise.
 """
@@ -82,18 +87,21 @@ class DPConfig:
 class ClientPrivacy:
     """Clips and noises client updates, tracks the clip norm and the privacy spent; lives in the FederatedLoop."""
 
-    def __init__(self, config: DPConfig, rounds: int, clients: int, sampled_per_round: int, client_fraction: float) -> None:
+    def __init__(self, config: DPConfig, rounds: int, clients: int, sampled_per_round: int, secure: bool) -> None:
         config.validate()
-        self.config, self.rounds, self.client_fraction = config, rounds, client_fraction
+        self.config, self.rounds, self.clients = config, rounds, clients
         self.sampled_per_round = sampled_per_round
         if config.noise_multiplier is None:
-            self.noise_multiplier = calibrate_noise(config.target_epsilon, rounds, client_fraction, config.delta)
+            self.noise_multiplier = calibrate_noise(config.target_epsilon, rounds, sampled_per_round, clients, config.delta)
         else:
             self.noise_multiplier = config.noise_multiplier
         self.count_noise = config.count_noise if config.count_noise is not None else clients / 20
         self.update_noise = self._update_noise_multiplier()
         self.clip_norm = config.clip_norm
         self.rounds_spent = 0
+        m = sampled_per_round
+        # The smallest part of the noise a peer cannot subtract (class docstring): all of it when it is the only client.
+        self.peer_noise_fraction = 1.0 if m == 1 else math.sqrt((m - 1) / m) if secure else math.sqrt(1 / m)
 
     def _update_noise_multiplier(self) -> float:
         """Adaptive clipping spends part of the budget on the count: Andrew et al. (2021), Theorem 1, gives the
@@ -109,11 +117,19 @@ class ClientPrivacy:
         return rest**-0.5
 
     def epsilon_for(self, rounds: int) -> float:
-        return epsilon_after(rounds, self.noise_multiplier, self.client_fraction, self.config.delta)
+        """Against a party that sees only the global models and not the draw of clients."""
+        return epsilon_after(rounds, self.noise_multiplier, self.sampled_per_round, self.clients, self.config.delta)
+
+    def peer_epsilon_for(self, rounds: int) -> float:
+        """Against one honest-but-curious peer: the noise it cannot subtract, every round, no amplification."""
+        return epsilon_after(rounds, self.noise_multiplier * self.peer_noise_fraction, 1, 1, self.config.delta)
 
     def epsilon(self) -> float:
         """What the rounds so far have spent."""
         return self.epsilon_for(self.rounds_spent)
+
+    def peer_epsilon(self) -> float:
+        return self.peer_epsilon_for(self.rounds_spent)
 
     def planned_rounds(self) -> int:
         """How many rounds to train: all of them, or (``stop_at_budget``) those that fit; refuses otherwise."""
@@ -124,7 +140,7 @@ class ClientPrivacy:
         fitting = max((r for r in range(self.rounds + 1) if self.epsilon_for(r) <= budget), default=0)
         if c.stop_at_budget and fitting > 0:
             return fitting
-        needed = calibrate_noise(budget, self.rounds, self.client_fraction, c.delta)
+        needed = calibrate_noise(budget, self.rounds, self.sampled_per_round, self.clients, c.delta)
         raise ValueError(
             f"federation.dp: {self.rounds} rounds at noise multiplier {self.noise_multiplier:.3f} spend epsilon "
             f"{planned:.2f} at delta {c.delta:g}, over federation.dp.epsilon_budget={budget:g}. Raise "

@@ -6,8 +6,11 @@ yields each example's gradient with respect to its copy. Pulling those back thro
 ``autograd.grad`` per example) gives exact per-example parameter gradients, without Opacus-style per-layer hooks,
 which the encoder could not use anyway: it has no batch dimension.
 
-The privacy spent is the RDP accountant's figure for ``steps`` steps of the subsampled Gaussian mechanism at
-sampling rate batch / examples (shuffled batches accounted as Poisson sampling, the usual approximation).
+The privacy spent is the RDP accountant's figure for ``steps`` steps of a Gaussian on a fixed-size batch drawn
+afresh each step without replacement from the client's examples (``RoundBatchSampler(draw="independent")``, which
+DP-SGD runs always use), under the replace-one relation (``fedlm.accounting``). The draws are seeded by
+``data.shuffle_seed``, so that a run is reproducible; the amplification by sampling holds against a party that
+does not know that seed, so a site that needs it against its peers gives its own secret ``shuffle_seed``.
 """
 
 from __future__ import annotations
