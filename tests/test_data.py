@@ -120,3 +120,38 @@ def test_label_outside_the_label_words_names_its_line(tmp_path: Path) -> None:
     data.connect(TEMPLATE)
     with pytest.raises(DataError, match=r"d\.jsonl:10: label 'bullish' is not in model.label_words"):
         data.encoded("train")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"val_file": "v.txt"}, "give data.val_file and data.test_file both, or neither"),
+        ({"train_file": "t.txt"}, "data.train_file needs data.val_file and data.test_file"),
+        ({"val_file": "v.txt", "test_file": "t.txt", "path": "fpb"}, "data.path='fpb' and data.agreement='all' pick"),
+        ({"val_file": "v.txt", "test_file": "t.txt", "agreement": "75"}, "remove data.path and data.agreement"),
+        ({"val_file": "v.txt", "test_file": "t.txt", "partition": {"kind": "agreement"}}, "builds its clients from every agreement file"),
+        ({"client_files": ["a.txt", "b.txt"], "partition": {"kind": "dirichlet"}}, "divides the pooled training split, but data.client_files"),
+    ],
+    ids=["val-without-test", "train-without-evaluation", "path-and-files", "agreement-and-files", "agreement-partition-and-files", "partition-and-client-files"],
+)
+def test_incoherent_phrasebank_sources_are_refused_with_the_fix(kwargs: dict, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        FinancialPhraseBank(**kwargs)
+
+
+def test_evaluation_files_without_a_training_source_test_but_do_not_fit(tmp_path: Path) -> None:
+    lines = "\n".join(f"sentence {i} .@{['negative', 'neutral', 'positive'][i % 3]}" for i in range(6))
+    val, test = write(tmp_path / "val.txt", lines), write(tmp_path / "test.txt", lines)
+    rows = "\n".join(json.dumps({"text": f"sentence {i} .", "label": "neutral"}) for i in range(6))
+    table = {split: str(write(tmp_path / f"{split}.jsonl", rows)) for split in ("val", "test")}
+    for make in (
+        lambda: FinancialPhraseBank(val_file=str(val), test_file=str(test)),
+        lambda: TextClassificationFiles(val_file=table["val"], test_file=table["test"]),
+    ):
+        make().setup("test")  # zero-shot: the evaluation files are all it needs
+        with pytest.raises(DataError, match="has no training split to fit on: .* Give data.train_file .* or data.client_files"):
+            make().setup("fit")
+    with pytest.raises(DataError, match=f"data.test_file: {tmp_path}/missing.txt does not exist"):
+        FinancialPhraseBank(val_file=str(val), test_file=str(tmp_path / "missing.txt")).setup("test")
+    with pytest.raises(DataError, match="give data.train_file .*, or data.val_file and data.test_file"):
+        TextClassificationFiles()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from test_federation import FEDERATION, REPO, TESTS, run_ranks, write_config
 
 from fedlm.federation.strategy import rank_file
@@ -116,36 +115,39 @@ def free_port() -> int:
 
 
 def test_two_nodes_on_loopback_each_with_only_its_own_data(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
-    lines = (synthetic_fpb / "Sentences_AllAgree.txt").read_text(encoding="latin-1").splitlines()
-    sites = [tmp_path / f"site{k}.txt" for k in (0, 1)]
-    for k, site in enumerate(sites):
-        site.write_text("\n".join(lines[k::2][:40]) + "\n", encoding="latin-1")
-    missing = [str(tmp_path / "elsewhere" / f"site{k}.txt") for k in (0, 1)]  # what a node cannot see
-    both = {"data": [str(sites[0]), str(sites[1])], "node0": [str(sites[0]), missing[1]], "node1": [missing[0], str(sites[1])]}
-    configs = {}
-    for name, files in both.items():
-        (tmp_path / name).mkdir()
-        config = write_config(tmp_path / name, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
-        raw = yaml.safe_load(config.read_text())
-        raw["data"]["init_args"]["client_files"] = files
-        config.write_text(yaml.safe_dump(raw))
-        configs[name] = config
-    result, reference = run_ranks(tmp_path / "data", configs["data"], 2)
+    """The README's multi-node launch: `fedlm split-data` cuts the files, node k's folder holds only site{k}.txt,
+    val.txt and test.txt, and every node runs the same data config on its own folder (naming the other site's file,
+    absent there). Static rendezvous, so that node k is rank k and hosts client k (c10d would order the nodes by
+    host and pid, not --node_rank). Each node opens only its own data, and the run is bitwise the partitioned run
+    on the pooled file."""
+    from test_data_locality import assert_opened_only_its_own, opened_by, site_layout, split_data, start_audited, with_data
+
+    (tmp_path / "pooled").mkdir()
+    result, reference = run_ranks(tmp_path / "pooled", write_config(tmp_path / "pooled", tiny_gpt2_dir, synthetic_fpb, FEDERATION), 2)
     assert result.returncode == 0, result.stderr[-3000:]
 
+    split = split_data(synthetic_fpb, tmp_path / "split")
+    folders = [site_layout(split, tmp_path / f"node{node}" / "data", node) for node in (0, 1)]
     port = free_port()
     nodes = []
-    for node in (0, 1):
+    for node, folder in enumerate(folders):
+        config = with_data(write_config(tmp_path / f"node{node}", tiny_gpt2_dir, synthetic_fpb, FEDERATION),
+                           client_files=[str(folder / "site0.txt"), str(folder / "site1.txt")],
+                           val_file=str(folder / "val.txt"), test_file=str(folder / "test.txt"))  # fmt: skip
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-                    "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=fedlm-test"]  # fmt: skip
-        nodes.append(launch(tmp_path / f"node{node}" / "out", configs[f"node{node}"], 1, launcher=launcher))
+                    "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+        nodes.append(start_audited(tmp_path / f"node{node}" / "out", config, launcher, env={"FEDLM_FPB_DIR": str(synthetic_fpb)}))
     for node in nodes:
         _, stderr = node.communicate(timeout=600)
         assert node.returncode == 0, stderr[-3000:]
-    records = [torch.load(path) for path in sorted((tmp_path).glob("node*/out/rank*.pt"))]
-    assert len(records) == 2
-    for record in records:
-        assert torch.equal(record["rounds"][-1]["global"], reference[0]["rounds"][-1]["global"])
+    for node, folder in enumerate(folders):
+        assert sorted(p.name for p in folder.iterdir()) == [f"site{node}.txt", "test.txt", "val.txt"]
+        record = torch.load(tmp_path / f"node{node}" / "out" / f"rank{node}.pt")
+        for ours, theirs in zip(record["rounds"], reference[node]["rounds"], strict=True):
+            assert torch.equal(ours["global"], theirs["global"])
+        opened = opened_by(tmp_path / f"node{node}" / "out", node)
+        own = [folder / f"site{node}.txt", folder / "val.txt", folder / "test.txt"]
+        assert_opened_only_its_own(opened, own, forbidden=[folders[1 - node], split, synthetic_fpb])
 
 
 def test_rank_parts_sit_beside_the_checkpoint() -> None:

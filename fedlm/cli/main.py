@@ -1,6 +1,7 @@
 """``fedlm`` command line: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``; ``fedlm experiment``
 and ``fedlm report`` live in ``fedlm.experiment``, ``fedlm export`` and ``fedlm predict SOURCE [INPUT]`` (new
-sentences) in ``fedlm.cli.export`` and ``fedlm.cli.predict``.
+sentences) in ``fedlm.cli.export`` and ``fedlm.cli.predict``, ``fedlm split-data`` (each site's files) in
+``fedlm.cli.split_data``.
 
 Configs compose (``--config base.yaml --config override.yaml``, later wins) and ``--print_config`` shows
 the resolved result.
@@ -211,8 +212,14 @@ LIGHTNING_PREDICT_OPTIONS = ("--config", "--ckpt_path", "--print_config", "--mod
 
 
 def main() -> None:
-    """The ``fedlm`` console script: LightningCLI's subcommands, plus ``experiment``, ``report``, ``export`` and
-    ``predict SOURCE [INPUT]`` (LightningCLI's ``predict`` when given its ``--config``, ``--ckpt_path``, ...)."""
+    """The ``fedlm`` console script: LightningCLI's subcommands, plus ``experiment``, ``report``, ``export``,
+    ``split-data`` and ``predict SOURCE [INPUT]`` (LightningCLI's ``predict`` when given its ``--config``,
+    ``--ckpt_path``, ...)."""
+    if len(sys.argv) > 1 and sys.argv[1] == "split-data":
+        from fedlm.cli.split_data import split_data_main
+
+        split_data_main(sys.argv[2:])
+        return
     if len(sys.argv) > 1 and sys.argv[1] in ("experiment", "report"):
         from fedlm.experiment import experiment_main, report_main
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from fedlm.data.partition import (
@@ -23,11 +23,12 @@ from fedlm.data.partition import (
     iid_partition,
     quantity_partition,
 )
-from fedlm.data.sampler import ClientBlock, RoundBatchSampler, ShardSampler
+from fedlm.data.sampler import BatchDraw, ClientBlock, RoundBatchSampler, ShardSampler
 from fedlm.data.sources import (
     Agreement,
     DataError,
     Example,
+    existing_file,
     phrasebank_file,
     phrasebank_levels,
     read_phrasebank,
@@ -62,8 +63,10 @@ class TextClassificationData(L.LightningDataModule):
 
     Args:
         client_files: one training file per client, in the same format as the dataset (a site holds only its
-            own file; a rank opens only the files of the clients it hosts). Without it, the training split is
-            divided among the clients by ``partition`` with ``partition_seed``. Validation and test stay shared.
+            own file; a rank opens only the files of the clients it hosts, and never the pooled training split:
+            that is read only by a run that trains on it, centralized). Without it, the training split is
+            divided among the clients by ``partition`` with ``partition_seed``. Validation and test stay shared
+            (``val_file``/``test_file`` of the subclasses, so that a site needs no other client's sentences).
         partition: how the training split is divided (``PartitionConfig``: iid by default, dirichlet label skew,
             quantity skew; ``FinancialPhraseBank`` adds agreement levels).
         local_client, local_clients: train without federation on client ``local_client``'s data alone, out of
@@ -116,8 +119,9 @@ class TextClassificationData(L.LightningDataModule):
             )
         if client_files is not None and partition.kind != "iid":
             raise DataError(
-                f"data.partition.kind={partition.kind!r} divides the training split, but data.client_files gives "
-                "each client its own file; remove one of the two."
+                f"data.partition.kind={partition.kind!r} divides the pooled training split, but data.client_files "
+                "gives each client its own file; remove data.partition (`fedlm split-data --partition` cuts such "
+                "client files), or data.client_files."
             )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -127,9 +131,11 @@ class TextClassificationData(L.LightningDataModule):
         self.client_holdout = client_holdout
         self.holdouts: dict[int, list[Example]] = {}  # set by federate(): each hosted client's held-out examples
         self.shuffle_seed, self.bucket_batches = shuffle_seed, bucket_batches
-        self.splits: dict[str, list[Example]] = {}
+        self.splits: dict[str, list[Example]] = {}  # "train" may be absent until a run needs it (``examples``)
+        self.files: dict[str, str | None] = {}  # a subclass's train/val/test files, when it reads them separately
         self._partition: list[list[int]] | None = None  # indices into the train split, per client
         self.template: PromptTemplate | None = None
+        self.batch_draw: BatchDraw = "shuffle"  # set by the model in connect()
         self._encoded: dict[str, EncodedDataset] = {}
         # Set by federate(); the centralized defaults are one client that holds the whole training split.
         self.train_examples: list[Example] | None = None
@@ -138,11 +144,33 @@ class TextClassificationData(L.LightningDataModule):
         self.eval_shard: tuple[int, int] | None = None  # (rank, world): each rank evaluates its share
 
     def load_splits(self) -> dict[str, list[Example]]:
+        """Validation and test, plus the training split when it is cut from the same file (else ``load_train``)."""
         raise NotImplementedError
 
-    def read_file(self, path: str) -> list[Example]:
-        """Read one client's training file (same format as the dataset)."""
+    def read_file(self, path: str, field: str = "data.client_files") -> list[Example]:
+        """Read one file in the dataset's format (``field``: the config field that named it, for errors)."""
         raise NotImplementedError
+
+    def read_evaluation_files(self) -> dict[str, list[Example]]:
+        """``val_file`` and ``test_file``; the training file waits until a run trains on it (``load_train``)."""
+        return {split: self.read_file(self.files[split], f"data.{split}_file") for split in ("val", "test")}
+
+    def load_train(self) -> list[Example]:
+        """The training split when ``load_splits`` left it out: ``train_file``, read on first use, so that a
+        federated rank with ``client_files`` never opens it."""
+        if self.files.get("train") is None:
+            raise DataError(
+                f"{type(self).__name__} has no training split to fit on: data.val_file and data.test_file give only "
+                "validation and test. Give data.train_file (`fedlm split-data` writes DIR/train.txt), or "
+                "data.client_files for a federated or local-only (data.local_client) run."
+            )
+        return self.read_file(self.files["train"], "data.train_file")
+
+    def examples(self, split: str) -> list[Example]:
+        """A split's examples, the training split read on first use (``load_train``)."""
+        if split == "train" and "train" not in self.splits:
+            self.splits["train"] = self.load_train()
+        return self.splits[split]
 
     def setup(self, stage: str) -> None:
         if not self.splits:
@@ -150,9 +178,9 @@ class TextClassificationData(L.LightningDataModule):
         if self.local_client is not None and self.train_examples is None:
             self.train_examples = self.client_examples(self.local_client, self.local_clients)
         for split in SPLITS_FOR_STAGE.get(stage, ()):
-            if split == "train" and self.train_examples is not None:
-                continue
-            if not self.splits.get(split):
+            if split == "train" and (self.train_examples is not None or self.client_files is not None):
+                continue  # read when needed: clients' files when the run federates, the pooled split if trained on
+            if not self.examples(split):
                 raise DataError(f"the {split!r} split is empty ({type(self).__name__}); check the data path and sizes.")
 
     def client_examples(self, client: int, num_clients: int) -> list[Example]:
@@ -183,14 +211,14 @@ class TextClassificationData(L.LightningDataModule):
                     "training file per client."
                 )
             return self.read_file(self.client_files[client])
-        train = self.splits["train"]
+        train = self.examples("train")
         return [train[i] for i in self.client_partition(num_clients)[client]]
 
     def client_partition(self, num_clients: int) -> list[list[int]]:
         """Each client's indices into the train split: made once (every hosted client asks), logged on rank 0."""
         if self._partition is None or len(self._partition) != num_clients:
             self._partition = self.partition_train(num_clients)
-            train = self.splits["train"]
+            train = self.examples("train")
             labels = sorted({example.label for example in train})
             rank_zero_info(
                 f"[fedlm data] {len(train)} training examples among {num_clients} clients, partition "
@@ -204,7 +232,7 @@ class TextClassificationData(L.LightningDataModule):
 
     def partition_train(self, num_clients: int) -> list[list[int]]:
         """Divide the train split by ``data.partition``; subclasses add their own kinds (``partition_kinds``)."""
-        train, config, seed = self.splits["train"], self.partition, self.partition_seed
+        train, config, seed = self.examples("train"), self.partition, self.partition_seed
         if config.kind == "dirichlet":
             return dirichlet_partition([example.label for example in train], num_clients, config.alpha, seed)
         if config.kind == "quantity":
@@ -241,14 +269,17 @@ class TextClassificationData(L.LightningDataModule):
         train = self.encoded("train").examples
         return EncodedDataset([train[i] for i in block.indices]), self._encode(self.holdouts[client])
 
-    def connect(self, template: PromptTemplate) -> None:
-        """Called by the model: encode with its tokenizer and template."""
+    def connect(self, template: PromptTemplate, batch_draw: BatchDraw = "shuffle") -> None:
+        """Called by the model: encode with its tokenizer and template, and draw training batches the way its
+        training needs (DP-SGD: ``independent``, the sampling its accountant composes)."""
         if template is not self.template:
             self.template, self._encoded = template, {}
+        self.batch_draw = batch_draw
 
     def encoded(self, split: str) -> EncodedDataset:
         if split not in self._encoded:
-            source = self.train_examples if split == "train" and self.train_examples is not None else self.splits[split]
+            hosted = split == "train" and self.train_examples is not None
+            source = self.train_examples if hosted else self.examples(split)
             self._encoded[split] = self._encode(source)
         return self._encoded[split]
 
@@ -277,6 +308,7 @@ class TextClassificationData(L.LightningDataModule):
             self.ranks_per_client,
             lengths=[len(example.input_ids) for example in dataset.examples],
             bucket_batches=self.bucket_batches,
+            draw=self.batch_draw,
         )
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.template.collate, num_workers=self.num_workers)
 
@@ -313,7 +345,15 @@ class FinancialPhraseBank(TextClassificationData):
 
     Args:
         path: the ``FinancialPhraseBank-v1.0`` folder; defaults to the ``FEDLM_FPB_DIR`` environment variable.
+            Its file holds every client's training sentences, so a site that must not see them gives
+            ``val_file`` and ``test_file`` instead.
         agreement: which file: sentences with at least 50, 66, 75 percent or all annotators agreeing.
+        train_fraction, split_seed: NeMo's split of that file (``split_examples``).
+        val_file, test_file: validation and test as files of ``sentence@label`` lines (``fedlm split-data`` cuts
+            them from the NeMo split); with them ``path`` is never opened. Give both, or neither.
+        train_file: the pooled training split as such a file, for a run that trains on it (centralized, or
+            clients cut by ``partition``); needs ``val_file`` and ``test_file``. Read only when a run needs it:
+            a federated run with ``client_files`` never does.
         **kwargs: batching, client, partition and seed options of ``TextClassificationData``.
     """
 
@@ -325,9 +365,30 @@ class FinancialPhraseBank(TextClassificationData):
         agreement: Agreement = "all",
         train_fraction: float = 0.8,
         split_seed: int = 1234,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        train_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.files = split_files(train_file, val_file, test_file, "data.path's file is split by NeMo's protocol")
+        if val_file is None and train_file is not None:
+            raise DataError(
+                "data.train_file needs data.val_file and data.test_file (the three files `fedlm split-data` writes); "
+                "without them, train, validation and test are all cut from data.path's file."
+            )
+        if val_file is not None and (path is not None or agreement != "all"):
+            raise DataError(
+                f"data.path={path!r} and data.agreement={agreement!r} pick the file that validation and test are cut "
+                "from, but data.val_file and data.test_file give them; remove data.path and data.agreement."
+            )
+        if val_file is not None and self.partition.kind == "agreement":
+            raise DataError(
+                "data.partition.kind=agreement builds its clients from every agreement file under data.path; remove "
+                "data.val_file, data.test_file and data.train_file, or cut per-level client files with `fedlm "
+                "split-data --partition '{kind: agreement}'` and give them as data.client_files (without "
+                "data.partition)."
+            )
         if self.partition.kind == "agreement" and agreement != "all":
             raise DataError(
                 f"data.partition.kind=agreement takes validation and test from the all-agree split, but "
@@ -338,6 +399,14 @@ class FinancialPhraseBank(TextClassificationData):
         self.train_levels: list[str] = []  # with the agreement partition: each training sentence's level
 
     def load_splits(self) -> dict[str, list[Example]]:
+        if self.files["val"] is not None:
+            return self.read_evaluation_files()
+        if self.client_files is not None:
+            rank_zero_warn(
+                "data.client_files with data.path: every rank still reads data.path's file, which holds every "
+                "client's training sentences, to cut validation and test. `fedlm split-data` writes them as files "
+                "(data.val_file, data.test_file), so that a site needs only its own training file."
+            )
         examples = read_phrasebank(phrasebank_file(self.path, self.agreement))
         splits = split_examples(examples, self.train_fraction, self.split_seed)
         if self.partition.kind == "agreement":
@@ -353,24 +422,23 @@ class FinancialPhraseBank(TextClassificationData):
             return agreement_partition(self.train_levels, self.partition.levels, num_clients)
         return super().partition_train(num_clients)
 
-    def read_file(self, path: str) -> list[Example]:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise DataError(f"data.client_files: {file} does not exist.")
-        return read_phrasebank(file)
+    def read_file(self, path: str, field: str = "data.client_files") -> list[Example]:
+        return read_phrasebank(existing_file(path, field))
 
 
 class TextClassificationFiles(TextClassificationData):
     """Your own task from ``.jsonl`` or ``.csv`` files.
 
     Give ``val_file`` and ``test_file`` both, or neither: then ``train_file`` is split like Financial
-    PhraseBank (``train_fraction`` for training, the rest halved into val and test). Labels must be keys of
+    PhraseBank (``train_fraction`` for training, the rest halved into val and test). With both, ``train_file``
+    is read only by a run that trains on it, and may be left out when ``client_files`` gives the training data
+    (a site then needs only its own file and the shared evaluation files). Labels must be keys of
     ``model.label_words``.
     """
 
     def __init__(
         self,
-        train_file: str,
+        train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
         text_field: str = "text",
@@ -380,16 +448,29 @@ class TextClassificationFiles(TextClassificationData):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if (val_file is None) != (test_file is None):
-            raise DataError("give data.val_file and data.test_file both, or neither (then train_file is split).")
-        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.files = split_files(train_file, val_file, test_file, "data.train_file is split")
+        if val_file is None and train_file is None:
+            raise DataError(
+                "give data.train_file (it is split into train, validation and test), or data.val_file and "
+                "data.test_file (with data.train_file or data.client_files for training)."
+            )
         self.text_field, self.label_field = text_field, label_field
         self.train_fraction, self.split_seed = train_fraction, split_seed
 
-    def read_file(self, path: str) -> list[Example]:
-        return read_table(Path(path).expanduser(), self.text_field, self.label_field)
+    def read_file(self, path: str, field: str = "data.client_files") -> list[Example]:
+        return read_table(existing_file(path, field), self.text_field, self.label_field)
 
     def load_splits(self) -> dict[str, list[Example]]:
         if self.files["val"] is None:
-            return split_examples(self.read_file(self.files["train"]), self.train_fraction, self.split_seed)
-        return {split: self.read_file(file) for split, file in self.files.items()}
+            pooled = self.read_file(self.files["train"], "data.train_file")
+            return split_examples(pooled, self.train_fraction, self.split_seed)
+        return self.read_evaluation_files()
+
+
+def split_files(
+    train_file: str | None, val_file: str | None, test_file: str | None, otherwise: str
+) -> dict[str, str | None]:
+    """The ``files`` of a datamodule; validation and test come as a pair (``otherwise``: what happens without)."""
+    if (val_file is None) != (test_file is None):
+        raise DataError(f"give data.val_file and data.test_file both, or neither (then {otherwise}).")
+    return {"train": train_file, "val": val_file, "test": test_file}

@@ -59,6 +59,19 @@ def phrasebank_file(path: str | None, agreement: Agreement) -> Path:
     return file
 
 
+def existing_file(path: str, field: str) -> Path:
+    """``path`` as a file that exists, else an error naming the config ``field`` that gave it."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"{field}: {file} does not exist.")
+    return file
+
+
+def format_phrasebank(examples: list[Example]) -> str:
+    """The ``sentence@label`` lines that ``read_phrasebank`` reads back as the same examples."""
+    return "".join(f"{example.text}@{example.label}\n" for example in examples)
+
+
 def read_phrasebank(file: Path) -> list[Example]:
     """Lines of ``sentence@label``; the last '@' separates the label."""
     examples = []

@@ -1,0 +1,198 @@
+"""Data locality: ``fedlm split-data`` cuts each site's files, a run on them is the partitioned run, and a rank opens
+no other client's training data (recorded by an audit hook on ``open``)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import synthetic_sentences
+from test_federation import FEDERATION, REPO, TESTS, run_ranks, write_config
+
+from fedlm.cli.split_data import split_data_main
+from fedlm.data import DataError, FinancialPhraseBank
+from fedlm.data.sources import read_phrasebank
+from fedlm.federation import Topology
+
+SPLIT_FILES = ["site0.txt", "site1.txt", "test.txt", "train.txt", "val.txt"]
+
+
+def split_data(fpb: Path, out: Path, *args: str) -> Path:
+    """``fedlm split-data`` for 2 clients, in this process; returns the folder it wrote."""
+    split_data_main(["--out", str(out), "--path", str(fpb), "--clients", "2", *args])
+    return out
+
+
+def with_data(config: Path, **init_args: object) -> Path:
+    """``config`` with its data section's ``init_args`` updated (``path`` left out unless given)."""
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["init_args"] = {**raw["data"]["init_args"], "path": None, **init_args}
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def site_layout(split: Path, folder: Path, client: int) -> Path:
+    """What a site holds: its own training file and the shared evaluation files, copied into ``folder``."""
+    folder.mkdir(parents=True)
+    for name in (f"site{client}.txt", "val.txt", "test.txt"):
+        shutil.copyfile(split / name, folder / name)
+    return folder
+
+
+def start_audited(out: Path, config: Path, launcher: list[str], *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """tests/audited_worker.py (federated_worker.py under the audit hook) as ``launcher`` starts it."""
+    out.mkdir(parents=True, exist_ok=True)
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [*launcher, str(TESTS / "audited_worker.py"), str(out), "fit", "--config", str(config), *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+
+
+def opened_by(out: Path, rank: int) -> list[Path]:
+    return [Path(p).resolve() for p in json.loads((out / f"opened-rank{rank}.json").read_text())]
+
+
+def assert_opened_only_its_own(opened: list[Path], own: list[Path], forbidden: list[Path]) -> None:
+    """It read its own data files and touched nothing under the ``forbidden`` files and folders."""
+    missing = [str(file) for file in own if file.resolve() not in opened]
+    assert not missing, f"did not open its own data {missing} (the audit saw nothing?)"
+    seen = [str(p) for p in opened for f in forbidden if p.is_relative_to(f.resolve())]
+    assert not seen, f"opened data it must not hold: {seen}"
+
+
+def texts(examples: list) -> list[tuple[str, str]]:
+    return [(e.text, e.label) for e in examples]
+
+
+# -- the split command ---------------------------------------------------------------------------------------
+
+
+def latin1_fpb(parent: Path) -> Path:
+    """A Financial PhraseBank folder in v1.0's latin-1, with one non-ASCII sentence."""
+    folder = parent / "FinancialPhraseBank-v1.0"
+    folder.mkdir()
+    lines = [f"{s}@{label}" for s, label in synthetic_sentences(119)] + ["A café opened in Espoo .@neutral"]
+    (folder / "Sentences_AllAgree.txt").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    return folder
+
+
+@pytest.mark.parametrize("partition", [None, "{kind: dirichlet, alpha: 0.5}"], ids=["iid", "dirichlet"])
+def test_split_data_writes_the_files_of_the_partitioned_run(partition: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fpb = latin1_fpb(tmp_path)
+    seeds = ["--partition_seed", "7", "--split_seed", "3"]
+    out = split_data(fpb, tmp_path / "split", *seeds, *(["--partition", partition] if partition else []))
+    assert sorted(p.name for p in out.iterdir()) == SPLIT_FILES  # nothing else, no partial file left
+    pooled = FinancialPhraseBank(path=str(fpb), partition_seed=7, split_seed=3, partition=yaml.safe_load(partition or "{}"))
+    pooled.setup("fit")
+    for split in ("train", "val", "test"):
+        assert texts(read_phrasebank(out / f"{split}.txt")) == texts(pooled.splits[split])  # same order
+    for k in (0, 1):
+        assert texts(read_phrasebank(out / f"site{k}.txt")) == texts(pooled.client_examples(k, 2))
+    written = {name: (out / name).read_bytes().decode("utf-8") for name in SPLIT_FILES}  # UTF-8, whatever came in
+    assert sum("A café opened in Espoo .@neutral\n" in written[f"{split}.txt"] for split in ("train", "val", "test")) == 1
+    sizes = {name: len(read_phrasebank(out / name)) for name in SPLIT_FILES}
+    assert [sizes[f"{split}.txt"] for split in ("train", "val", "test")] == [96, 12, 12]
+    assert sizes["site0.txt"] + sizes["site1.txt"] == 96
+    if partition is None:
+        assert sizes["site0.txt"] == sizes["site1.txt"] == 48
+    printed = capsys.readouterr().out
+    for name, size in sizes.items():
+        assert f"{out / name}: {size} sentences (negative " in printed
+
+
+def test_split_data_refuses_the_checkout_a_full_folder_and_a_bad_partition(synthetic_fpb: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inside = REPO / "fpb-sites-must-not-be-here"
+    for out, args, message in [
+        (inside, [], f"lies inside the fedlm checkout {REPO}"),
+        (tmp_path / "c", ["--partition", "[iid]"], "is not a mapping of data.partition's fields"),
+        (tmp_path / "d", ["--path", str(tmp_path / "nowhere")], "Sentences_AllAgree.txt does not exist"),
+    ]:
+        with pytest.raises(SystemExit):
+            split_data(synthetic_fpb, out, *args)
+        assert message in capsys.readouterr().err
+    assert not inside.exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    split_data(synthetic_fpb, tmp_path / "e")
+    with pytest.raises(SystemExit):
+        split_data(synthetic_fpb, tmp_path / "e")
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    split_data(synthetic_fpb, tmp_path / "e", "--force")
+
+
+# -- the datamodule on those files ---------------------------------------------------------------------------
+
+
+def test_split_files_give_the_pooled_splits_and_clients_and_the_training_file_is_read_only_if_trained_on(synthetic_fpb: Path, tmp_path: Path) -> None:
+    split = split_data(synthetic_fpb, tmp_path / "split", "--partition_seed", "7")
+    evaluation = {"val_file": str(split / "val.txt"), "test_file": str(split / "test.txt")}
+    sites = [str(split / f"site{k}.txt") for k in (0, 1)]
+    pooled = FinancialPhraseBank(path=str(synthetic_fpb), partition_seed=7, client_holdout=0.25)
+    pooled.setup("fit")
+    central = FinancialPhraseBank(**evaluation, train_file=str(split / "train.txt"), partition_seed=7, client_holdout=0.25)
+    central.setup("fit")
+    assert {s: texts(v) for s, v in central.splits.items()} == {s: texts(v) for s, v in pooled.splits.items()}
+    clients = FinancialPhraseBank(**evaluation, client_files=sites, partition_seed=7, client_holdout=0.25)
+    clients.setup("fit")
+    for k in (0, 1):  # the same training and held-out examples per client (the holdout is seeded per client)
+        assert [texts(part) for part in clients._client_split(k, 2)] == [texts(part) for part in pooled._client_split(k, 2)]
+
+    # with client_files, train_file is read only by a run that trains on it (here: a missing file, never opened)
+    lazy = FinancialPhraseBank(**evaluation, client_files=sites, train_file=str(tmp_path / "elsewhere.txt"))
+    lazy.setup("fit")
+    lazy.federate(Topology(2, 2, 1), local_steps=1, local_epochs=None)
+    assert "train" not in lazy.splits and {e.origin.split(":")[0] for e in lazy.train_examples} == {sites[1]}
+    with pytest.raises(DataError, match="data.train_file: .*elsewhere.txt does not exist"):
+        FinancialPhraseBank(**evaluation, client_files=sites, train_file=str(tmp_path / "elsewhere.txt")).examples("train")
+
+
+# -- real runs -----------------------------------------------------------------------------------------------
+
+
+def test_a_federated_run_on_the_split_files_is_bitwise_the_partitioned_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    """One process simulating both clients, from the pooled file and from the files (the two runs side by side)."""
+    split = split_data(synthetic_fpb, tmp_path / "split")
+    configs = {}
+    for name in ("pooled", "files"):
+        (tmp_path / name).mkdir()
+        configs[name] = write_config(tmp_path / name, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
+    with_data(configs["files"], client_files=[str(split / "site0.txt"), str(split / "site1.txt")],
+              val_file=str(split / "val.txt"), test_file=str(split / "test.txt"))  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:
+        runs = dict(zip(configs, pool.map(lambda name: run_ranks(tmp_path / name, configs[name], 1, "--test_after_fit", "true"), configs)))  # fmt: skip
+    for result, _ in runs.values():
+        assert result.returncode == 0, result.stderr[-3000:]
+    (_, (pooled,)), (_, (files,)) = runs["pooled"], runs["files"]
+    assert files["losses"] == pooled["losses"] and len(pooled["losses"]) == 3 * 2 * 3  # step for step
+    for a, b in zip(pooled["rounds"], files["rounds"], strict=True):
+        assert a["weights"] == b["weights"] and a["global"].equal(b["global"])
+        assert all(a["client_params"][k].equal(b["client_params"][k]) for k in (0, 1))
+    metrics = {name: json.loads((tmp_path / name / "test_metrics.json").read_text()) for name in configs}
+    tested = {name: {k: v for k, v in m.items() if k.startswith("test/")} for name, m in metrics.items()}
+    assert tested["files"] == tested["pooled"] and "test/acc" in tested["pooled"]
+
+
+def test_a_rank_opens_only_its_own_clients_training_file(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+    """Two ranks, one client each, on one machine: each client's file in a folder of its own, the evaluation files
+    in a shared one. The pooled file stays reachable (FEDLM_FPB_DIR) and is never opened."""
+    split = split_data(synthetic_fpb, tmp_path / "split")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in ("val.txt", "test.txt"):
+        shutil.copyfile(split / name, shared / name)
+    sites = [tmp_path / f"site{k}" / f"site{k}.txt" for k in (0, 1)]
+    for k, site in enumerate(sites):
+        site.parent.mkdir()
+        shutil.copyfile(split / site.name, site)
+    config = with_data(write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION),
+                       client_files=[str(s) for s in sites], val_file=str(shared / "val.txt"), test_file=str(shared / "test.txt"))  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    process = start_audited(tmp_path / "out", config, launcher, "--test_after_fit", "true", env={"FEDLM_FPB_DIR": str(synthetic_fpb)})
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    for rank in (0, 1):
+        opened = opened_by(tmp_path / "out", rank)
+        own = [sites[rank], shared / "val.txt", shared / "test.txt"]
+        assert_opened_only_its_own(opened, own, forbidden=[sites[1 - rank].parent, split, synthetic_fpb])
