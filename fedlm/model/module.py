@@ -193,7 +193,7 @@ class PTuningModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "connect"):
-            datamodule.connect(self.template)
+            datamodule.connect(self.template, "independent" if self.dp_sgd is not None else "shuffle")
 
     # -- forward -------------------------------------------------------------------------------------------
 
@@ -316,10 +316,10 @@ class PTuningModule(L.LightningModule):
         data, c = self.trainer.datamodule, self.dp_sgd
         batch = data.batch_size * data.ranks_per_client
         if data.blocks:  # federated: block.steps local steps per round on the client's own examples
-            spent = [(block.steps * (self.current_epoch + 1), batch / len(block.indices)) for block in data.blocks]
+            spent = [(block.steps * (self.current_epoch + 1), len(block.indices)) for block in data.blocks]
         else:
-            spent = [(self.global_step, batch / len(data.encoded("train")))]
-        return max(epsilon_after(steps, c.noise_multiplier, min(1.0, rate), c.delta) for steps, rate in spent)
+            spent = [(self.global_step, len(data.encoded("train")))]
+        return max(epsilon_after(steps, c.noise_multiplier, batch, size, c.delta) for steps, size in spent)
 
     def on_train_epoch_end(self) -> None:
         self._log_cache_size()
