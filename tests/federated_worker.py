@@ -2,11 +2,14 @@
 
 Usage: python federated_worker.py OUT_DIR fedlm-cli-args...  Writes OUT_DIR/rank{R}.pt with, per round, each
 hosted client's exchange vector before averaging, the global one after it, the weights and a backbone checksum;
-the encoder the run started from; the mask of what is shared; and what this rank handed to every
-``torch.distributed`` collective, as it was before the collective ran (the real collective still runs).
+the encoder the run started from; the mask of what is shared; the hosted clients' training examples as the
+datamodule encoded them; and everything this rank handed to every ``torch.distributed`` collective, whole, as it
+was before the collective ran (the real collective still runs), tagged with the round it ran in.
 """
 
+import inspect
 import os
+import pickle
 import signal
 import sys
 import time
@@ -21,29 +24,52 @@ from fedlm.cli.main import release_process_group
 from fedlm.federation import FederatedLoop
 
 SENT: list[torch.Tensor] = []  # what this rank handed to all_reduce
-COLLECTIVES: list[tuple[str, object]] = []  # what it handed to every collective: (name, tensor or object)
-OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
-TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "gather",
-                      "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-                      "send", "isend")  # fmt: skip
+# What it handed to every collective: {"name", "round", and "tensors" or, for objects, "pickled" (the bytes torch
+# sends for each object) and "repr"}. "round" is the round index, -1 before the first round (key exchange, resume
+# check), the number of rounds after the last.
+COLLECTIVES: list[dict] = []
+ROUND = [-1]  # the round running now; RoundRecorder moves it
+# the argument that holds what this rank contributes (on a non-source rank of a broadcast or scatter: the buffer
+# it receives into, so counting it overstates what is sent, never understates it)
+TENSOR_COLLECTIVES = {"all_reduce": "tensor", "all_gather": "tensor", "all_gather_into_tensor": "input_tensor",
+                      "broadcast": "tensor", "reduce": "tensor", "gather": "tensor", "scatter": "scatter_list",
+                      "reduce_scatter": "input_list", "reduce_scatter_tensor": "input",
+                      "all_to_all": "input_tensor_list", "all_to_all_single": "input", "send": "tensor",
+                      "isend": "tensor"}  # fmt: skip
+OBJECT_COLLECTIVES = {"all_gather_object": "obj", "broadcast_object_list": "object_list", "gather_object": "obj",
+                      "scatter_object_list": "scatter_object_input_list", "send_object_list": "object_list"}  # fmt: skip
 
 
 def recording(name: str, collective):  # noqa: ANN001, ANN201
-    """The real collective, after keeping a copy of what this rank contributes to it."""
+    """The real collective, after keeping a whole copy of what this rank contributes to it."""
+    signature = inspect.signature(collective)
 
-    def record(first, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def record(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        entry = {"name": name, "round": ROUND[0]}
+        bound = signature.bind(*args, **kwargs).arguments
         if name in OBJECT_COLLECTIVES:
-            COLLECTIVES.append((name, [repr(o)[:200] for o in (first if name != "all_gather_object" else args[:1])]))
-        elif isinstance(first, torch.Tensor):
-            contributed = first if name not in ("all_gather", "all_gather_into_tensor") else args[0]
-            COLLECTIVES.append((name, contributed.detach().clone()))
-            if name == "all_reduce":
-                SENT.append(first.detach().clone())
+            given = bound.get(OBJECT_COLLECTIVES[name])
+            objects = [given] if name in ("all_gather_object", "gather_object") else list(given or [])
+            entry["pickled"] = [pickle.dumps(o) for o in objects]  # as torch's _object_to_tensor pickles them
+            entry["repr"] = [repr(o) for o in objects]
         else:
-            COLLECTIVES.append((name, repr(first)[:200]))
-        return collective(first, *args, **kwargs)
+            given = bound.get(TENSOR_COLLECTIVES[name])
+            tensors = [given] if isinstance(given, torch.Tensor) else list(given or [])
+            entry["tensors"] = [t.detach().clone() for t in tensors]
+            if name == "all_reduce":
+                SENT.append(given.detach().clone())
+        COLLECTIVES.append(entry)
+        return collective(*args, **kwargs)
 
     return record
+
+
+def sent_bytes(entry: dict) -> int:
+    """The bytes a recorded collective carried from this rank: its tensors' data, or each object's pickle plus the
+    8-byte length torch sends ahead of it."""
+    if "tensors" in entry:
+        return sum(t.numel() * t.element_size() for t in entry["tensors"])
+    return sum(len(p) + 8 for p in entry["pickled"])
 
 
 class RoundRecorder(L.Callback):
@@ -54,12 +80,16 @@ class RoundRecorder(L.Callback):
         self.shared: torch.Tensor | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ROUND[0] = trainer.current_epoch
         if self.initial is not None:
             return
         loop = next((c for c in trainer.callbacks if isinstance(c, FederatedLoop)), None)
         vector = loop.global_params if loop else parameters_to_vector(pl_module.encoder.parameters())
         self.initial = vector.detach().clone()
         self.shared = loop.exchange.shared.clone() if loop else None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ROUND[0] = trainer.current_epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         self.losses.append(float(outputs["loss"]))
@@ -116,16 +146,39 @@ class FaultInjector(L.Callback):
                 p.grad.fill_(float("nan"))
 
 
-if __name__ == "__main__":
-    out, args = sys.argv[1], sys.argv[2:]
-    for name in (*TENSOR_COLLECTIVES, *OBJECT_COLLECTIVES):
-        setattr(dist, name, recording(name, getattr(dist, name)))
-    run = cli(args + ["--trainer.callbacks+=federated_worker.RoundRecorder", "--trainer.callbacks+=federated_worker.FaultInjector"])
-    import federated_worker  # the class the CLI instantiated, not this script's __main__ copy
+def training_examples(datamodule: L.LightningDataModule) -> dict[int, dict]:
+    """Each hosted client's training examples as the datamodule encoded them: per example its runs of real
+    (non-virtual) token ids, prompt and answer, and its text; and the client's labels in its data order."""
+    encoded = datamodule.encoded("train").examples
+    clients = {}
+    for block in datamodule.blocks:
+        examples = [encoded[i] for i in block.indices]
+        runs = []
+        for e in examples:
+            ids, real = torch.tensor(e.input_ids), torch.tensor(e.virtual_index) < 0
+            cuts = (real[1:] != real[:-1]).nonzero().flatten().add(1).tolist()
+            pieces = zip(torch.tensor_split(ids, cuts), torch.tensor_split(real, cuts))
+            runs.append([piece for piece, is_real in pieces if is_real[0]])
+        clients[block.client] = {
+            "token_runs": runs,
+            "texts": [datamodule.train_examples[i].text for i in block.indices],
+            "labels": torch.tensor([e.label for e in examples]),
+        }
+    return clients
 
-    recorder = next(c for c in run.trainer.callbacks if isinstance(c, federated_worker.RoundRecorder))
+
+if __name__ == "__main__":
+    import federated_worker as worker  # one copy of the recorder's state: the module the CLI's callbacks come from
+
+    out, args = sys.argv[1], sys.argv[2:]
+    for name in (*worker.TENSOR_COLLECTIVES, *worker.OBJECT_COLLECTIVES):
+        setattr(dist, name, worker.recording(name, getattr(dist, name)))
+    run = cli(args + ["--trainer.callbacks+=federated_worker.RoundRecorder", "--trainer.callbacks+=federated_worker.FaultInjector"])
+    recorder = next(c for c in run.trainer.callbacks if isinstance(c, worker.RoundRecorder))
     rank = dist.get_rank() if dist.is_initialized() else 0
+    federated = any(isinstance(c, FederatedLoop) for c in run.trainer.callbacks)
     record = {"rounds": recorder.rounds, "losses": recorder.losses, "initial": recorder.initial,
-              "shared": recorder.shared, "sent": SENT, "collectives": COLLECTIVES}  # fmt: skip
+              "shared": recorder.shared, "sent": worker.SENT, "collectives": worker.COLLECTIVES,
+              "examples": training_examples(run.datamodule) if federated else {}}  # fmt: skip
     torch.save(record, f"{out}/rank{rank}.pt")
     release_process_group()  # as the fedlm console script does
