@@ -27,7 +27,8 @@ class PrivacyRun:
     clip_only: bool  # clipped to the DP bound, no noise (epsilon infinite): what clipping alone costs
     noise_multiplier: float | None
     clip_norm: float | None
-    epsilon_spent: float | None  # dp/epsilon after the last round
+    epsilon_spent: float | None  # dp/epsilon after the last round: against a party that sees the global models
+    peer_epsilon: float | None  # dp/epsilon_peer after the last round: against one curious peer
     rounds: int
     test_acc: float
     test_macro_f1: float
@@ -49,6 +50,7 @@ def read_run(folder: Path) -> PrivacyRun:
     with (logs / "metrics.csv").open() as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("round/compute_seconds")]
     epsilons = [float(row["dp/epsilon"]) for row in rows if row.get("dp/epsilon")]
+    peers = [float(row["dp/epsilon_peer"]) for row in rows if row.get("dp/epsilon_peer")]
     printed = NOISE_LINE.search((folder / "output.log").read_text()) if (folder / "output.log").is_file() else None
     target = name.removeprefix("epsilon_")
     return PrivacyRun(
@@ -58,6 +60,7 @@ def read_run(folder: Path) -> PrivacyRun:
         noise_multiplier=float(printed.group(1)) if printed else None,
         clip_norm=float(printed.group(2)) if printed else None,
         epsilon_spent=epsilons[-1] if epsilons else None,
+        peer_epsilon=peers[-1] if peers else None,
         rounds=len(rows),
         test_acc=metrics["test/acc"],
         test_macro_f1=metrics["test/macro_f1"],
@@ -84,14 +87,17 @@ def read_runs(root: Path) -> list[PrivacyRun]:
 
 def table(runs: list[PrivacyRun]) -> str:
     lines = [
-        "| budget (delta 1e-5) | aggregation | noise multiplier | epsilon spent | test accuracy | test macro-F1 | compute s / round | all-reduce s / round | fit s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| budget (delta 1e-5) | aggregation | noise multiplier | epsilon spent | epsilon against a peer | test accuracy | test macro-F1 | compute s / round | all-reduce s / round | fit s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         noise = "-" if r.noise_multiplier is None else f"{r.noise_multiplier:.3f}"
-        spent = "infinite" if r.clip_only else "-" if r.epsilon_spent is None else f"{r.epsilon_spent:.2f}"
+        spent, peer = (
+            ("infinite", "infinite") if r.clip_only else
+            tuple("-" if value is None else f"{value:.2f}" for value in (r.epsilon_spent, r.peer_epsilon))
+        )  # fmt: skip
         lines.append(
-            f"| {r.budget} | {r.aggregation} | {noise} | {spent} | {r.test_acc:.3f} | {r.test_macro_f1:.3f} | "
+            f"| {r.budget} | {r.aggregation} | {noise} | {spent} | {peer} | {r.test_acc:.3f} | {r.test_macro_f1:.3f} | "
             f"{r.compute_seconds:.1f} | {r.comm_seconds:.3f} | {r.fit_seconds:.0f} |"
         )
     return "\n".join(lines)
