@@ -8,15 +8,16 @@ run printed and logged, not recomputed.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-RUN_LOGS = "*/epsilon_*/logs/version_0"  # under RUNS: <plain|secure>/epsilon_<E>/, as scripts/privacy.sh writes them
+from fedlm.experiment import figures, markdown
+from fedlm.experiment.runs import LOGS, find, floats, log_lines, logged, read_json, read_metrics
+
+PROG = "python -m fedlm.experiment.privacy"
+RUN_LOGS = f"*/epsilon_*/{LOGS.as_posix()}"  # under RUNS: <plain|secure>/epsilon_<E>/, as scripts/privacy.sh writes them
 NOISE_LINE = re.compile(r"\[fedlm dp\] noise multiplier ([0-9.]+), clip norm ([0-9.e-]+)")
 
 
@@ -45,13 +46,10 @@ class PrivacyRun:
 
 def read_run(folder: Path) -> PrivacyRun:
     aggregation, name = folder.parts[-2:]
-    logs = folder / "logs" / "version_0"
-    metrics = json.loads((logs / "test_metrics.json").read_text())
-    with (logs / "metrics.csv").open() as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("round/compute_seconds")]
-    epsilons = [float(row["dp/epsilon"]) for row in rows if row.get("dp/epsilon")]
-    peers = [float(row["dp/epsilon_peer"]) for row in rows if row.get("dp/epsilon_peer")]
-    printed = NOISE_LINE.search((folder / "output.log").read_text()) if (folder / "output.log").is_file() else None
+    metrics = read_json(folder / LOGS / "test_metrics.json")
+    rows = logged(read_metrics(folder / LOGS / "metrics.csv"), "round/compute_seconds")
+    epsilons, peers = floats(rows, "dp/epsilon"), floats(rows, "dp/epsilon_peer")
+    printed = next(filter(None, map(NOISE_LINE.search, log_lines(folder / "output.log"))), None)
     target = name.removeprefix("epsilon_")
     return PrivacyRun(
         aggregation=aggregation,
@@ -64,8 +62,8 @@ def read_run(folder: Path) -> PrivacyRun:
         rounds=len(rows),
         test_acc=metrics["test/acc"],
         test_macro_f1=metrics["test/macro_f1"],
-        compute_seconds=mean(float(row["round/compute_seconds"]) for row in rows),
-        comm_seconds=mean(float(row["round/comm_seconds"]) for row in rows),
+        compute_seconds=mean(floats(rows, "round/compute_seconds")),
+        comm_seconds=mean(floats(rows, "round/comm_seconds")),
         fit_seconds=metrics["fit_seconds"],
     )
 
@@ -73,44 +71,40 @@ def read_run(folder: Path) -> PrivacyRun:
 def majority_share(root: Path) -> float | None:
     """The accuracy of always answering the test set's most frequent class (every run tests the same sentences)."""
     for path in sorted(root.glob(f"{RUN_LOGS}/test_predictions.json")):
-        labels = json.loads(path.read_text())["label"]
+        labels = read_json(path)["label"]
         return max(labels.count(label) for label in set(labels)) / len(labels)
     return None
 
 
 def read_runs(root: Path) -> list[PrivacyRun]:
-    folders = sorted(path.parents[2] for path in root.glob(f"{RUN_LOGS}/test_metrics.json"))
+    found = find([root], f"{RUN_LOGS}/test_metrics.json", "make them with bash scripts/privacy.sh")
+    folders = sorted(path.parents[2] for path in found)
     runs = [read_run(folder) for folder in folders]
     # no DP, clipping only, then from the loosest budget to the tightest; plain before secure
     return sorted(runs, key=lambda r: (r.target_epsilon is not None, r.clip_only, -(r.target_epsilon or 0), r.aggregation))
 
 
+HEADER = ("budget (delta 1e-5)", "aggregation", "noise multiplier", "epsilon spent", "epsilon against a peer", "test accuracy",
+          "test macro-F1", "compute s / round", "all-reduce s / round", "fit s")  # fmt: skip
+
+
+def cells(r: PrivacyRun) -> list[str]:
+    noise = "-" if r.noise_multiplier is None else f"{r.noise_multiplier:.3f}"
+    spent, peer = (
+        ("infinite", "infinite") if r.clip_only else
+        tuple("-" if value is None else f"{value:.2f}" for value in (r.epsilon_spent, r.peer_epsilon))
+    )  # fmt: skip
+    return [r.budget, r.aggregation, noise, spent, peer, f"{r.test_acc:.3f}", f"{r.test_macro_f1:.3f}",
+            f"{r.compute_seconds:.1f}", f"{r.comm_seconds:.3f}", f"{r.fit_seconds:.0f}"]  # fmt: skip
+
+
 def table(runs: list[PrivacyRun]) -> str:
-    lines = [
-        "| budget (delta 1e-5) | aggregation | noise multiplier | epsilon spent | epsilon against a peer | test accuracy | test macro-F1 | compute s / round | all-reduce s / round | fit s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in runs:
-        noise = "-" if r.noise_multiplier is None else f"{r.noise_multiplier:.3f}"
-        spent, peer = (
-            ("infinite", "infinite") if r.clip_only else
-            tuple("-" if value is None else f"{value:.2f}" for value in (r.epsilon_spent, r.peer_epsilon))
-        )  # fmt: skip
-        lines.append(
-            f"| {r.budget} | {r.aggregation} | {noise} | {spent} | {peer} | {r.test_acc:.3f} | {r.test_macro_f1:.3f} | "
-            f"{r.compute_seconds:.1f} | {r.comm_seconds:.3f} | {r.fit_seconds:.0f} |"
-        )
-    return "\n".join(lines)
+    return markdown.table(HEADER, map(cells, runs))
 
 
 def plot(runs: list[PrivacyRun], out: Path, majority: float | None = None) -> Path:
     """Test accuracy against epsilon (no DP as a line), one marker per aggregation; seconds per round beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (acc_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (acc_ax, time_ax) = figures.pyplot().subplots(1, 2, figsize=(11, 4.2))
     styles = {"plain": ("o", "tab:blue"), "secure": ("x", "tab:red")}
     for aggregation, (marker, color) in styles.items():
         private = sorted((r for r in runs if r.aggregation == aggregation and r.target_epsilon), key=lambda r: r.target_epsilon)
@@ -134,16 +128,11 @@ def plot(runs: list[PrivacyRun], out: Path, majority: float | None = None) -> Pa
     time_ax.set_xlabel("seconds per round (rank 0)")
     time_ax.tick_params(axis="y", labelsize=7)
     time_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return figures.save(fig, out)
 
 
 def write_report(root: Path, out: Path, command: str, notes: Path | None) -> Path:
     runs = read_runs(root)
-    if not runs:
-        raise FileNotFoundError(f"no finished runs under {root} (expected <plain|secure>/epsilon_<E>/logs/version_0/).")
     png = plot(runs, out.with_suffix(".png"), majority_share(root))
     lines = [
         "# Privacy: test accuracy against the client-level budget, with and without secure aggregation",
@@ -155,26 +144,17 @@ def write_report(root: Path, out: Path, command: str, notes: Path | None) -> Pat
         table(runs),
         "",
         f"![accuracy against epsilon, and time per round]({png.name})",
-        "",
+        *markdown.appendix(notes),
     ]
-    if notes is not None:
-        lines += [notes.read_text().strip(), ""]
-    out.write_text("\n".join(lines))
-    return out
+    return markdown.write(out, lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedlm.experiment.privacy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", type=Path, help="the folder scripts/privacy.sh wrote (runs/privacy)")
+    parser = markdown.parser(PROG, __doc__, runs="the folder scripts/privacy.sh wrote (runs/privacy)")
     parser.add_argument("--out", type=Path, required=True, help="the Markdown report (its PNG goes beside it)")
-    parser.add_argument("--notes", type=Path, default=None, help="Markdown appended after the table (setup, reading)")
     parser.add_argument("--command", default="bash scripts/privacy.sh", help="the command that made the runs")
-    args = parser.parse_args(argv)
-    if args.notes is not None and not args.notes.is_file():
-        parser.error(f"--notes {args.notes}: no such file")
-    command = f"{args.command} && python -m fedlm.experiment.privacy {args.runs} --out {args.out}" + (
-        f" --notes {args.notes}" if args.notes else ""
-    )
+    args = markdown.parse(parser, argv)
+    command = f"{args.command} && {markdown.command_line(PROG, args.runs, args.out, args.notes)}"
     print(write_report(args.runs, args.out, command, args.notes).read_text())
 
 

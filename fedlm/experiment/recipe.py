@@ -9,14 +9,16 @@ on. Nothing here opens a test file: the table cannot be used to pick by test acc
 
 from __future__ import annotations
 
-import argparse
-import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-RUN_METRICS = "*/seed*/logs/version_0/metrics.csv"  # under RUNS, as scripts/recipe.sh writes them
+from fedlm.experiment import markdown
+from fedlm.experiment.runs import LOGS, floats, logged, read_metrics
+
+PROG = "python -m fedlm.experiment.recipe"
+RUN_METRICS = f"*/seed*/{LOGS.as_posix()}/metrics.csv"  # under RUNS, as scripts/recipe.sh writes them
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,7 @@ class SearchRun:
 
 def read_search_run(path: Path, last: int) -> SearchRun:
     """One run's validation scores from its metrics.csv."""
-    with path.open() as file:
-        rows = [row for row in csv.DictReader(file) if row.get("val/acc")]
+    rows = logged(read_metrics(path), "val/acc")
     if not rows:
         raise ValueError(f"{path} has no validation rows (val/acc); did the run reach its first validation?")
     tail = rows[-last:]
@@ -42,8 +43,8 @@ def read_search_run(path: Path, last: int) -> SearchRun:
     return SearchRun(
         setting,
         seed,
-        mean(float(row["val/acc"]) for row in tail),
-        mean(float(row["val/macro_f1"]) for row in tail),
+        mean(floats(tail, "val/acc")),
+        mean(floats(tail, "val/macro_f1")),
         float(halves["raw"]) if halves["raw"] else None,
         float(halves["calibrated"]) if halves["calibrated"] else None,
         len(rows),
@@ -70,29 +71,22 @@ def search_table(runs: list[SearchRun], last: int) -> str:
     settings: dict[str, list[SearchRun]] = {}
     for run in runs:
         settings.setdefault(run.setting, []).append(run)
-    lines = [
-        f"| setting | seeds | val accuracy, mean of the last {last} validations (range over seeds) | val macro-F1, same "
-        "| split-half macro-F1, raw -> calibrated (last validation) |",
-        "|---|---|---|---|---|",
-    ]
+    header = ["setting", "seeds", f"val accuracy, mean of the last {last} validations (range over seeds)", "val macro-F1, same",
+              "split-half macro-F1, raw -> calibrated (last validation)"]  # fmt: skip
+    rows = []
     for setting, group in sorted(settings.items(), key=lambda item: -mean(r.val_acc for r in item[1])):
         halves = [(r.halves_raw, r.halves_calibrated) for r in group if r.halves_raw is not None]
         calibration = f"{mean(h[0] for h in halves):.3f} -> {mean(h[1] for h in halves):.3f}" if halves else "-"
         seeds = " ".join(str(r.seed) for r in sorted(group, key=lambda r: r.seed))
-        lines.append(
-            f"| {setting} | {seeds} | {spread([r.val_acc for r in group])} | {spread([r.val_macro_f1 for r in group])} "
-            f"| {calibration} |"
-        )
-    return "\n".join(lines)
+        rows.append([setting, seeds, spread([r.val_acc for r in group]), spread([r.val_macro_f1 for r in group]), calibration])
+    return markdown.table(header, rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", type=Path)
+def main(argv: list[str] | None = None) -> None:
+    parser = markdown.parser(PROG, __doc__, runs="the folder scripts/recipe.sh wrote (runs/recipe)")
     parser.add_argument("--out", type=Path, default=None, help="write the table (and --notes) here, else print it")
     parser.add_argument("--last", type=int, default=3, help="validations averaged at the end of each run")
-    parser.add_argument("--notes", type=Path, default=None, help="a hand-written reading to put under the table")
-    args = parser.parse_args()
+    args = markdown.parse(parser, argv)
     paths, unfinished = finished_runs(args.runs)
     for path in unfinished:
         print(f"[recipe] {path.parents[2]}: not finished, left out", file=sys.stderr)
@@ -102,10 +96,9 @@ def main() -> None:
     if args.out is None:
         print(table)
         return
-    notes = ["", args.notes.read_text().strip()] if args.notes else []
-    command = f"python -m fedlm.experiment.recipe {args.runs} --out {args.out}" + (f" --notes {args.notes}" if args.notes else "")
-    text = ["# Recipe search (validation only)", "", f"Runs: `bash scripts/recipe.sh {args.runs}`; table: `{command}`.", "", table, *notes]
-    args.out.write_text("\n".join(text) + "\n")
+    command = markdown.command_line(PROG, args.runs, args.out, args.notes)
+    made = f"Runs: `bash scripts/recipe.sh {args.runs}`; table: `{command}`."
+    markdown.write(args.out, ["# Recipe search (validation only)", "", made, "", table, *markdown.appendix(args.notes)])
 
 
 if __name__ == "__main__":

@@ -8,16 +8,13 @@ calibrated"), and the verdict is given for each.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
+from fedlm.experiment import figures, markdown
+from fedlm.experiment.runs import find, floats, logged, read_config, read_json, read_metrics
 from fedlm.experiment.stats import BootstrapResult, Interval, Metric, hierarchical_bootstrap, mean_interval
 
 KIND_ORDER = ("centralized", "federated", "local", "zero-shot")
@@ -52,9 +49,10 @@ def calibrated_view(run: Run) -> Run:
 
 
 def read_run(folder: Path) -> Run:
-    metrics = json.loads((folder / "test_metrics.json").read_text())
-    predictions = json.loads((folder / "test_predictions.json").read_text())
-    run = Run(
+    metrics = read_json(folder / "test_metrics.json")
+    predictions = read_json(folder / "test_predictions.json")
+    curve, exchanged = read_curve(folder / "metrics.csv")  # none without a metrics.csv (a zero-shot test, say)
+    return Run(
         folder,
         metrics["kind"],
         metrics.get("seed"),
@@ -63,18 +61,16 @@ def read_run(folder: Path) -> Run:
         predictions["classes"],
         predictions["label"],
         predictions["predicted"],
+        curve=curve,
+        bytes_exchanged=exchanged,
+        config=read_config(folder),
         calibrated=predictions.get("predicted_calibrated"),
     )
-    if (folder / "metrics.csv").is_file():
-        run.curve, run.bytes_exchanged = read_curve(folder / "metrics.csv")
-    if (folder / "config.yaml").is_file():
-        run.config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    return run
 
 
 def setup_table(rows: dict[str, list[Run]]) -> str:
     """The settings that make the runs comparable, from the first seed's saved config of each row."""
-    lines = ["| run | backbone | template | encoder | lr | warm-up | batch | schedule |", "|---|---|---|---|---|---|---|---|"]
+    cells = []
     for name, runs in rows.items():
         config = runs[0].config
         if not config or runs[0].kind == "zero-shot" or runs[0].variant:
@@ -86,31 +82,22 @@ def setup_table(rows: dict[str, list[Run]]) -> str:
             schedule = f"{federation['clients']} clients, {federation['rounds']} rounds x {steps} local steps, FedAvg by {federation.get('weighting')}"
         else:
             schedule = f"{config.get('trainer', {}).get('max_epochs')} epochs"
-        lines.append(
-            f"| {name} | {model.get('backbone')} | `{model.get('template')}` (cache_prefix: {model.get('cache_prefix')}) | "
-            f"{encoder.get('type')}, {encoder.get('virtual_tokens')} virtual tokens | {model.get('lr')} | "
-            f"{model.get('warmup_steps')} | {data.get('batch_size')} | {schedule} |"
-        )
-    return "\n".join(lines)
+        cells.append([name, f"{model.get('backbone')}", f"`{model.get('template')}` (cache_prefix: {model.get('cache_prefix')})",
+                      f"{encoder.get('type')}, {encoder.get('virtual_tokens')} virtual tokens", f"{model.get('lr')}",
+                      f"{model.get('warmup_steps')}", f"{data.get('batch_size')}", schedule])  # fmt: skip
+    return markdown.table(("run", "backbone", "template", "encoder", "lr", "warm-up", "batch", "schedule"), cells)
 
 
 def read_curve(path: Path) -> tuple[list[tuple[float, float, float]], float]:
     """Validation loss and accuracy against the fraction of the run's optimizer steps done, and bytes exchanged."""
-    points, exchanged = [], 0.0
-    with path.open() as file:
-        for row in csv.DictReader(file):
-            if row.get("val/loss"):
-                points.append((int(row["step"]) + 1, float(row["val/loss"]), float(row["val/acc"])))
-            if row.get("round/bytes_exchanged"):
-                exchanged += float(row["round/bytes_exchanged"])
+    rows = read_metrics(path)
+    points = [(int(row["step"]) + 1, float(row["val/loss"]), float(row["val/acc"])) for row in logged(rows, "val/loss")]
     total = max((steps for steps, _, _ in points), default=1)
-    return [(steps / total, loss, acc) for steps, loss, acc in points], exchanged
+    return [(steps / total, loss, acc) for steps, loss, acc in points], sum(floats(rows, "round/bytes_exchanged"), 0.0)
 
 
 def find_runs(folders: list[Path]) -> list[Run]:
-    found = sorted({p.parent for folder in folders for p in Path(folder).rglob("test_metrics.json")})
-    if not found:
-        raise FileNotFoundError(f"no test_metrics.json under {', '.join(map(str, folders))}; run fit with test_after_fit: true")
+    found = sorted({path.parent for path in find(folders, "**/test_metrics.json", "run fit with test_after_fit: true")})
     runs = [read_run(folder) for folder in found]
     return runs + [calibrated_view(run) for run in runs if run.calibrated is not None]
 
@@ -167,14 +154,14 @@ def bootstrap_interval(runs: list[Run], metric: Metric = "accuracy") -> Interval
     return Interval(boot.difference, boot.low, boot.high, len(runs) * len(runs[0].labels))
 
 
+HEADER = ("run", "seeds", "test accuracy, mean [95% CI over seeds and sentences]",
+          "test macro-F1, mean [95% CI over seeds and sentences]", "accuracy, 95% t-interval over seeds only",
+          "per seed (accuracy)", "trainable params", "MB exchanged", "fit time (s)")  # fmt: skip
+
+
 def table(rows: dict[str, list[Run]]) -> str:
-    lines = [
-        "| run | seeds | test accuracy, mean [95% CI over seeds and sentences] | test macro-F1, mean [95% CI over seeds and sentences] "
-        "| accuracy, 95% t-interval over seeds only | per seed (accuracy) | trainable params | MB exchanged | fit time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
     majority_class, majority_acc = majority(next(iter(rows.values()))[0])
-    lines.append(f"| majority class ({majority_class}) | - | {majority_acc:.3f} | - | - | - | 0 | - | - |")
+    cells = [[f"majority class ({majority_class})", "-", f"{majority_acc:.3f}", "-", "-", "-", "0", "-", "-"]]
     for name, runs in rows.items():
         acc, f1, over_seeds = bootstrap_interval(runs), bootstrap_interval(runs, "macro_f1"), accuracy(runs)
         seeds = " ".join(f"{r.metrics['test/acc']:.3f}" for r in runs)
@@ -182,8 +169,8 @@ def table(rows: dict[str, list[Run]]) -> str:
         megabytes = mean_interval([r.bytes_exchanged / 1e6 for r in runs]).mean
         times = [r.metrics["fit_seconds"] for r in runs if r.metrics.get("fit_seconds")]
         fit_time = f"{mean_interval(times).mean:.0f}" if times else "-"
-        lines.append(f"| {name} | {len(runs)} | {acc} | {f1} | {over_seeds} | {seeds} | {params:,} | {megabytes:.3g} | {fit_time} |")
-    return "\n".join(lines)
+        cells.append([name, f"{len(runs)}", f"{acc}", f"{f1}", f"{over_seeds}", seeds, f"{params:,}", f"{megabytes:.3g}", fit_time])
+    return markdown.table(HEADER, cells)
 
 
 def bootstrap_words(boot: BootstrapResult) -> str:
@@ -242,62 +229,32 @@ def verdict_calibrated(rows: dict[str, list[Run]]) -> list[str]:
     return ["With calibrated predictions (label biases fitted on the validation set):", "", *verdict(calibrated), ""]
 
 
-def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def curves(ax, rows: dict[str, list[Run]], names: list[str], column: int, colors: dict[str, tuple]) -> None:  # noqa: ANN001
+    """The validation curves of the rows ``names``, one line per seed: loss (``column`` 1, log scale) or accuracy (2)."""
     from matplotlib.ticker import FuncFormatter
 
-    def curves(ax, names: list[str], column: int, ylabel: str) -> None:  # noqa: ANN001
-        for name in names:
-            runs = [r for r in rows.get(name, []) if r.curve]
-            if not runs:
-                continue
-            for index, run in enumerate(runs):
-                x, y = [p[0] for p in run.curve], [p[column] for p in run.curve]
-                ax.plot(x, y, marker="o", markersize=3, linewidth=1.5, alpha=0.8, color=colors[name],
-                        label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if index == 0 else None)  # fmt: skip
-        ax.set_xlabel("fraction of the training budget (same optimizer steps per example for every run)")
-        ax.set_ylabel(ylabel)
-        if column == 1:
-            ax.set_yscale("log")  # early losses are 10x the final ones; the differences that matter are late
-            plain = FuncFormatter(lambda value, _: f"{value:g}")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+    for name in names:
+        runs = [r for r in rows.get(name, []) if r.curve]
+        for index, run in enumerate(runs):
+            x, y = [p[0] for p in run.curve], [p[column] for p in run.curve]
+            ax.plot(x, y, marker="o", markersize=3, linewidth=1.5, alpha=0.8, color=colors[name],
+                    label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if index == 0 else None)  # fmt: skip
+    ax.set_xlabel("fraction of the training budget (same optimizer steps per example for every run)")
+    ax.set_ylabel("validation loss" if column == 1 else "validation accuracy")
+    if column == 1:
+        ax.set_yscale("log")  # early losses are 10x the final ones; the differences that matter are late
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
 
-    names = list(rows)
-    palette = plt.get_cmap("tab10").colors
-    colors = {name: palette[i % 10] for i, name in enumerate(names)}
-    local = [n for n in names if rows[n][0].kind == "local" and not rows[n][0].variant]
-    written = []
 
-    def save(fig, filename: str) -> None:  # noqa: ANN001
-        fig.tight_layout()
-        fig.savefig(out / filename, dpi=110)
-        plt.close(fig)
-        written.append(out / filename)
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    curves(ax, ["centralized", "federated"], 1, "validation loss")
-    ax.set_title("Validation loss: centralized vs federated")
-    save(fig, "val_loss_centralized_vs_federated.png")
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    curves(ax, ["federated", *local], 1, "validation loss")
-    ax.set_title("Validation loss: each client alone vs federated")
-    save(fig, "val_loss_local_vs_federated.png")
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    curves(ax, [n for n in names if rows[n][0].curve and not rows[n][0].variant], 2, "validation accuracy")
-    ax.set_title("Validation accuracy during training")
-    save(fig, "val_accuracy.png")
-
-    shown = [n for n in names if rows[n][0].kind != "zero-shot"]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
+def confusion_matrices(rows: dict[str, list[Run]], path: Path) -> Path:
+    """One test confusion matrix per trained row, summed over its seeds."""
+    shown = [n for n in rows if rows[n][0].kind != "zero-shot"]
+    fig, axes = figures.pyplot().subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
     for ax, name in zip(axes[0], shown):
         classes = rows[name][0].classes
         matrix = [[0] * len(classes) for _ in classes]
@@ -316,8 +273,28 @@ def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
         seeds = len(rows[name])
         ax.set_title(f"{name}\n(test, {f'{seeds} seeds summed' if seeds > 1 else '1 seed'})", fontsize=9)
     axes[0][0].set_ylabel("true")
-    save(fig, "confusion_matrices.png")
-    return written
+    return figures.save(fig, path)
+
+
+def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
+    """The report's figures in ``out``: three of validation curves, then the confusion matrices; their paths."""
+    plt = figures.pyplot()
+    palette = plt.get_cmap("tab10").colors
+    colors = {name: palette[i % 10] for i, name in enumerate(rows)}  # one color per row, in every figure
+    local = [n for n in rows if rows[n][0].kind == "local" and not rows[n][0].variant]
+    trained = [n for n in rows if rows[n][0].curve and not rows[n][0].variant]
+    panels = (  # the rows shown, the curve's column (1 loss, 2 accuracy), the title, the file
+        (["centralized", "federated"], 1, "Validation loss: centralized vs federated", "val_loss_centralized_vs_federated.png"),
+        (["federated", *local], 1, "Validation loss: each client alone vs federated", "val_loss_local_vs_federated.png"),
+        (trained, 2, "Validation accuracy during training", "val_accuracy.png"),
+    )
+    written = []
+    for names, column, title, filename in panels:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        curves(ax, rows, names, column, colors)
+        ax.set_title(title)
+        written.append(figures.save(fig, out / filename))
+    return [*written, confusion_matrices(rows, out / "confusion_matrices.png")]
 
 
 def relative(path: Path, base: Path) -> Path:
@@ -334,7 +311,7 @@ def write_report(folders: list[Path], out: Path, command: str | None = None, not
     result is what it is) is copied in under "Interpretation", since a verdict computed from a table cannot say why.
     """
     rows = group(find_runs(folders))
-    interpretation = ["## Interpretation", "", notes.read_text().strip(), ""] if notes is not None else []
+    interpretation = ["## Interpretation", *markdown.appendix(notes), ""] if notes is not None else []
     command = command or f"fedlm report {' '.join(str(relative(f, Path.cwd())) for f in folders)} --out {relative(out, Path.cwd())}"
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(rows, out)
@@ -367,21 +344,14 @@ def write_report(folders: list[Path], out: Path, command: str | None = None, not
         "",
         f"Runs read ({sum(len(runs) for runs in rows.values())}): "
         + ", ".join(sorted(str(relative(r.folder, Path.cwd())) for runs in rows.values() for r in runs)),
-        "",
     ]
-    readme = out / "README.md"
-    readme.write_text("\n".join(lines))
-    return readme
+    return markdown.write(out / "README.md", lines)
 
 
 def report_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fedlm report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders that contain run folders")
+    parser = markdown.parser("fedlm report", __doc__, runs="run folders, or folders that contain run folders", nargs="+")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: RUNS[0]/report)")
-    parser.add_argument("--notes", type=Path, default=None, help="Markdown file copied into the report under Interpretation")
-    args = parser.parse_args(argv)
-    if args.notes is not None and not args.notes.is_file():
-        parser.error(f"--notes {args.notes}: no such file")
+    args = markdown.parse(parser, argv)
     command = "fedlm report " + " ".join(argv if argv is not None else sys.argv[2:])
     readme = write_report(args.runs, args.out or args.runs[0] / "report", command, args.notes)
     print(readme.read_text())

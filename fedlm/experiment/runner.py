@@ -19,6 +19,7 @@ import yaml
 from jsonargparse import ArgumentParser, ActionConfigFile
 
 from fedlm.experiment.report import write_report
+from fedlm.experiment.runs import LOGS
 
 
 @dataclass
@@ -99,7 +100,7 @@ def run_experiment(config: TriadConfig) -> Path:
     for index, run in enumerate(runs, 1):
         folder = output / f"seed{run.seed}" / run.name
         label = f"[fedlm experiment] {index}/{len(runs)} seed {run.seed} {run.name}"
-        if (folder / "logs" / "version_0" / "test_metrics.json").is_file():
+        if (folder / LOGS / "test_metrics.json").is_file():
             print(f"{label}: done before, kept", flush=True)
             continue
         shutil.rmtree(folder, ignore_errors=True)
