@@ -1,12 +1,16 @@
 import json
+import logging.handlers
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch.utilities.rank_zero import rank_zero_module
 
-from fedlm.cli import cli
+from fedlm.cli import cli, main
+from fedlm.data import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,3 +112,81 @@ def test_shipped_configs_parse(name: str) -> None:
     assert printed["model"]["cache_prefix"] is True
     assert printed["data"]["class_path"] == "fedlm.data.FinancialPhraseBank"
     assert printed["test_checkpoint"] == "last"
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """``fedlm ARGS`` in this process, which must fail: its exit code and stderr."""
+    monkeypatch.setattr(sys, "argv", ["fedlm", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_fedlm_errors_print_one_line_and_exit_2(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("FEDLM_TRACEBACK", raising=False)
+    config = str(write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb))
+    code, err = run_main(monkeypatch, capsys, "fit", "--config", config, "--model.warmup_steps", "-1")
+    assert code == 2 and "fedlm: error: model.warmup_steps=-1 must be >= 0.\n" in err
+    assert err.splitlines()[-1] == "fedlm: (set FEDLM_TRACEBACK=1 to see the traceback)"
+
+    code, err = run_main(monkeypatch, capsys, "fit", "--config", config, "--federation.clients", "2", "--federation.rounds", "0")
+    assert code == 2 and "fedlm: error: federation.rounds=0 must be at least 1.\n" in err
+
+    with (synthetic_fpb / "Sentences_AllAgree.txt").open("a", encoding="latin-1") as file:
+        file.write("a sentence without its label\n")
+    code, err = run_main(monkeypatch, capsys, "fit", "--config", config)  # the file is read in setup, inside fit
+    assert code == 2 and "no '@' between sentence and label in 'a sentence without its label'" in err
+
+    monkeypatch.setenv("FEDLM_TRACEBACK", "1")
+    with pytest.raises(DataError, match="no '@' between sentence and label"):
+        main()
+
+
+def test_a_fedlm_error_from_the_console_script_has_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    args = [sys.executable, "-m", "fedlm", "test", "--config", "configs/fpb_centralized.yaml"]
+    environment = {**os.environ, "FEDLM_TRACEBACK": "0"}
+    result = subprocess.run(
+        [*args, "--ckpt_path", str(tmp_path / "notes.ckpt")], capture_output=True, text=True, cwd=REPO, env=environment
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-2:] == [
+        f"fedlm: error: {tmp_path / 'notes.ckpt'} is not a readable checkpoint: it is damaged, truncated, or not a file "
+        "that torch.save wrote. Pass a .ckpt written by fedlm fit.",
+        "fedlm: (set FEDLM_TRACEBACK=1 to see the traceback)",
+    ]
+
+
+def test_default_root_dir_alone_moves_the_whole_run_and_lightning_shows_no_adverts(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the shipped configs, the CSV logger's save_dir is the config's default_root_dir, and checkpoints go to the
+    logger's folder: one flag moves them all, TensorBoard's files and the test outputs too. Lightning's default
+    checkpoint callback is the one that would advertise litmodels."""
+    path = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
+    config = yaml.safe_load(path.read_text())
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/tiny", "name": "logs"}}
+    config["trainer"].update(default_root_dir="runs/tiny", logger=logger, callbacks=[])
+    path.write_text(yaml.safe_dump({**config, "test_after_fit": True, "tensorboard": True}))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    lines = logging.handlers.BufferingHandler(capacity=10_000)  # what Lightning's rank_zero_info lets through
+    rank_zero_module.log.addHandler(lines)
+    try:
+        cli(["fit", "--config", str(path), "--trainer.default_root_dir", "moved"])
+    finally:
+        rank_zero_module.log.removeHandler(lines)
+
+    assert [p.name for p in cwd.iterdir()] == ["moved"]
+    assert sorted(p.name for p in (cwd / "moved").iterdir()) == ["logs", "tensorboard"]
+    version = cwd / "moved" / "logs" / "version_0"
+    assert {"config.yaml", "metrics.csv", "test_metrics.json", "checkpoints"} <= {p.name for p in version.iterdir()}
+    assert [p.name for p in (version / "checkpoints").iterdir()] == ["epoch=0-step=6.ckpt"]
+    assert yaml.safe_load((version / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["save_dir"] == "moved"
+    messages = [record.getMessage() for record in lines.buffer]
+    assert any(message.startswith("GPU available") for message in messages)
+    assert not [message for message in messages if "Tip" in message or "litmodels" in message]

@@ -17,11 +17,11 @@ from test_cli import write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedlm.checkpointing import UnsafeCheckpointError
-from fedlm.cli import cli
-from fedlm.cli.export import export_main
+from fedlm.cli import cli, main
+from fedlm.cli.export import export_main, run_checkpoint
 from fedlm.cli.predict import predict_main
 from fedlm.model import CheckpointMismatchError, PTuningModule
-from fedlm.model.export import PeftLayoutError, PromptFormatError, peft_mismatch
+from fedlm.model.export import PeftLayoutError, PromptFormatError, TrainedPrompt, peft_mismatch
 from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, PromptTemplate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +226,37 @@ def test_unsafe_foreign_and_incomplete_inputs_are_refused(
     with pytest.raises(SystemExit):
         predict_main([str(tmp_path / "missing.ckpt"), str(headlines)])
     assert "SOURCE" in capsys.readouterr().err
+
+
+def test_export_of_a_run_folder_takes_its_latest_version_with_a_checkpoint(
+    checkpoint: Path,
+    embedding_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    run = tmp_path / "runs" / "x"
+    logs = run / "logs"
+    saved = {9: {"best.ckpt": embedding_checkpoint}, 10: {"best.ckpt": embedding_checkpoint, "last.ckpt": checkpoint}}
+    for version in (0, 9, 10, 11):  # 0 and 11: runs that failed before their first checkpoint
+        (logs / f"version_{version}" / "checkpoints").mkdir(parents=True)
+        for name, source in saved.get(version, {}).items():
+            shutil.copy(source, logs / f"version_{version}" / "checkpoints" / name)
+    latest = logs / "version_10" / "checkpoints" / "last.ckpt"
+    assert run_checkpoint(run) == run_checkpoint(logs) == run_checkpoint(logs / "version_10") == latest
+    assert run_checkpoint(logs / "version_9") == logs / "version_9" / "checkpoints" / "best.ckpt"
+
+    export_main([str(run), "--out", str(tmp_path / "export")])
+    assert f"exporting {latest}, the latest version's with a checkpoint" in capsys.readouterr().out
+    exported, trained = TrainedPrompt.load(tmp_path / "export"), TrainedPrompt.load(checkpoint)
+    torch.testing.assert_close(exported.table, trained.table, atol=0, rtol=0)
+
+    monkeypatch.setattr(sys, "argv", ["fedlm", "export", str(logs / "version_11"), "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"fedlm: error: {logs / 'version_11'}: no version_N/checkpoints/*.ckpt in it or one folder down (1 " in err
 
 
 def test_python_m_fedlm_predict_pipes_stdin_to_stdout(checkpoint: Path, headlines: Path) -> None:

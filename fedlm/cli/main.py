@@ -4,7 +4,8 @@ sentences) in ``fedlm.cli.export`` and ``fedlm.cli.predict``, ``fedlm split-data
 ``fedlm.cli.split_data``.
 
 Configs compose (``--config base.yaml --config override.yaml``, later wins) and ``--print_config`` shows
-the resolved result.
+the resolved result. fedlm's own errors (bad config, data, template, checkpoint) print one line, no traceback
+(``fedlm.cli.errors``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from lightning import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_module
 
 from fedlm.checkpointing import AtomicCheckpointIO, load_checkpoint
+from fedlm.cli.errors import ConfigError, config_errors, reporting_errors
 from fedlm.cli.progress import RoundProgressBar
 from fedlm.cli.tracking import (
     LoggerSaveConfigCallback,
@@ -39,6 +43,16 @@ from fedlm.cli.tracking import (
 from fedlm.data import FinancialPhraseBank, TextClassificationData
 from fedlm.federation import ClientStrategy, FederatedLoop, FederationConfig
 from fedlm.model import PTuningModule
+
+
+class WithoutAdvertising(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines: adverts for its cloud service."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+rank_zero_module.log.addFilter(WithoutAdvertising())  # the logger behind Lightning's rank_zero_info
 
 
 class FedLMCLI(LightningCLI):
@@ -65,6 +79,27 @@ class FedLMCLI(LightningCLI):
             load_checkpoint(path)
         super()._parse_ckpt_path()
 
+    def before_instantiate_classes(self) -> None:
+        self._move_loggers_with_root()
+
+    def _move_loggers_with_root(self) -> None:
+        """``--trainer.default_root_dir DIR`` alone moves a run: a logger that the config files keep in the run's
+        folder (``save_dir`` their ``default_root_dir``, as the shipped configs' CSV logger) moves with it, and with
+        it the checkpoints, config.yaml and test metrics kept in its folder."""
+        config = self.config.get(str(self.subcommand), self.config)
+        root, configured = config.trainer.default_root_dir, configured_root(config.get("config") or [])
+        if root is None or configured in (None, root):
+            return
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and init_args.get("save_dir") == configured:
+                init_args.save_dir = root
+
+    def instantiate_classes(self) -> None:
+        with config_errors():
+            super().instantiate_classes()
+
     def _tests_best(self) -> bool:
         return self._get(self.config, "test_after_fit") and self._get(self.config, "test_checkpoint") == "best"
 
@@ -81,7 +116,7 @@ class FedLMCLI(LightningCLI):
     def before_fit(self) -> None:
         self._describe_run_to_loggers()
         if self._tests_best() and getattr(self.trainer.checkpoint_callback, "monitor", None) is None:
-            raise ValueError(
+            raise ConfigError(
                 "test_checkpoint: best needs a ModelCheckpoint callback with a monitor (the first one under "
                 "trainer.callbacks); add one, or set test_checkpoint: last to test the final model."
             )
@@ -190,6 +225,16 @@ class FedLMCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def configured_root(files: list[Any]) -> str | None:
+    """``trainer.default_root_dir`` as the ``--config`` files set it, the last one winning (jsonargparse keeps their
+    paths, None for a config given inline)."""
+    root = None
+    for file in filter(None, files):
+        trainer = (yaml.safe_load(file.read_text()) or {}).get("trainer") or {}
+        root = trainer.get("default_root_dir", root)
+    return root
+
+
 def cli(args: list[str] | None = None) -> FedLMCLI:
     """Parse ``args`` (default: the command line), run the subcommand, return the finished CLI."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -214,7 +259,12 @@ LIGHTNING_PREDICT_OPTIONS = ("--config", "--ckpt_path", "--print_config", "--mod
 def main() -> None:
     """The ``fedlm`` console script: LightningCLI's subcommands, plus ``experiment``, ``report``, ``export``,
     ``split-data`` and ``predict SOURCE [INPUT]`` (LightningCLI's ``predict`` when given its ``--config``,
-    ``--ckpt_path``, ...)."""
+    ``--ckpt_path``, ...); fedlm's own errors end it with their message and exit code 2."""
+    reporting_errors(run_command, release_process_group)
+
+
+def run_command() -> None:
+    """Run the subcommand that ``sys.argv`` names."""
     if len(sys.argv) > 1 and sys.argv[1] == "split-data":
         from fedlm.cli.split_data import split_data_main
 
