@@ -55,18 +55,8 @@ class RoundBatchSampler(Sampler[list[int]]):
     ) -> None:
         if bucket_batches > 1 and lengths is None:
             raise ValueError("bucket_batches > 1 needs the examples' lengths.")
-        if draw == "independent" and bucket_batches > 1:
-            raise ValueError(
-                "data.bucket_batches regroups examples across batches, so DP-SGD's batches would no longer be uniform "
-                "draws; set data.bucket_batches: 1 with model.dp_sgd."
-            )
-        global_batch = batch_size * ranks_per_client
-        small = [block.client for block in blocks if len(block.indices) < global_batch]
-        if draw == "independent" and small:
-            raise ValueError(
-                f"client(s) {small} hold fewer examples than one batch of {global_batch} (data.batch_size times the "
-                "client's ranks); DP-SGD draws each batch from them without replacement: lower data.batch_size."
-            )
+        if draw == "independent":
+            check_independent_draws(blocks, batch_size * ranks_per_client, bucket_batches)
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
         self.rank_in_client, self.ranks_per_client = rank_in_client, ranks_per_client
         self.lengths, self.bucket_batches, self.draw = lengths, bucket_batches, draw
@@ -115,6 +105,21 @@ class RoundBatchSampler(Sampler[list[int]]):
     def _position(self, client: int, size: int, position: int) -> int:
         shuffle, offset = divmod(position, size)
         return _permutation(self.seed, client, shuffle, size)[offset]
+
+
+def check_independent_draws(blocks: list[ClientBlock], global_batch: int, bucket_batches: int) -> None:
+    """Fresh draws need a batch that fits in every client, and no regrouping across batches."""
+    if bucket_batches > 1:
+        raise ValueError(
+            "data.bucket_batches regroups examples across batches, so DP-SGD's batches would no longer be uniform "
+            "draws; set data.bucket_batches: 1 with model.dp_sgd."
+        )
+    small = [block.client for block in blocks if len(block.indices) < global_batch]
+    if small:
+        raise ValueError(
+            f"client(s) {small} hold fewer examples than one batch of {global_batch} (data.batch_size times the "
+            "client's ranks); DP-SGD draws each batch from them without replacement: lower data.batch_size."
+        )
 
 
 @lru_cache(maxsize=64)
