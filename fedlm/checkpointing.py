@@ -28,8 +28,10 @@ from typing import Any, BinaryIO, Callable
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from fedlm.errors import FedlmError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(FedlmError, ValueError):
     """A checkpoint file that cannot be used; the message names the file and what to pass instead."""
 
 

@@ -98,8 +98,8 @@ class RoundRecorder(L.Callback):
         loop = next((c for c in trainer.callbacks if isinstance(c, FederatedLoop)), None)
         self.rounds.append(
             {
-                "client_params": {k: v.clone() for k, v in loop.client_params.items()} if loop else {},
-                "weights": dict(loop.weights) if loop else {},
+                "client_params": {k: v.clone() for k, v in loop.round.vectors.items()} if loop else {},
+                "weights": {hosted.client: hosted.weight for hosted in loop.hosted} if loop else {},
                 "global": (loop.global_params if loop else parameters_to_vector(pl_module.encoder.parameters())).clone(),
                 "backbone": torch.stack([p.double().sum() for p in pl_module.backbone.parameters()]).sum().item(),
             }

@@ -13,7 +13,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from fedlm.accounting import calibrate_noise, epsilon_after
 from fedlm.data.sampler import ClientBlock, RoundBatchSampler
-from fedlm.federation.loop import FederationConfig
+from fedlm.federation import FederationConfig
 from fedlm.federation.privacy import ClientPrivacy, DPConfig
 
 

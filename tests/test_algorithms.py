@@ -8,7 +8,7 @@ import yaml
 import torch
 from test_federation import FEDERATION, run_ranks, write_config
 
-from fedlm.federation import FederatedLoop, FederationConfig, ServerConfig, ServerOptimizer, sample_clients
+from fedlm.federation import FederatedLoop, FederationConfig, ServerConfig, ServerOptimizer, Topology, sample_clients
 from fedlm.federation.secure import SecureAggregationConfig
 
 # -- server optimizers against the paper's update rules, by hand --------------------------------------------
@@ -82,18 +82,21 @@ def test_server_state_survives_a_state_dict_round_trip() -> None:
 
 
 
+ONE_PROCESS = Topology(num_clients=2, world_size=1, rank=0)
+
+
 def test_the_loop_checkpoints_the_server_state() -> None:
     config = FederationConfig(clients=2, rounds=2, local_steps=1, server=ServerConfig(optimizer="fedadam", lr=0.1))
-    loop = FederatedLoop(config)
+    loop = FederatedLoop(config, ONE_PROCESS)
     loop.global_params = loop.server.step(torch.tensor(X0), torch.tensor([0.5, 2.5], dtype=torch.float64))
-    resumed = FederatedLoop(config)
+    resumed = FederatedLoop(config, ONE_PROCESS)
     resumed.load_state_dict(loop.state_dict())
     assert torch.equal(resumed.server.m, loop.server.m) and torch.equal(resumed.server.v, loop.server.v)
     # a checkpoint from before server optimizers holds no server state: FedAvg resumes, FedAdam refuses
     old = {"completed_rounds": 1, "global_params": loop.global_params}
-    FederatedLoop(FederationConfig(clients=2, rounds=2, local_steps=1)).load_state_dict(old)
+    FederatedLoop(FederationConfig(clients=2, rounds=2, local_steps=1), ONE_PROCESS).load_state_dict(old)
     with pytest.raises(ValueError, match="server state is 'fedavg' but federation.server.optimizer is 'fedadam'"):
-        FederatedLoop(config).load_state_dict(old)
+        FederatedLoop(config, ONE_PROCESS).load_state_dict(old)
 
 def test_algorithm_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="federation.server.optimizer='sgd' is unknown"):

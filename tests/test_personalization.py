@@ -13,7 +13,7 @@ from fedlm.data import FinancialPhraseBank
 from fedlm.data.sources import DataError
 from fedlm.federation import FederationConfig, ServerConfig, Topology
 from fedlm.federation.exchange import EncoderExchange
-from fedlm.federation.loop import payload_layout
+from fedlm.federation.aggregate import payload_layout
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, eval_table
 
 

@@ -16,7 +16,7 @@ from test_federation import FEDERATION, run_ranks, write_config
 from fedlm.federation import FederationConfig
 from fedlm.accounting import epsilon_after
 from fedlm.experiment import privacy as privacy_report
-from fedlm.federation.loop import payload_layout
+from fedlm.federation.aggregate import payload_layout
 from fedlm.federation.privacy import ClientPrivacy, DPConfig
 
 

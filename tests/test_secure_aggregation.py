@@ -61,7 +61,7 @@ def test_values_that_could_overflow_the_sum_are_refused_naming_the_field() -> No
     with pytest.raises(ValueError, match=rf"magnitude >= 2.75e\+11.*{FIELD}=24\. Lower {FIELD}"):
         aggregator.sum(torch.tensor([1.0, -(2.0**38)]), 0)
     with pytest.raises(ValueError, match=f"{FIELD}=60 must be in"):
-        SecureAggregator(SecureAggregationConfig(enabled=True, fractional_bits=60))
+        SecureAggregationConfig(enabled=True, fractional_bits=60).validate()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -162,7 +162,7 @@ def test_refusals_and_out_of_step_calls_fail_on_every_rank(ranks: list[dict]) ->
     for r in ranks:
         errors = r["errors"]
         # 1e11 is allowed alone (below 2**38) but not when 3 ranks' values are summed (2**38 / 3 = 9.16e10)
-        assert errors["huge"].startswith("ValueError: secure aggregation: 1 rank(s) hold values of magnitude >= 9.16e")
+        assert errors["huge"].startswith("SecureAggregationError: secure aggregation: 1 rank(s) hold values of magnitude >= 9.16e")
         assert f"summed with {FIELD}=24. Lower {FIELD}" in errors["huge"]
-        assert errors["nan"].startswith("ValueError: secure aggregation: 1 rank(s) tried to sum non-finite values")
+        assert errors["nan"].startswith("SecureAggregationError: secure aggregation: 1 rank(s) tried to sum non-finite values")
         assert errors["step"].startswith("RuntimeError: secure aggregation masks did not cancel")

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_module
 
 from fedlm.checkpointing import AtomicCheckpointIO, load_checkpoint
-from fedlm.cli.errors import ConfigError, config_errors, reporting_errors
+from fedlm.cli.errors import reporting_errors
 from fedlm.cli.progress import RoundProgressBar
 from fedlm.cli.tracking import (
     LoggerSaveConfigCallback,
@@ -41,7 +41,8 @@ from fedlm.cli.tracking import (
     save_confusion_png,
 )
 from fedlm.data import FinancialPhraseBank, TextClassificationData
-from fedlm.federation import ClientStrategy, FederatedLoop, FederationConfig
+from fedlm.errors import ConfigError
+from fedlm.federation import ClientStrategy, FederatedLoop, FederationConfig, Topology
 from fedlm.model import PTuningModule
 
 
@@ -95,10 +96,6 @@ class FedLMCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and init_args.get("save_dir") == configured:
                 init_args.save_dir = root
-
-    def instantiate_classes(self) -> None:
-        with config_errors():
-            super().instantiate_classes()
 
     def _tests_best(self) -> bool:
         return self._get(self.config, "test_after_fit") and self._get(self.config, "test_checkpoint") == "best"
@@ -201,20 +198,21 @@ class FedLMCLI(LightningCLI):
         federation = self._get(self.config_init, "federation")
         if federation is None:
             return super().instantiate_trainer(**kwargs)
+        topology = Topology.from_launch(federation.clients)
+        loop = FederatedLoop(federation, topology)
         callbacks = trainer_config.get("callbacks") or []
-        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), FederatedLoop(federation)]
+        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), loop]
         if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RoundProgressBar())
         kwargs["callbacks"] = callbacks
         kwargs["use_distributed_sampler"] = False  # each client samples its own shard
-        kwargs["max_epochs"] = federation.rounds  # one epoch per round
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
+        kwargs["max_epochs"] = loop.rounds_to_train  # one epoch per round; under DP, the rounds the budget allows
+        if topology.world_size > 1:
             # Under torchrun: one process per rank, clients as process groups, no world-wide DDP.
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             if trainer_config.get("strategy", "auto") == "auto":
-                kwargs["strategy"] = ClientStrategy(timeout=timedelta(seconds=federation.collective_timeout_s))
-            kwargs["devices"], kwargs["num_nodes"] = local, world // local
+                timeout = timedelta(seconds=federation.collective_timeout_s)
+                kwargs["strategy"] = ClientStrategy(topology, timeout=timeout)
+            kwargs["devices"], kwargs["num_nodes"] = topology.ranks_per_node, topology.nodes
             restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
             if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
                 rank_zero_warn(

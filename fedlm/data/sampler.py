@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Sampler
 
+from fedlm.errors import ConfigError
 from fedlm.seeding import derive_seed
 
 BatchDraw = Literal["shuffle", "independent"]  # passes over shuffles, or a fresh draw per step (DP-SGD)
@@ -110,13 +111,13 @@ class RoundBatchSampler(Sampler[list[int]]):
 def check_independent_draws(blocks: list[ClientBlock], global_batch: int, bucket_batches: int) -> None:
     """Fresh draws need a batch that fits in every client, and no regrouping across batches."""
     if bucket_batches > 1:
-        raise ValueError(
+        raise ConfigError(
             "data.bucket_batches regroups examples across batches, so DP-SGD's batches would no longer be uniform "
             "draws; set data.bucket_batches: 1 with model.dp_sgd."
         )
     small = [block.client for block in blocks if len(block.indices) < global_batch]
     if small:
-        raise ValueError(
+        raise ConfigError(
             f"client(s) {small} hold fewer examples than one batch of {global_batch} (data.batch_size times the "
             "client's ranks); DP-SGD draws each batch from them without replacement: lower data.batch_size."
         )

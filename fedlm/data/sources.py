@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fedlm.errors import FedlmError
+
 PHRASEBANK_ENV = "FEDLM_FPB_DIR"
 PHRASEBANK_LABELS = ("negative", "neutral", "positive")
 Agreement = Literal["50", "66", "75", "all"]
@@ -21,7 +23,7 @@ PHRASEBANK_FILES: dict[str, str] = {
 }
 
 
-class DataError(ValueError):
+class DataError(FedlmError, ValueError):
     """Bad data or data config; the message names the file and line or the config field."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+from fedlm.errors import ConfigError
 from fedlm.experiment import markdown
 from fedlm.experiment.runs import LOGS, floats, logged, read_metrics
 
@@ -36,7 +37,7 @@ def read_search_run(path: Path, last: int) -> SearchRun:
     """One run's validation scores from its metrics.csv."""
     rows = logged(read_metrics(path), "val/acc")
     if not rows:
-        raise ValueError(f"{path} has no validation rows (val/acc); did the run reach its first validation?")
+        raise ConfigError(f"{path} has no validation rows (val/acc); did the run reach its first validation?")
     tail = rows[-last:]
     halves = {key: rows[-1].get(f"val/calibration/halves_{key}_macro_f1") for key in ("raw", "calibrated")}
     setting, seed = path.parents[3].name, int(path.parents[2].name.removeprefix("seed"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentParser, ActionConfigFile
 
+from fedlm.errors import ConfigError
 from fedlm.experiment.report import write_report
 from fedlm.experiment.runs import LOGS
 
@@ -59,7 +60,7 @@ def clients_of(config_path: str) -> int:
     config = yaml.safe_load(Path(config_path).read_text()) or {}
     clients = (config.get("federation") or {}).get("clients")
     if not isinstance(clients, int) or clients < 1:
-        raise ValueError(f"{config_path}: federation.clients must be a positive integer for the local-only runs.")
+        raise ConfigError(f"{config_path}: federation.clients must be a positive integer for the local-only runs.")
     return clients
 
 
@@ -68,7 +69,7 @@ def plan(config: TriadConfig) -> list[PlannedRun]:
         if not Path(getattr(config, name)).is_file():
             raise FileNotFoundError(f"{name}: {getattr(config, name)} does not exist; give the path of a fedlm fit config.")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
-        raise ValueError(f"seeds={config.seeds}: give one or more distinct seeds.")
+        raise ConfigError(f"seeds={config.seeds}: give one or more distinct seeds.")
     clients = clients_of(config.federated)
     runs = []
     for seed in config.seeds:

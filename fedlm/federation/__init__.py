@@ -1,4 +1,7 @@
-from fedlm.federation.loop import CollapsedClientsError, FederatedLoop, FederationConfig, sample_clients
+from fedlm.federation.checks import CollapsedClientsError
+from fedlm.federation.config import FederationConfig, sample_clients
+from fedlm.federation.loop import FederatedLoop
+from fedlm.federation.privacy import DPConfig
 from fedlm.federation.secure import SecureAggregationConfig, SecureAggregator
 from fedlm.federation.server import ServerConfig, ServerOptimizer
 from fedlm.federation.strategy import ClientStrategy
@@ -8,6 +11,7 @@ __all__ = [
     "ClientStrategy",
     "CollapsedClientsError",
     "FederatedLoop",
+    "DPConfig",
     "FederationConfig",
     "SecureAggregationConfig",
     "SecureAggregator",

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from fedlm.errors import ConfigError
 from fedlm.model.prompt_encoder import PromptEncoder, eval_table
 
 Averaged = Literal["parameters", "table"]
@@ -27,7 +28,7 @@ class EncoderExchange:
     def __init__(self, encoder: PromptEncoder, average: Averaged, private_tokens: int) -> None:
         total = encoder.input_table.shape[0]
         if not 0 <= private_tokens < total:
-            raise ValueError(
+            raise ConfigError(
                 f"federation.private_tokens={private_tokens} must be between 0 and the encoder's virtual tokens "
                 f"minus one ({total - 1}): at least one token has to be shared."
             )

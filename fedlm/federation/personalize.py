@@ -8,23 +8,22 @@ For each client, on its own held-out examples (``data.client_holdout``) and on t
 
 Each client's lead rank evaluates its own clients in plain loops (no Lightning: nothing here is logged per step
 or checkpointed); only the accuracies travel to rank 0, which writes ``personalization.json`` and prints the table.
+The caller hands in the vectors to evaluate; the module is left holding whichever was written last.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from fedlm.federation.exchange import EncoderExchange
 from fedlm.seeding import derive_seed
-
-if TYPE_CHECKING:
-    from fedlm.federation.loop import FederatedLoop
 
 MODELS = ("global", "private", "finetuned")  # in the order of the table; ties on held-out data go to the first
 
@@ -63,37 +62,40 @@ def finetune(module: L.LightningModule, dataset: Dataset, steps: int, batch_size
     module.eval()
 
 
-def personalize(loop: FederatedLoop, trainer: L.Trainer, module: L.LightningModule) -> list[dict[str, Any]] | None:
-    """Evaluate each hosted client's models; on rank 0, return every client's results (elsewhere: None)."""
-    datamodule, config, exchange = trainer.datamodule, loop.config, loop.exchange
+def personalize(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    exchange: EncoderExchange,
+    models: dict[int, dict[str, torch.Tensor]],
+    finetune_steps: int,
+    seed: int,
+    world_size: int,
+) -> list[dict[str, Any]] | None:
+    """Evaluate ``models`` (per hosted client, on its lead rank: ``global`` and, with split prompts, ``private``),
+    and the last of them fine-tuned ``finetune_steps`` steps; on rank 0, return every client's results."""
+    datamodule = trainer.datamodule
     batch_size = datamodule.eval_batch_size
     test = datamodule.encoded("test")
     results = []
-    if loop.topology.is_client_lead:
-        for client, _, _ in loop.blocks:
-            train, held = datamodule.client_data(client)
-            models = {"global": loop.global_params}
-            if config.private_tokens > 0:
-                models["private"] = loop.client_model(client)
-            row: dict[str, Any] = {"client": client, "holdout_examples": len(held), "train_examples": len(train)}
+    for client, vectors in models.items():
+        train, held = datamodule.client_data(client)
+        row: dict[str, Any] = {"client": client, "holdout_examples": len(held), "train_examples": len(train)}
 
-            def score() -> dict[str, float]:
-                return {"holdout_acc": accuracy(module, held, batch_size), "test_acc": accuracy(module, test, batch_size)}
+        def score() -> dict[str, float]:
+            return {"holdout_acc": accuracy(module, held, batch_size), "test_acc": accuracy(module, test, batch_size)}
 
-            for name, vector in models.items():
-                exchange.write(vector)
-                row[name] = score()
-            if config.personalize_steps > 0:
-                exchange.write(models["private" if config.private_tokens > 0 else "global"])
-                seed = derive_seed("personalize", config.seed, client)
-                finetune(module, train, config.personalize_steps, datamodule.batch_size, seed)
-                row["finetuned"] = score()
-            named = [name for name in MODELS if name in row]
-            row["best_on_holdout"] = max(named, key=lambda name: row[name]["holdout_acc"])
-            results.append(row)
-        exchange.write(loop.global_params)  # the module leaves as the global model, for test_after_fit
-    if loop.topology.world_size > 1:
-        gathered: list[list[dict[str, Any]]] = [[] for _ in range(loop.topology.world_size)]
+        for name, vector in vectors.items():
+            exchange.write(vector)
+            row[name] = score()
+        if finetune_steps > 0:
+            exchange.write(list(vectors.values())[-1])
+            finetune(module, train, finetune_steps, datamodule.batch_size, derive_seed("personalize", seed, client))
+            row["finetuned"] = score()
+        named = [name for name in MODELS if name in row]
+        row["best_on_holdout"] = max(named, key=lambda name: row[name]["holdout_acc"])
+        results.append(row)
+    if world_size > 1:
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
         dist.all_gather_object(gathered, results)
         results = [row for rows in gathered for row in rows]
     if not trainer.is_global_zero:

@@ -26,7 +26,10 @@ import secrets
 from dataclasses import dataclass
 
 import torch
+
+from fedlm.errors import ConfigError
 from fedlm.accounting import calibrate_noise, epsilon_after
+from fedlm.federation.aggregate import Aggregation, FedAvg, Totals
 from fedlm.seeding import derive_seed
 
 
@@ -65,19 +68,19 @@ class DPConfig:
 
     def validate(self) -> None:
         if self.clip_norm <= 0:
-            raise ValueError(f"federation.dp.clip_norm={self.clip_norm} must be positive (e.g. 0.1).")
+            raise ConfigError(f"federation.dp.clip_norm={self.clip_norm} must be positive (e.g. 0.1).")
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("give exactly one of federation.dp.noise_multiplier and federation.dp.target_epsilon.")
+            raise ConfigError("give exactly one of federation.dp.noise_multiplier and federation.dp.target_epsilon.")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ValueError(f"federation.dp.noise_multiplier={self.noise_multiplier} must be >= 0.")
+            raise ConfigError(f"federation.dp.noise_multiplier={self.noise_multiplier} must be >= 0.")
         for name in ("target_epsilon", "epsilon_budget"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"federation.dp.{name}={value} must be positive.")
+                raise ConfigError(f"federation.dp.{name}={value} must be positive.")
         if not 0 < self.delta < 1:
-            raise ValueError(f"federation.dp.delta={self.delta} must be in (0, 1), e.g. 1e-5.")
+            raise ConfigError(f"federation.dp.delta={self.delta} must be in (0, 1), e.g. 1e-5.")
         if not 0 < self.target_quantile < 1 or self.clip_lr <= 0:
-            raise ValueError("federation.dp.target_quantile must be in (0, 1) and federation.dp.clip_lr positive.")
+            raise ConfigError("federation.dp.target_quantile must be in (0, 1) and federation.dp.clip_lr positive.")
 
     @property
     def budget(self) -> float | None:
@@ -85,10 +88,10 @@ class DPConfig:
 
 
 class ClientPrivacy:
-    """Clips and noises client updates, tracks the clip norm and the privacy spent; lives in the FederatedLoop."""
+    """Clips and noises client updates, tracks the clip norm and the privacy spent. Takes a validated config
+    (``DPConfig.validate``; ``FederationConfig.validate`` calls it)."""
 
     def __init__(self, config: DPConfig, rounds: int, clients: int, sampled_per_round: int, secure: bool) -> None:
-        config.validate()
         self.config, self.rounds, self.clients = config, rounds, clients
         self.sampled_per_round = sampled_per_round
         if config.noise_multiplier is None:
@@ -110,7 +113,7 @@ class ClientPrivacy:
             return self.noise_multiplier
         rest = self.noise_multiplier**-2 - (2 * self.count_noise) ** -2
         if rest <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"federation.dp.adaptive_clipping: count noise {self.count_noise} is too small for noise multiplier "
                 f"{self.noise_multiplier:.3f} (needs count_noise > noise_multiplier / 2); raise federation.dp.count_noise."
             )
@@ -141,7 +144,7 @@ class ClientPrivacy:
         if c.stop_at_budget and fitting > 0:
             return fitting
         needed = calibrate_noise(budget, self.rounds, self.sampled_per_round, self.clients, c.delta)
-        raise ValueError(
+        raise ConfigError(
             f"federation.dp: {self.rounds} rounds at noise multiplier {self.noise_multiplier:.3f} spend epsilon "
             f"{planned:.2f} at delta {c.delta:g}, over federation.dp.epsilon_budget={budget:g}. Raise "
             f"federation.dp.noise_multiplier to {needed:.3f} or more, lower federation.rounds to {fitting}, or set "
@@ -177,8 +180,31 @@ class ClientPrivacy:
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         if not math.isclose(state["noise_multiplier"], self.noise_multiplier, rel_tol=1e-9):
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint was trained at noise multiplier {state['noise_multiplier']:.4f}, this config gives "
                 f"{self.noise_multiplier:.4f}; resume with the checkpoint's federation.dp settings."
             )
         self.rounds_spent, self.clip_norm = int(state["rounds_spent"]), float(state["clip_norm"])
+
+
+class PrivateAggregation:
+    """Client-level DP as a wrapper around a rule (the rule averages updates instead of encoders): each client's
+    update from the global vector is clipped and noised before it is packed and counts once (weight 1); the round's
+    average is the global vector plus the rule's average of those updates, and spends one round of the budget.
+    Per-client losses and distances stay home: the guarantee does not cover them."""
+
+    shares_client_figures = False
+
+    def __init__(self, privacy: ClientPrivacy, inner: Aggregation | None = None) -> None:
+        self.privacy, self.inner = privacy, inner or FedAvg()
+
+    def summand(
+        self, client: int, vector: torch.Tensor, weight: float, global_shared: torch.Tensor, round_index: int
+    ) -> tuple[torch.Tensor, float, float]:
+        update, count = self.privacy.privatize(vector - global_shared, client, round_index)
+        summand, weight, _ = self.inner.summand(client, update, 1.0, global_shared, round_index)
+        return summand, weight, count
+
+    def average(self, totals: Totals, global_shared: torch.Tensor) -> torch.Tensor:
+        self.privacy.end_round(totals.count, self.privacy.sampled_per_round)
+        return global_shared.double() + self.inner.average(totals, global_shared)

@@ -41,8 +41,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedlm.errors import ConfigError, FedlmError
+
 FIELD = "federation.secure_aggregation.fractional_bits"
 CONTROL = 3  # control slots appended to each vector: contributors, too-large ranks, non-finite ranks
+
+
+class SecureAggregationError(FedlmError, ValueError):
+    """Values that fixed point cannot encode: raised on every rank alike, from the summed control slots."""
 
 
 @dataclass
@@ -62,7 +68,7 @@ class SecureAggregationConfig:
 
     def validate(self) -> None:
         if not 0 <= self.fractional_bits <= 52:
-            raise ValueError(
+            raise ConfigError(
                 f"{FIELD}={self.fractional_bits} must be in [0, 52] (float64 holds 53 significant bits); 24 keeps "
                 "float32 precision with room for large sums."
             )
@@ -78,11 +84,11 @@ class SecureAggregator:
     """Sums float vectors over a process group so that no rank's vector ever travels in the clear.
 
     ``setup`` (once per run) and ``sum`` are collectives over ``group``: every rank of the group must call them,
-    ``sum`` the same number of times per round, in the same order, with vectors of the same length.
+    ``sum`` the same number of times per round, in the same order, with vectors of the same length. Takes a
+    validated config (``SecureAggregationConfig.validate``; ``FederationConfig.validate`` calls it).
     """
 
     def __init__(self, config: SecureAggregationConfig, group: dist.ProcessGroup | None = None) -> None:
-        config.validate()
         self.config = config
         self.group = group
         distributed = dist.is_available() and dist.is_initialized()
@@ -151,13 +157,13 @@ class SecureAggregator:
                 "or order). Every rank must make the same sequence of calls."
             )
         if non_finite:
-            raise ValueError(
+            raise SecureAggregationError(
                 f"secure aggregation: {non_finite} rank(s) tried to sum non-finite values (nan or inf), which fixed "
                 "point cannot encode: the training has likely diverged (lower the learning rate or clip gradients)."
             )
         if too_large:
             limit = max_magnitude(self.config.fractional_bits, self.world_size)
-            raise ValueError(
+            raise SecureAggregationError(
                 f"secure aggregation: {too_large} rank(s) hold values of magnitude >= {limit:.3g}, which would "
                 f"overflow int64 when {self.world_size} ranks' values are summed with {FIELD}="
                 f"{self.config.fractional_bits}. Lower {FIELD} (each bit less doubles the range and halves the "

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import torch
 
+from fedlm.errors import ConfigError
+
 ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
 
@@ -40,24 +42,24 @@ class ServerConfig:
 
     def validate(self) -> None:
         if self.optimizer not in ("fedavg", "fedavgm", *ADAPTIVE):
-            raise ValueError(
+            raise ConfigError(
                 f"federation.server.optimizer={self.optimizer!r} is unknown; use fedavg, fedavgm, fedadam, fedyogi "
                 "or fedadagrad."
             )
         if self.lr <= 0:
-            raise ValueError(f"federation.server.lr={self.lr} must be positive.")
+            raise ConfigError(f"federation.server.lr={self.lr} must be positive.")
         for name in ("momentum", "beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"federation.server.{name}={getattr(self, name)} must be in [0, 1).")
+                raise ConfigError(f"federation.server.{name}={getattr(self, name)} must be in [0, 1).")
         if self.tau <= 0:
-            raise ValueError(f"federation.server.tau={self.tau} must be positive: it keeps m / (sqrt(v) + tau) finite.")
+            raise ConfigError(f"federation.server.tau={self.tau} must be positive: it keeps m / (sqrt(v) + tau) finite.")
 
 
 class ServerOptimizer:
-    """Applies one server step per round; holds the moments (float64) that checkpoints save."""
+    """Applies one server step per round; holds the moments (float64) that checkpoints save. Takes a validated
+    config: ``FederationConfig.validate`` checks the whole section, once."""
 
     def __init__(self, config: ServerConfig) -> None:
-        config.validate()
         self.config = config
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
@@ -90,7 +92,7 @@ class ServerOptimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["optimizer"] != self.config.optimizer:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's server state is {state['optimizer']!r} but federation.server.optimizer is "
                 f"{self.config.optimizer!r}; resume with the checkpoint's optimizer, or start a new run."
             )

@@ -16,6 +16,8 @@ from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy
 
+from fedlm.federation.topology import Topology
+
 
 def rank_file(path: str | Path, rank: int) -> Path:
     """Where rank ``rank`` keeps its own copy of checkpoint ``path`` (rank 0: the checkpoint itself)."""
@@ -25,20 +27,24 @@ def rank_file(path: str | Path, rank: int) -> Path:
 class ClientStrategy(DDPStrategy):
     strategy_name = "fedlm_clients"
 
+    def __init__(self, topology: Topology, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.topology = topology
+
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper: gradient reduction is FederatedLoop's job, per client."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
-        self.checkpoint_io.save_checkpoint(checkpoint, rank_file(filepath, self.global_rank), storage_options)
+        self.checkpoint_io.save_checkpoint(checkpoint, rank_file(filepath, self.topology.rank), storage_options)
 
     def remove_checkpoint(self, filepath: str | Path) -> None:
-        self.checkpoint_io.remove_checkpoint(rank_file(filepath, self.global_rank))
+        self.checkpoint_io.remove_checkpoint(rank_file(filepath, self.topology.rank))
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
-        own = rank_file(checkpoint_path, self.global_rank)
+        own = rank_file(checkpoint_path, self.topology.rank)
         if not own.is_file():
             raise FileNotFoundError(
-                f"ckpt_path={checkpoint_path}: this rank ({self.global_rank}) resumes from its own part {own}, which "
+                f"ckpt_path={checkpoint_path}: this rank ({self.topology.rank}) resumes from its own part {own}, which "
                 "is missing. Each rank writes one beside the checkpoint; resume with the same number of processes "
                 "(and, across nodes, each node's own checkpoint folder)."
             )

@@ -1,6 +1,7 @@
 """Who is which client: mapping torch.distributed ranks to federated clients.
 
-Two layouts, both from the same config:
+Worked out once per run, from the launch (``Topology.from_launch``: torchrun's environment), and handed to the
+strategy, the ``FederatedLoop`` and, through it, the data module. Two layouts, both from the same config:
 - ``W >= C``: each client is a group of ``W // C`` consecutive ranks that train data-parallel; gradients are
   all-reduced only inside that group, never across clients.
 - ``W < C`` (down to a single process): each rank hosts ``C // W`` clients and runs them one after another
@@ -9,12 +10,16 @@ Two layouts, both from the same config:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from fedlm.errors import FedlmError
 
-class TopologyError(ValueError):
+
+class TopologyError(FedlmError, ValueError):
     """A world size and client count that cannot be mapped onto each other."""
 
 
@@ -23,6 +28,13 @@ class Topology:
     num_clients: int
     world_size: int
     rank: int
+    ranks_per_node: int = 0  # processes on each node (torchrun's LOCAL_WORLD_SIZE); 0: all on one node
+
+    @classmethod
+    def from_launch(cls, num_clients: int, env: Mapping[str, str] = os.environ) -> Topology:
+        """From torchrun's environment (one process without it)."""
+        world = int(env.get("WORLD_SIZE", "1"))
+        return cls(num_clients, world, int(env.get("RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", world)))
 
     def __post_init__(self) -> None:
         C, W = self.num_clients, self.world_size
@@ -33,6 +45,20 @@ class Topology:
                 f"world size {W} does not fit federation.clients={C}: the number of processes must be a multiple of "
                 f"the number of clients (each client gets W/C ranks) or divide it (each rank simulates C/W clients). "
                 f"Use e.g. torchrun --nproc_per_node={C} or {max(1, C // 2) if C % 2 == 0 else 1}, or change federation.clients."
+            )
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // (self.ranks_per_node or self.world_size)
+
+    def check_process_group(self) -> None:
+        """The process group Lightning started must be the launch this topology was worked out from."""
+        started = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        if started != (self.world_size, self.rank):
+            raise TopologyError(
+                f"the process group has world size {started[0]} and this process rank {started[1]}, but the launch "
+                f"said {self.world_size} and {self.rank} (WORLD_SIZE, RANK): start multi-process runs with torchrun "
+                "and leave trainer.devices / trainer.num_nodes to fedlm."
             )
 
     @property

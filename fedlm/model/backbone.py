@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from fedlm.errors import ConfigError, FedlmError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
@@ -33,7 +35,7 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Dtype = Literal["fp32", "bf16"]
 
 
-class BackboneNotFoundError(FileNotFoundError):
+class BackboneNotFoundError(FedlmError, FileNotFoundError):
     """The backbone could not be located; the message says where we looked and how to provide it."""
 
 
@@ -115,7 +117,7 @@ def load_backbone(source: str = DEFAULT_BACKBONE, dtype: Dtype = "fp32") -> Back
     ``source`` is an alias from ``WHEEL_GGUF``, a ``.gguf`` path, a local model directory or a hub id.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+        raise ConfigError(f"model.dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     gguf = resolve_gguf(source)
     if gguf is not None:
         directory = gguf_cache_dir(gguf)

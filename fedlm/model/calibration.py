@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from fedlm.errors import ConfigError
+
 Objective = Literal["accuracy", "macro_f1"]
 OBJECTIVES = ("accuracy", "macro_f1")
 
@@ -39,7 +41,7 @@ def fit_label_biases(scores: torch.Tensor, labels: torch.Tensor, objective: Obje
     its current value (0 at the start) is kept, so a bias moves only when that strictly helps.
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"calibration objective {objective!r} is unknown; use one of {OBJECTIVES}.")
+        raise ConfigError(f"calibration objective {objective!r} is unknown; use one of {OBJECTIVES}.")
     scores, labels = scores.double(), labels.long()
     num_classes = scores.shape[1]
     biases = torch.zeros(num_classes, dtype=torch.float64)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedlm.errors import ConfigError
 from fedlm.seeding import derive_seed
 
 
@@ -44,12 +45,12 @@ class DPSGDConfig:
 
     def validate(self) -> None:
         if self.noise_multiplier < 0 or self.clip_norm <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.dp_sgd: noise_multiplier={self.noise_multiplier} must be >= 0 and clip_norm={self.clip_norm} "
                 "positive."
             )
         if not 0 < self.delta < 1:
-            raise ValueError(f"model.dp_sgd.delta={self.delta} must be in (0, 1), e.g. 1e-5.")
+            raise ConfigError(f"model.dp_sgd.delta={self.delta} must be in (0, 1), e.g. 1e-5.")
 
 
 def private_gradients(

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from fedlm.errors import FedlmError
 from fedlm.checkpointing import atomic_write, load_checkpoint, partial_name
 from fedlm.model.module import CheckpointMismatchError, PTuningModule
 from fedlm.model.prompt_encoder import PromptEncoderConfig
@@ -35,11 +36,11 @@ TABLE_FILE, SETTINGS_FILE, PEFT_FOLDER = "prompt.safetensors", "prompt.json", "p
 TABLE_KEY = "virtual_tokens"
 
 
-class PromptFormatError(ValueError):
+class PromptFormatError(FedlmError, ValueError):
     """A checkpoint or folder that holds no fedlm prompt; the message says what is missing and what to pass."""
 
 
-class PeftLayoutError(ValueError):
+class PeftLayoutError(FedlmError, ValueError):
     """A PEFT adapter was required, but PEFT's prompt tuning cannot reproduce this template."""
 
 

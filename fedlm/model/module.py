@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from fedlm.errors import ConfigError, FedlmError
 from fedlm.accounting import epsilon_after
 from fedlm.model.backbone import DEFAULT_BACKBONE, Dtype, load_backbone
 from fedlm.model.calibration import OBJECTIVES, Objective, fit_label_biases, split_half
@@ -28,7 +29,7 @@ Loss = Literal["answer_tokens", "label_words"]
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(FedlmError, ValueError):
     """A checkpoint made for another backbone or encoder shape."""
 
 
@@ -126,19 +127,19 @@ class PTuningModule(L.LightningModule):
         )
         self.dp_sgd = dp_sgd
         if lr_schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"model.lr_schedule={lr_schedule!r} is unknown; use 'constant', 'cosine' or 'linear'.")
+            raise ConfigError(f"model.lr_schedule={lr_schedule!r} is unknown; use 'constant', 'cosine' or 'linear'.")
         if not 0.0 <= final_lr_fraction <= 1.0:
-            raise ValueError(f"model.final_lr_fraction={final_lr_fraction} must be in [0, 1] (a fraction of model.lr).")
+            raise ConfigError(f"model.final_lr_fraction={final_lr_fraction} must be in [0, 1] (a fraction of model.lr).")
         if warmup_steps < 0:
-            raise ValueError(f"model.warmup_steps={warmup_steps} must be >= 0.")
+            raise ConfigError(f"model.warmup_steps={warmup_steps} must be >= 0.")
         if loss not in ("answer_tokens", "label_words"):
-            raise ValueError(f"model.loss={loss!r} is unknown; use 'answer_tokens' or 'label_words'.")
+            raise ConfigError(f"model.loss={loss!r} is unknown; use 'answer_tokens' or 'label_words'.")
         if loss != "answer_tokens" and dp_sgd is not None:
-            raise ValueError("model.dp_sgd clips per-example answer-token losses; set model.loss: answer_tokens with it.")
+            raise ConfigError("model.dp_sgd clips per-example answer-token losses; set model.loss: answer_tokens with it.")
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.lr_schedule, self.final_lr_fraction, self.loss = lr_schedule, final_lr_fraction, loss
         if calibrate is not None and calibrate not in OBJECTIVES:
-            raise ValueError(f"model.calibrate={calibrate!r} is unknown; use one of {OBJECTIVES} or null.")
+            raise ConfigError(f"model.calibrate={calibrate!r} is unknown; use one of {OBJECTIVES} or null.")
         self.calibrate = calibrate
 
         loaded = load_backbone(backbone, dtype)
@@ -149,18 +150,18 @@ class PTuningModule(L.LightningModule):
             self.backbone.base_model.compile(dynamic=True)
         self.template = PromptTemplate(template, loaded.tokenizer, encoder.virtual_tokens, label_words, max_length)
         if loss == "label_words" and not self.template.single_token_answers:
-            raise ValueError(
+            raise ConfigError(
                 "model.loss=label_words scores each class by its label word's one token, but some of model.label_words "
                 f"{label_words} take several tokens with this tokenizer; pick one-token words or model.loss=answer_tokens."
             )
         if cache_prefix and isinstance(self.template.pieces[0], int):
-            raise ValueError(
+            raise ConfigError(
                 f"model.cache_prefix=true caches the text before the first virtual token, but model.template="
                 f"{template!r} starts with a virtual token, so there is nothing to cache. Put text first, e.g. "
                 "'{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}', or set model.cache_prefix=false."
             )
         if cache_dir is not None and not cache_prefix:
-            raise ValueError(f"model.cache_dir={cache_dir!r} stores the prefix cache, which is off; set model.cache_prefix=true.")
+            raise ConfigError(f"model.cache_dir={cache_dir!r} stores the prefix cache, which is off; set model.cache_prefix=true.")
         self.prefix_cache = (
             PrefixCache(self.backbone, cache_dtype, self.template.fixed_head(), cache_dir) if cache_prefix else None
         )
@@ -449,7 +450,7 @@ class PTuningModule(L.LightningModule):
             return int(self.trainer.estimated_stepping_batches)
         steps = {block.steps for block in blocks}
         if len(steps) > 1 and self.lr_schedule != "constant":
-            raise ValueError(
+            raise ConfigError(
                 f"model.lr_schedule={self.lr_schedule!r} decays over a client's steps, but the clients this process "
                 f"simulates take different numbers of local steps ({sorted(steps)}, from federation.local_epochs); set "
                 "federation.local_steps, or run one process per client (torchrun), or model.lr_schedule: constant."

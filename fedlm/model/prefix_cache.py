@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from fedlm.errors import ConfigError
 from fedlm.model.backbone import DTYPES, Dtype
 from fedlm.model.template import IGNORE_INDEX
 
@@ -128,9 +129,9 @@ class PrefixCache:
         self, model: PreTrainedModel, dtype: Dtype = "fp32", head: tuple[int, ...] = (), store: str | Path | None = None
     ) -> None:
         if dtype not in DTYPES:
-            raise ValueError(f"model.cache_dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+            raise ConfigError(f"model.cache_dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
         if any(DynamicCache(config=model.config).is_sliding):
-            raise ValueError(
+            raise ConfigError(
                 "model.cache_prefix=true needs full attention in every layer, but this backbone has sliding-window "
                 "layers; set model.cache_prefix=false."
             )

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from fedlm.errors import ConfigError
+
 EncoderType = Literal["mlp", "lstm", "embedding"]
 
 
@@ -36,14 +38,14 @@ class PromptEncoderConfig:
 
     def validate(self) -> None:
         if self.type not in ("mlp", "lstm", "embedding"):
-            raise ValueError(f"model.encoder.type={self.type!r} is unknown; use 'mlp', 'lstm' or 'embedding'.")
+            raise ConfigError(f"model.encoder.type={self.type!r} is unknown; use 'mlp', 'lstm' or 'embedding'.")
         counts = [self.virtual_tokens] if isinstance(self.virtual_tokens, int) else self.virtual_tokens
         if not counts or any(n <= 0 for n in counts):
-            raise ValueError(f"model.encoder.virtual_tokens={self.virtual_tokens!r} must be positive (e.g. 10).")
+            raise ConfigError(f"model.encoder.virtual_tokens={self.virtual_tokens!r} must be positive (e.g. 10).")
         if self.hidden_size <= 0 or self.num_layers <= 0:
-            raise ValueError("model.encoder.hidden_size and model.encoder.num_layers must be positive.")
+            raise ConfigError("model.encoder.hidden_size and model.encoder.num_layers must be positive.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.encoder.dropout={self.dropout} must be in [0, 1).")
+            raise ConfigError(f"model.encoder.dropout={self.dropout} must be in [0, 1).")
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -136,6 +138,6 @@ def initial_table(
         return torch.randn(n, embeddings.shape[1], generator=generator) * embeddings.std()
     ids = tokenize(config.init_text)
     if not ids:
-        raise ValueError(f"model.encoder.init_text={config.init_text!r} tokenizes to nothing.")
+        raise ConfigError(f"model.encoder.init_text={config.init_text!r} tokenizes to nothing.")
     ids = (ids * (n // len(ids) + 1))[:n]
     return embeddings[torch.tensor(ids)].clone()

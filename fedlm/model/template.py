@@ -14,13 +14,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedlm.errors import FedlmError
+
 VIRTUAL_MARKER = re.compile(r"<\|VIRTUAL_PROMPT_(\d+)\|>")
 FPB_TEMPLATE = "<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}"
 FPB_LABEL_WORDS = {"negative": " negative", "neutral": " neutral", "positive": " positive"}
 IGNORE_INDEX = -100
 
 
-class TemplateError(ValueError):
+class TemplateError(FedlmError, ValueError):
     """A template or label word the model cannot use; the message names the config field."""
 
 

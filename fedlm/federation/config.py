@@ -1,0 +1,112 @@
+"""The ``federation:`` section and who takes part in a round: typed, validated once (``FederationConfig.validate``,
+which the ``FederatedLoop`` calls), and free of Lightning and torch.distributed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from fedlm.errors import ConfigError
+from fedlm.federation.exchange import Averaged
+from fedlm.federation.privacy import DPConfig
+from fedlm.federation.secure import SecureAggregationConfig
+from fedlm.federation.server import ServerConfig
+from fedlm.seeding import derive_seed
+
+
+@dataclass
+class FederationConfig:
+    """The ``federation:`` section of a config.
+
+    Args:
+        clients: number of clients (sites).
+        rounds: number of rounds; each round ends with one average of the clients' encoders.
+        local_steps: optimizer steps per client per round. Give this or ``local_epochs``.
+        local_epochs: passes over each client's data per round (may be fractional), converted to steps per client.
+        weighting: FedAvg weights: ``samples`` (by client training set size) or ``uniform``.
+        seed: seeds each client's RNG stream (dropout) and the client sampling, per round. The data partition
+            has its own seed, ``data.partition_seed``, shared with local-only runs.
+        server: how the global encoder moves given the clients' average (``ServerConfig``; default FedAvg).
+        prox_mu: FedProx (Li et al. 2020): adds ``prox_mu / 2 * ||w - w_global||^2`` to each client's local
+            objective, pulling clients towards the round's global encoder. 0: plain local steps.
+        client_fraction: the fraction of clients that take part in each round, ``max(1, round(fraction * clients))``
+            of them, drawn from ``seed`` and the round index.
+        average: what is averaged: the encoder's ``parameters``, or its output ``table`` (the virtual-token
+            embeddings; see ``fedlm.federation.exchange``).
+        private_tokens: split prompts: the last this many virtual tokens are private to each client, trained
+            locally and never sent; the global model keeps their initial values.
+        personalize_steps: local fine-tuning: after the last round, each client trains its model (the global one,
+            with its private tokens if any) this many more steps on its own data. Needs ``data.client_holdout``,
+            which the personalized and global models are evaluated on.
+        dp: client-level differential privacy of the round average (``DPConfig``; null: none).
+        secure_aggregation: send the round's sums as pairwise-masked fixed-point integers whose masks cancel in
+            the all-reduce (``fedlm.federation.secure``), so that no rank's update travels in the clear.
+        collective_timeout_s: under torchrun, how long a collective waits for a silent peer before failing (a dead
+            peer fails it at once); the error, not a hang, lets torchrun restart the group.
+    """
+
+    clients: int
+    rounds: int
+    local_steps: int | None = None
+    local_epochs: float | None = None
+    weighting: Literal["samples", "uniform"] = "samples"
+    seed: int = 1234
+    server: ServerConfig = field(default_factory=ServerConfig)
+    prox_mu: float = 0.0
+    client_fraction: float = 1.0
+    average: Averaged = "parameters"
+    private_tokens: int = 0
+    personalize_steps: int = 0
+    dp: DPConfig | None = None
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    collective_timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        if self.clients < 1:
+            raise ConfigError(f"federation.clients={self.clients} must be at least 1.")
+        if self.rounds < 1:
+            raise ConfigError(f"federation.rounds={self.rounds} must be at least 1.")
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ConfigError("give exactly one of federation.local_steps and federation.local_epochs.")
+        if (self.local_steps is not None and self.local_steps < 1) or (self.local_epochs is not None and self.local_epochs <= 0):
+            raise ConfigError("federation.local_steps / federation.local_epochs must be positive.")
+        if self.weighting not in ("samples", "uniform"):
+            raise ConfigError(f"federation.weighting={self.weighting!r} is unknown; use 'samples' or 'uniform'.")
+        if self.prox_mu < 0:
+            raise ConfigError(f"federation.prox_mu={self.prox_mu} must be >= 0 (0 turns FedProx off).")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"federation.collective_timeout_s={self.collective_timeout_s} must be positive (seconds).")
+        if not 0 < self.client_fraction <= 1:
+            raise ConfigError(f"federation.client_fraction={self.client_fraction} must be in (0, 1].")
+        if self.average not in ("parameters", "table"):
+            raise ConfigError(f"federation.average={self.average!r} is unknown; use 'parameters' or 'table'.")
+        if self.private_tokens < 0 or self.personalize_steps < 0:
+            raise ConfigError("federation.private_tokens and federation.personalize_steps must be >= 0 (0: off).")
+        self.server.validate()
+        self.secure_aggregation.validate()
+        if self.dp is not None:
+            self.dp.validate()
+            if self.weighting != "uniform":
+                raise ConfigError(
+                    "federation.dp bounds what one client adds to the round's sum, so every client must count once: "
+                    "set federation.weighting: uniform."
+                )
+
+    @property
+    def sampled_per_round(self) -> int:
+        return clients_per_round(self.clients, self.client_fraction)
+
+
+def clients_per_round(clients: int, fraction: float) -> int:
+    return max(1, round(fraction * clients))
+
+
+def sample_clients(clients: int, fraction: float, seed: int, round_index: int) -> list[int]:
+    """The clients that take part in a round: the same on every rank, from the seed and round alone."""
+    count = clients_per_round(clients, fraction)
+    if count == clients:
+        return list(range(clients))
+    generator = torch.Generator().manual_seed(derive_seed("client-sampling", seed, round_index))
+    return sorted(torch.randperm(clients, generator=generator)[:count].tolist())
