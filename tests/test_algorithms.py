@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 import torch
-from test_federation import FEDERATION, run_ranks, write_config
+from helpers import FEDERATION, REPO, replay, run_ranks, write_config
 
 from fedlm.federation import FederatedLoop, FederationConfig, ServerConfig, ServerOptimizer, Topology, sample_clients
 from fedlm.federation.secure import SecureAggregationConfig
@@ -118,26 +118,7 @@ def test_client_sampling_is_seeded_per_round_and_never_empty() -> None:
     assert len(sample_clients(10, 0.01, 1, 0)) == 1 and sample_clients(4, 1.0, 1, 0) == [0, 1, 2, 3]
 
 
-def replay(records: list[dict], server: ServerConfig, sampled_each_round: int, shared: torch.Tensor | None = None) -> None:
-    """Every rank ends each round with the same encoder: the server step on the renormalized average of the
-    round's sampled clients only (of their ``shared`` part, by default all of it)."""
-    shared = torch.ones_like(records[0]["initial"], dtype=torch.bool) if shared is None else shared
-    optimizer, x = ServerOptimizer(server), records[0]["initial"][shared]
-    for round_index in range(len(records[0]["rounds"])):
-        rounds = [r["rounds"][round_index] for r in records]
-        for other in rounds[1:]:
-            assert torch.equal(other["global"], rounds[0]["global"])
-        clients = {k: v for r in rounds for k, v in r["client_params"].items()}
-        weights = {k: w for r in rounds for k, w in r["weights"].items()}
-        assert len(clients) == sampled_each_round
-        total = sum(weights[k] for k in clients)
-        normalized = {k: weights[k] / total for k in clients}
-        assert math.isclose(sum(normalized.values()), 1.0)
-        average = sum(normalized[k] * clients[k][shared].double() for k in clients)
-        x = optimizer.step(x, average)
-        torch.testing.assert_close(rounds[0]["global"][shared], x, rtol=0, atol=1e-6)
-
-
+@pytest.mark.multiprocess
 def test_sampled_clients_alone_make_the_average(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     federation = {**FEDERATION, "clients": 4, "client_fraction": 0.5}
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation)
@@ -148,6 +129,7 @@ def test_sampled_clients_alone_make_the_average(tiny_gpt2_dir: str, synthetic_fp
     assert sampled == [sample_clients(4, 0.5, FEDERATION["seed"], r) for r in range(3)]
 
 
+@pytest.mark.multiprocess
 def test_fedadam_with_client_sampling_on_two_ranks_matches_one_process(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     """Two clients, one sampled per round: on two ranks the unsampled rank rolls its optimizer state back in
     place; simulated in one process it never loads it. Both must give the same run."""
@@ -164,11 +146,12 @@ def test_fedadam_with_client_sampling_on_two_ranks_matches_one_process(tiny_gpt2
         torch.testing.assert_close(simulated["rounds"][round_index]["global"], expected)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["fedprox", "fedavgm", "fedyogi", "fedadagrad", "split_prompts"])
 def test_each_shipped_algorithm_on_two_ranks(name: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     """The shipped config's federation section on two gloo ranks: every rank ends each round with the server
     step on the average of the clients' shared parts."""
-    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "algorithms" / f"{name}.yaml").read_text())
+    shipped = yaml.safe_load((REPO / "configs" / "algorithms" / f"{name}.yaml").read_text())
     federation = {**FEDERATION, **shipped["federation"]}
     if "private_tokens" in federation:
         federation["private_tokens"] = 1  # of the tiny model's 3
@@ -213,15 +196,14 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_clients_to_the_global(tiny_
 def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys: pytest.CaptureFixture[str]) -> None:
     from fedlm.cli import cli
 
-    repo = Path(__file__).resolve().parents[1]
-    base = yaml.safe_load((repo / "configs" / "fpb_federated.yaml").read_text())["federation"]
-    files = sorted((repo / "configs" / "algorithms").glob("*.yaml"))
+    base = yaml.safe_load((REPO / "configs" / "fpb_federated.yaml").read_text())["federation"]
+    files = sorted((REPO / "configs" / "algorithms").glob("*.yaml"))
     assert {f.stem for f in files} == {
         "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client_sampling", "finetune", "split_prompts", "table_average"
     }  # fmt: skip
     for file in files:
         with pytest.raises(SystemExit):
-            cli(["fit", "--config", str(repo / "configs/fpb_federated.yaml"), "--config", str(file), "--print_config"])
+            cli(["fit", "--config", str(REPO / "configs/fpb_federated.yaml"), "--config", str(file), "--print_config"])
         federation = yaml.safe_load(capsys.readouterr().out)["federation"]
         override = yaml.safe_load(file.read_text())["federation"]
         assert {k: federation[k] for k in base} == {**base, **{k: v for k, v in override.items() if k in base}}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_config
 
 from fedlm.model.calibration import fit_label_biases, objective_of, split_half
 
@@ -71,8 +72,6 @@ def test_an_unknown_objective_is_refused() -> None:
 def test_a_calibrated_fit_stores_its_biases_and_the_export_predicts_the_calibrated_test(
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
 ) -> None:
-    from test_federation import write_config
-
     from fedlm.cli import cli
     from fedlm.model.export import TrainedPrompt
 

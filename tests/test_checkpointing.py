@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Payload
 
 from fedlm.checkpointing import (
     AtomicCheckpointIO,
@@ -31,16 +32,6 @@ def test_save_replaces_the_previous_checkpoint(tmp_path: Path) -> None:
     for round_index in range(3):
         io.save_checkpoint({"round": round_index}, path)
     assert io.load_checkpoint(path)["round"] == 2
-
-
-class Payload:
-    """Unpickling this creates a marker file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # noqa: ANN204
-        return (Path.touch, (self.marker,))
 
 
 def test_a_file_that_is_no_checkpoint_is_called_unreadable_not_dangerous(tmp_path: Path) -> None:

@@ -7,43 +7,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, write_checkpointed_config
 from lightning.pytorch.utilities.rank_zero import rank_zero_module
 
 from fedlm.cli import cli, main
 from fedlm.data import DataError
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_config(tmp_path: Path, backbone: str, fpb: Path) -> Path:
-    config = {
-        "seed_everything": 7,
-        "trainer": {
-            "max_epochs": 1,
-            "limit_train_batches": 6,
-            "log_every_n_steps": 2,
-            "limit_val_batches": 2,
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "default_root_dir": str(tmp_path),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "best", "monitor": "val/acc", "mode": "max"},
-                }
-            ],
-        },
-        "model": {"backbone": backbone, "encoder": {"type": "lstm", "virtual_tokens": 3, "hidden_size": 8}, "lr": 0.01},
-        "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 8}},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
 
 def test_fit_test_and_predict_from_a_yaml_config(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
+    config = write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     fit = cli(["fit", "--config", str(config)])
     assert fit.trainer.global_step == 6
     assert {"val/acc", "val/macro_f1", "val/f1_positive", "val/confusion/neutral_as_positive"} <= set(fit.trainer.callback_metrics)
@@ -62,7 +34,7 @@ def test_fit_test_and_predict_from_a_yaml_config(tiny_gpt2_dir: str, synthetic_f
 
 
 def test_test_after_fit_tests_the_final_model_or_the_best_checkpoint(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
-    config = str(write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb))
+    config = str(write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb))
     final = cli(["fit", "--config", config, "--trainer.max_epochs", "2", "--test_after_fit", "true"])
     written = json.loads((Path(final.trainer.log_dir) / "test_metrics.json").read_text())
     assert written["checkpoint"] == "final model" and written["epochs_completed"] == 2
@@ -80,8 +52,9 @@ def test_test_after_fit_tests_the_final_model_or_the_best_checkpoint(tiny_gpt2_d
         cli([*args, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])
 
 
+@pytest.mark.multiprocess
 def test_configs_compose_later_files_win(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
-    base = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
+    base = write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     override = tmp_path / "override.yaml"
     override.write_text(yaml.safe_dump({"model": {"lr": 0.5, "encoder": {"type": "embedding"}}}))
     result = subprocess.run(
@@ -98,6 +71,7 @@ def test_configs_compose_later_files_win(tiny_gpt2_dir: str, synthetic_fpb: Path
     assert printed["data"]["init_args"]["batch_size"] == 8
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["fpb_centralized", "fpb_federated", "fpb_local"])
 def test_shipped_configs_parse(name: str) -> None:
     result = subprocess.run(
@@ -126,7 +100,7 @@ def test_fedlm_errors_print_one_line_and_exit_2(
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.delenv("FEDLM_TRACEBACK", raising=False)
-    config = str(write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb))
+    config = str(write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb))
     code, err = run_main(monkeypatch, capsys, "fit", "--config", config, "--model.warmup_steps", "-1")
     assert code == 2 and "fedlm: error: model.warmup_steps=-1 must be >= 0.\n" in err
     assert err.splitlines()[-1] == "fedlm: (set FEDLM_TRACEBACK=1 to see the traceback)"
@@ -144,6 +118,7 @@ def test_fedlm_errors_print_one_line_and_exit_2(
         main()
 
 
+@pytest.mark.multiprocess
 def test_a_fedlm_error_from_the_console_script_has_no_traceback(tmp_path: Path) -> None:
     (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
     args = [sys.executable, "-m", "fedlm", "test", "--config", "configs/fpb_centralized.yaml"]
@@ -166,7 +141,7 @@ def test_default_root_dir_alone_moves_the_whole_run_and_lightning_shows_no_adver
     """As in the shipped configs, the CSV logger's save_dir is the config's default_root_dir, and checkpoints go to the
     logger's folder: one flag moves them all, TensorBoard's files and the test outputs too. Lightning's default
     checkpoint callback is the one that would advertise litmodels."""
-    path = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
+    path = write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     config = yaml.safe_load(path.read_text())
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/tiny", "name": "logs"}}
     config["trainer"].update(default_root_dir="runs/tiny", logger=logger, callbacks=[])

@@ -2,66 +2,31 @@
 no other client's training data (recorded by an audit hook on ``open``)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import synthetic_sentences
-from test_federation import FEDERATION, REPO, TESTS, run_ranks, write_config
+from helpers import (
+    FEDERATION,
+    REPO,
+    assert_opened_only_its_own,
+    opened_by,
+    run_ranks,
+    split_data,
+    start_worker,
+    torchrun,
+    with_data,
+    write_config,
+)
 
-from fedlm.cli.split_data import split_data_main
 from fedlm.data import DataError, FinancialPhraseBank
 from fedlm.data.sources import read_phrasebank
 from fedlm.federation import Topology
 
 SPLIT_FILES = ["site0.txt", "site1.txt", "test.txt", "train.txt", "val.txt"]
-
-
-def split_data(fpb: Path, out: Path, *args: str) -> Path:
-    """``fedlm split-data`` for 2 clients, in this process; returns the folder it wrote."""
-    split_data_main(["--out", str(out), "--path", str(fpb), "--clients", "2", *args])
-    return out
-
-
-def with_data(config: Path, **init_args: object) -> Path:
-    """``config`` with its data section's ``init_args`` updated (``path`` left out unless given)."""
-    raw = yaml.safe_load(config.read_text())
-    raw["data"]["init_args"] = {**raw["data"]["init_args"], "path": None, **init_args}
-    config.write_text(yaml.safe_dump(raw))
-    return config
-
-
-def site_layout(split: Path, folder: Path, client: int) -> Path:
-    """What a site holds: its own training file and the shared evaluation files, copied into ``folder``."""
-    folder.mkdir(parents=True)
-    for name in (f"site{client}.txt", "val.txt", "test.txt"):
-        shutil.copyfile(split / name, folder / name)
-    return folder
-
-
-def start_audited(out: Path, config: Path, launcher: list[str], *extra: str, env: dict | None = None) -> subprocess.Popen:
-    """tests/audited_worker.py (federated_worker.py under the audit hook) as ``launcher`` starts it."""
-    out.mkdir(parents=True, exist_ok=True)
-    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1", **(env or {})}
-    command = [*launcher, str(TESTS / "audited_worker.py"), str(out), "fit", "--config", str(config), *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
-
-
-def opened_by(out: Path, rank: int) -> list[Path]:
-    return [Path(p).resolve() for p in json.loads((out / f"opened-rank{rank}.json").read_text())]
-
-
-def assert_opened_only_its_own(opened: list[Path], own: list[Path], forbidden: list[Path]) -> None:
-    """It read its own data files and touched nothing under the ``forbidden`` files and folders."""
-    missing = [str(file) for file in own if file.resolve() not in opened]
-    assert not missing, f"did not open its own data {missing} (the audit saw nothing?)"
-    seen = [str(p) for p in opened for f in forbidden if p.is_relative_to(f.resolve())]
-    assert not seen, f"opened data it must not hold: {seen}"
 
 
 def texts(examples: list) -> list[tuple[str, str]]:
@@ -151,6 +116,7 @@ def test_split_files_give_the_pooled_splits_and_clients_and_the_training_file_is
 # -- real runs -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_a_federated_run_on_the_split_files_is_bitwise_the_partitioned_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     """One process simulating both clients, from the pooled file and from the files (the two runs side by side)."""
     split = split_data(synthetic_fpb, tmp_path / "split")
@@ -174,6 +140,7 @@ def test_a_federated_run_on_the_split_files_is_bitwise_the_partitioned_run(tiny_
     assert tested["files"] == tested["pooled"] and "test/acc" in tested["pooled"]
 
 
+@pytest.mark.multiprocess
 def test_a_rank_opens_only_its_own_clients_training_file(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     """Two ranks, one client each, on one machine: each client's file in a folder of its own, the evaluation files
     in a shared one. The pooled file stays reachable (FEDLM_FPB_DIR) and is never opened."""
@@ -188,11 +155,11 @@ def test_a_rank_opens_only_its_own_clients_training_file(tiny_gpt2_dir: str, syn
         shutil.copyfile(split / site.name, site)
     config = with_data(write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION),
                        client_files=[str(s) for s in sites], val_file=str(shared / "val.txt"), test_file=str(shared / "test.txt"))  # fmt: skip
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    process = start_audited(tmp_path / "out", config, launcher, "--test_after_fit", "true", env={"FEDLM_FPB_DIR": str(synthetic_fpb)})
+    out, env = tmp_path / "out", {"FEDLM_FPB_DIR": str(synthetic_fpb)}
+    process = start_worker("audited_worker.py", out, config, torchrun(2), "--test_after_fit", "true", env=env)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
     for rank in (0, 1):
-        opened = opened_by(tmp_path / "out", rank)
+        opened = opened_by(out, rank)
         own = [sites[rank], shared / "val.txt", shared / "test.txt"]
         assert_opened_only_its_own(opened, own, forbidden=[sites[1 - rank].parent, split, synthetic_fpb])

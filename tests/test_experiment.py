@@ -107,6 +107,7 @@ def tiny_configs(tmp_path: Path, backbone: str, fpb: Path) -> dict[str, str]:
     return paths
 
 
+@pytest.mark.multiprocess
 def test_triad_end_to_end_with_two_seeds_resumes_and_reports(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = TriadConfig(**tiny_configs(tmp_path, tiny_gpt2_dir, synthetic_fpb), seeds=[1, 2], output=str(tmp_path / "triad"))
     readme = run_experiment(config)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny, synthetic_sentences, train_tokenizer, write_synthetic_fpb
+from helpers import REPO, Payload, predicted, probabilities, write_checkpointed_config
 from peft import PeftModel
 from tokenizers import processors
-from test_cli import write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedlm.checkpointing import UnsafeCheckpointError
@@ -24,15 +24,14 @@ from fedlm.model import CheckpointMismatchError, PTuningModule
 from fedlm.model.export import PeftLayoutError, PromptFormatError, TrainedPrompt, peft_mismatch
 from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, PromptTemplate
 
-REPO = Path(__file__).resolve().parents[1]
 MID_TEMPLATE = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"  # the shipped configs'
 SENTENCES = [sentence for sentence, _ in synthetic_sentences(9, seed=3)]
 
 
 def fit(backbone: str, folder: Path, *overrides: str) -> Path:
-    """A few real training steps of test_cli's tiny LSTM setup with the module's default template (the prefix
-    layout); the checkpoint's path."""
-    config = write_config(folder, backbone, write_synthetic_fpb(folder))
+    """A few real training steps of ``write_checkpointed_config``'s tiny LSTM run with the module's default template
+    (the prefix layout); the checkpoint's path."""
+    config = write_checkpointed_config(folder, backbone, write_synthetic_fpb(folder))
     cli(["fit", "--config", str(config), "--trainer.limit_train_batches", "3", *overrides])
     return folder / "ckpt" / "best.ckpt"
 
@@ -66,16 +65,6 @@ def headlines(tmp_path: Path) -> Path:
     path = tmp_path / "headlines.txt"
     path.write_text("\n".join([*SENTENCES[:4], "", "   ", *SENTENCES[4:]]) + "\n")
     return path
-
-
-def predicted(source: Path, headlines: Path, tmp_path: Path, *options: str) -> list[dict]:
-    out = tmp_path / "predictions.jsonl"
-    predict_main([str(source), str(headlines), "--out", str(out), *options])
-    return [json.loads(line) for line in out.read_text().splitlines()]
-
-
-def probabilities(rows: list[dict]) -> torch.Tensor:
-    return torch.tensor([list(row["probs"].values()) for row in rows])
 
 
 @pytest.mark.parametrize("name", ["checkpoint", "mid_checkpoint"])
@@ -188,16 +177,6 @@ def test_backbone_override_finds_moved_files_and_refuses_another_model(
         predict_main([str(checkpoint), str(headlines), "--backbone", str(llama)])
 
 
-class Payload:
-    """Unpickling this creates a marker file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # noqa: ANN204
-        return (Path.touch, (self.marker,))
-
-
 def test_unsafe_foreign_and_incomplete_inputs_are_refused(
     checkpoint: Path, headlines: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -259,6 +238,7 @@ def test_export_of_a_run_folder_takes_its_latest_version_with_a_checkpoint(
     assert f"fedlm: error: {logs / 'version_11'}: no version_N/checkpoints/*.ckpt in it or one folder down (1 " in err
 
 
+@pytest.mark.multiprocess
 def test_python_m_fedlm_predict_pipes_stdin_to_stdout(checkpoint: Path, headlines: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "fedlm", "predict", str(checkpoint), "-", "--format", "jsonl"],

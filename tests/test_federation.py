@@ -1,9 +1,6 @@
 """Federated rounds: topology, data streams, and real multi-process torchrun runs on gloo."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -11,16 +8,13 @@ import pytest
 import torch
 import yaml
 from conftest import synthetic_sentences
+from helpers import FEDERATION, REPO, run_ranks, write_config
 
 from fedlm.data import FinancialPhraseBank
 from fedlm.data.sources import DataError
 from fedlm.data.partition import iid_partition
 from fedlm.data.sampler import ClientBlock, RoundBatchSampler
 from fedlm.federation import FederationConfig, Topology, TopologyError
-
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
-
 
 # -- topology, partition, sampler ------------------------------------------------------------------------
 
@@ -134,50 +128,6 @@ def test_local_only_run_trains_on_exactly_the_shard_its_client_has_when_federate
 # -- real runs -------------------------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, backbone: str, fpb: Path, federation: dict | None, **trainer) -> Path:
-    config = {
-        "seed_everything": 7,
-        "trainer": {
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": False,
-            "enable_checkpointing": False,
-            "num_sanity_val_steps": 0,
-            "limit_val_batches": 1,
-            "default_root_dir": str(tmp_path),
-            **trainer,
-        },
-        "model": {"backbone": backbone, "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8}, "lr": 0.05},
-        "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 4}},
-        "federation": federation,
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run_ranks(tmp_path: Path, config: Path, nproc: int, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    out = tmp_path / f"out-{nproc}"
-    out.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    if nproc == 1:
-        launcher = [sys.executable]
-    result = subprocess.run(
-        [*launcher, str(TESTS / "federated_worker.py"), str(out), "fit", "--config", str(config), *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    records = [torch.load(out / f"rank{r}.pt") for r in range(nproc)] if result.returncode == 0 else []
-    return result, records
-
-
-FEDERATION = {"clients": 2, "rounds": 3, "local_steps": 3, "weighting": "samples", "seed": 5}
-
-
 def check_rounds(records: list[dict], clients_of_rank: list[int]) -> None:
     for round_index in range(3):
         rounds = [r["rounds"][round_index] for r in records]
@@ -203,6 +153,7 @@ def check_rounds(records: list[dict], clients_of_rank: list[int]) -> None:
     assert all(r["rounds"][-1]["backbone"] == first_backbone for r in records)
 
 
+@pytest.mark.multiprocess
 def test_two_clients_of_two_ranks(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
     result, records = run_ranks(tmp_path, config, 4, "--test_after_fit", "true")
@@ -216,6 +167,7 @@ def test_two_clients_of_two_ranks(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_p
     assert result.stdout.count("test metrics written") == 1
 
 
+@pytest.mark.multiprocess
 def test_four_clients_of_one_rank(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "clients": 4})
     result, records = run_ranks(tmp_path, config, 4)
@@ -223,6 +175,7 @@ def test_four_clients_of_one_rank(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_p
     check_rounds(records, clients_of_rank=[0, 1, 2, 3])
 
 
+@pytest.mark.multiprocess
 def test_single_process_simulation_equals_the_multi_process_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
     result, (simulated,) = run_ranks(tmp_path, config, 1)
@@ -239,6 +192,7 @@ def test_single_process_simulation_equals_the_multi_process_run(tiny_gpt2_dir: s
             )
 
 
+@pytest.mark.multiprocess
 def test_world_wide_ddp_collapses_clients_and_is_detected(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     """Negative control: with gradients synced over the world, clients stop being clients."""
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION, strategy="ddp")
@@ -247,6 +201,7 @@ def test_world_wide_ddp_collapses_clients_and_is_detected(tiny_gpt2_dir: str, sy
     assert "CollapsedClientsError: all clients ended the round with identical encoders" in result.stderr
 
 
+@pytest.mark.multiprocess
 def test_one_client_with_all_data_trains_exactly_like_centralized(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     for name in ("c", "f"):
         (tmp_path / name).mkdir()

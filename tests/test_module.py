@@ -1,50 +1,13 @@
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SENTENCES, batch_of, single_token_words, tiny_module, trainer
 
 from fedlm.data import FinancialPhraseBank
 from fedlm.model import CheckpointMismatchError, PTuningModule
 from fedlm.model.template import EncodedExample
-
-
-def tiny_module(backbone: str, **kwargs) -> PTuningModule:
-    torch.manual_seed(0)
-    encoder = kwargs.pop("encoder", {"type": "mlp", "virtual_tokens": 3, "hidden_size": 16})
-    return PTuningModule(backbone=backbone, encoder=encoder, lr=1e-2, **kwargs)
-
-
-def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-    )
-    return L.Trainer(**{**defaults, **kwargs})
-
-
-def batch_of(module: PTuningModule, sentences: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    return module.template.collate([module.template.encode(s, label) for s, label in sentences])
-
-
-SENTENCES = [("profit rose in the quarter .", "positive"), ("loss widened this year .", "negative")]
-
-
-def single_token_words(module: PTuningModule) -> dict[str, str]:
-    """Three label words that the tiny tokenizer keeps as one token each."""
-    words = []
-    for token_id in range(len(module.tokenizer)):
-        text = module.tokenizer.decode([token_id])
-        if text.startswith(" ") and module.tokenizer(text, add_special_tokens=False).input_ids == [token_id]:
-            words.append(text)
-    return dict(zip(["negative", "neutral", "positive"], words[:3]))
 
 
 def test_backbone_is_frozen_in_eval_mode_and_unchanged_by_training(tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:

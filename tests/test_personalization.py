@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_algorithms import replay
-from test_federation import FEDERATION, run_ranks, write_config
+from helpers import FEDERATION, replay, run_ranks, write_config
 
 from fedlm.data import FinancialPhraseBank
 from fedlm.data.sources import DataError
@@ -92,6 +91,7 @@ def test_client_holdout_is_disjoint_seeded_and_shared_by_local_runs(synthetic_fp
         FinancialPhraseBank(path=str(synthetic_fpb), client_holdout=1.0)
 
 
+@pytest.mark.multiprocess
 def test_personalization_without_held_out_data_is_refused_before_training(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "personalize_steps": 2})
     result, _ = run_ranks(tmp_path, config, 1)
@@ -112,6 +112,7 @@ def personalized_config(tmp_path: Path, tiny_gpt2_dir: str, synthetic_fpb: Path,
     return config
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("average", ["parameters", "table"])
 def test_private_tokens_never_leave_their_client(average: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     federation = {**FEDERATION, "private_tokens": 1, "average": average, "personalize_steps": 2}
@@ -151,6 +152,7 @@ def test_private_tokens_never_leave_their_client(average: str, tiny_gpt2_dir: st
     assert "global vs personalized accuracy per client" in result.stderr
 
 
+@pytest.mark.multiprocess
 def test_table_averaging_sends_the_table_and_matches_one_process(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     federation = {**FEDERATION, "average": "table", "server": {"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.5}}
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation)

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import batch_of, single_token_words, tiny_module, trainer
 
 from fedlm.data import FinancialPhraseBank
 from fedlm.model import PTuningModule
 from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
-from test_module import batch_of, single_token_words, tiny_module, trainer
 
 CACHED_TEMPLATE = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
 # Prefixes of different lengths (one repeated), and gold answers of different lengths with multi-token words.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import write_synthetic_fpb
 from federated_worker import sent_bytes
-from test_federation import FEDERATION, run_ranks, write_config
+from helpers import FEDERATION, SENTENCES, Payload, batch_of, run_ranks, tiny_module, write_config
 
 from fedlm.federation import FederationConfig
 from fedlm.accounting import epsilon_after
@@ -78,6 +78,7 @@ def test_dp_config_errors_name_the_field() -> None:
 DP_FEDERATION = {**FEDERATION, "weighting": "uniform"}
 
 
+@pytest.mark.multiprocess
 def test_without_noise_the_round_moves_by_the_mean_clipped_update_on_two_ranks(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     federation = {**DP_FEDERATION, "dp": {"noise_multiplier": 0.0, "clip_norm": 0.05, "noise_seed": 0}}
     result, records = run_ranks(tmp_path, write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation), 2)
@@ -104,6 +105,7 @@ def test_without_noise_the_round_moves_by_the_mean_clipped_update_on_two_ranks(t
         assert not [t for t in sent if t.numel() == 2]
 
 
+@pytest.mark.multiprocess
 def test_budget_overrun_refuses_before_training_and_epsilon_is_logged_and_checkpointed(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     from fedlm.cli import cli
 
@@ -128,16 +130,6 @@ def test_budget_overrun_refuses_before_training_and_epsilon_is_logged_and_checkp
 
 
 # -- safe loading -------------------------------------------------------------------------------------------------
-
-
-class Payload:
-    """Unpickling this runs ``touch`` of a marker file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # noqa: ANN204
-        return (Path.touch, (self.marker,))
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
@@ -188,6 +180,7 @@ def runs(tiny_gpt2_dir: str, tmp_path_factory: pytest.TempPathFactory):  # noqa:
     return run
 
 
+@pytest.mark.multiprocess
 def test_secure_aggregation_averages_like_plain_and_only_masked_integers_cross(runs) -> None:  # noqa: ANN001
     plain, records = runs("plain"), runs("secure")
     for round_index in range(3):
@@ -281,6 +274,7 @@ def test_the_leak_check_finds_ids_labels_and_text_planted_anywhere() -> None:
     assert leaks(objects, clients) == [f"broadcast_object_list in round 0: {what}" for what in expected]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["plain", "secure", "dp", "dp_secure"])
 def test_each_rank_sends_the_exchanged_vector_and_no_clients_training_data(runs, name: str) -> None:  # noqa: ANN001
     """Every byte each rank (of 2, one client each) handed to any collective: per round the exchanged vector plus at
@@ -320,6 +314,7 @@ def fits(sample: torch.Tensor, sigma: float) -> bool:
     return abs(float(sample.std()) / sigma - 1) < 5 / math.sqrt(2 * d) and abs(float(sample.mean())) < 5 * sigma / math.sqrt(d)
 
 
+@pytest.mark.multiprocess
 def test_noise_in_real_rounds_has_std_z_clip_over_clients(runs) -> None:  # noqa: ANN001
     """The noise that reaches the global encoder, measured from the rounds' encoders alone."""
     residuals = noise(runs("dp"))
@@ -337,6 +332,7 @@ def spacing(x: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(x.abs(), torch.tensor(math.inf)) - x.abs()
 
 
+@pytest.mark.multiprocess
 def test_under_dp_secure_aggregation_gives_the_plain_global_encoder_within_the_fixed_point_step(runs) -> None:  # noqa: ANN001
     """The same noise (noise_seed) and the same clipped updates, summed as floats or as masked fixed point."""
     plain, secure = runs("dp"), runs("dp_secure")
@@ -354,6 +350,7 @@ def test_under_dp_secure_aggregation_gives_the_plain_global_encoder_within_the_f
         assert ((a - b).abs() <= 2**-24 + spacing(torch.maximum(after[0].abs(), after[1].abs()))).all()
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_per_client_under_dp_agree_and_add_the_noise_once(runs) -> None:  # noqa: ANN001
     records = runs("dp_2x2")  # ranks 0 and 1 host client 0, ranks 2 and 3 client 1
     for round_index in range(3):
@@ -372,8 +369,6 @@ def test_two_ranks_per_client_under_dp_agree_and_add_the_noise_once(runs) -> Non
 
 @pytest.mark.parametrize("cache_prefix", [False, True])
 def test_dp_sgd_per_example_gradients_are_exact_and_clipped(tiny_model_dir: str, cache_prefix: bool) -> None:
-    from test_module import SENTENCES, batch_of, tiny_module
-
     template = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}" if cache_prefix else "<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}"
     sentences = SENTENCES + [("sales grew strongly in Finland .", "positive")]
 

@@ -9,7 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_federation import FEDERATION, REPO, TESTS, run_ranks, write_config
+from helpers import (
+    FEDERATION,
+    REPO,
+    assert_opened_only_its_own,
+    opened_by,
+    run_ranks,
+    site_layout,
+    split_data,
+    start_worker,
+    tiny_module,
+    torchrun,
+    trainer,
+    with_data,
+    write_config,
+)
 
 from fedlm.federation.strategy import rank_file
 
@@ -23,6 +37,7 @@ def checkpointing(folder: Path) -> dict:
 HARD = {**FEDERATION, "clients": 3, "server": {"optimizer": "fedadam", "lr": 0.01}, "private_tokens": 1}
 
 
+@pytest.mark.multiprocess
 def test_resume_from_a_round_checkpoint_is_bitwise_the_uninterrupted_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     """Three clients in one process (each with its own Adam moments and lr schedule), FedAdam (server state), split
     prompts (private tokens) and encoder dropout (RNG): everything a round checkpoint must carry."""
@@ -41,14 +56,12 @@ def test_resume_from_a_round_checkpoint_is_bitwise_the_uninterrupted_run(tiny_gp
     assert full["losses"][-18:] == resumed["losses"]  # 2 rounds x 3 clients x 3 steps, step for step
 
 
-def launch(out: Path, config: Path, nproc: int, *extra: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.Popen:
-    out.mkdir(exist_ok=True)
-    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1", **(env or {})}
-    launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [*launcher, str(TESTS / "federated_worker.py"), str(out), "fit", "--config", str(config), *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+def start_faulty(out: Path, config: Path, fault: str) -> subprocess.Popen:
+    """Two ranks of tests/federated_worker.py, one of which misbehaves as ``FEDLM_TEST_FAULT=fault`` says."""
+    return start_worker("federated_worker.py", out, config, torchrun(2), env={"FEDLM_TEST_FAULT": fault})
 
 
+@pytest.mark.multiprocess
 def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     for name in ("clean", "killed"):
         (tmp_path / name).mkdir()
@@ -57,15 +70,15 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterru
     assert result.returncode == 0, result.stderr[-3000:]
 
     config = write_config(tmp_path / "killed", tiny_gpt2_dir, synthetic_fpb, HARD | {"clients": 2}, **checkpointing(tmp_path / "killed" / "ckpt"))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
     started = time.perf_counter()
     env = {"FEDLM_TEST_FAULT": "kill:1:1:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see README: restarts
-    process = launch(tmp_path / "killed" / "out", config, 2, "--ckpt_path", "last", env=env, launcher=launcher)
+    launcher, out = torchrun(2, "--max-restarts=1"), tmp_path / "killed" / "out"
+    process = start_worker("federated_worker.py", out, config, launcher, "--ckpt_path", "last", env=env)
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
     assert "SIGKILL" in stderr or "Signals.SIGKILL" in stderr or "exitcode: -9" in stderr  # rank 1 was killed in round 2...
     assert (tmp_path / "killed" / "ckpt" / "last.ckpt.rank1").is_file()  # ...and resumed from its own part
-    records = [torch.load(tmp_path / "killed" / "out" / f"rank{r}.pt") for r in range(2)]
+    records = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     for rank in range(2):
         assert len(records[rank]["rounds"]) == 2  # the restarted group ran rounds 2 and 3 only
         assert torch.equal(records[rank]["rounds"][-1]["global"], reference[rank]["rounds"][-1]["global"])
@@ -79,19 +92,21 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterru
     assert result.returncode != 0 and "RanksDisagreeError: the ranks resumed from different rounds (1 to 3" in result.stderr
 
 
+@pytest.mark.multiprocess
 def test_a_silent_peer_fails_the_collective_instead_of_hanging(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "collective_timeout_s": 5})
     started = time.perf_counter()
-    process = launch(tmp_path / "out", config, 2, env={"FEDLM_TEST_FAULT": "hang:1:1:0"})
+    process = start_faulty(tmp_path / "out", config, "hang:1:1:0")
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
     assert time.perf_counter() - started < 240  # the 1-hour hang was cut by the 5 s timeout
     assert "timed out" in stderr.lower() or "timeout" in stderr.lower()
 
 
+@pytest.mark.multiprocess
 def test_a_non_finite_client_stops_the_round_and_keeps_the_last_good_global(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION, **checkpointing(tmp_path / "ckpt"))
-    process = launch(tmp_path / "out", config, 2, env={"FEDLM_TEST_FAULT": "nan:1:1:1"})
+    process = start_faulty(tmp_path / "out", config, "nan:1:1:1")
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
     assert "NonFiniteClientError: round 2: client(s) [1] produced a non-finite training loss or encoder" in stderr
@@ -100,9 +115,10 @@ def test_a_non_finite_client_stops_the_round_and_keeps_the_last_good_global(tiny
     assert state["completed_rounds"] == 1 and torch.isfinite(state["global_params"]).all()
 
 
+@pytest.mark.multiprocess
 def test_ranks_that_end_a_round_with_different_global_encoders_are_stopped(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
-    process = launch(tmp_path / "out", config, 2, env={"FEDLM_TEST_FAULT": "skew:1:1:0"})
+    process = start_faulty(tmp_path / "out", config, "skew:1:1:0")
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
     assert "RanksDisagreeError: round 2: the ranks hold different global encoders after averaging" in stderr
@@ -114,14 +130,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_nodes_on_loopback_each_with_only_its_own_data(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     """The README's multi-node launch: `fedlm split-data` cuts the files, node k's folder holds only site{k}.txt,
     val.txt and test.txt, and every node runs the same data config on its own folder (naming the other site's file,
     absent there). Static rendezvous, so that node k is rank k and hosts client k (c10d would order the nodes by
     host and pid, not --node_rank). Each node opens only its own data, and the run is bitwise the partitioned run
     on the pooled file."""
-    from test_data_locality import assert_opened_only_its_own, opened_by, site_layout, split_data, start_audited, with_data
-
     (tmp_path / "pooled").mkdir()
     result, reference = run_ranks(tmp_path / "pooled", write_config(tmp_path / "pooled", tiny_gpt2_dir, synthetic_fpb, FEDERATION), 2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -136,7 +151,8 @@ def test_two_nodes_on_loopback_each_with_only_its_own_data(tiny_gpt2_dir: str, s
                            val_file=str(folder / "val.txt"), test_file=str(folder / "test.txt"))  # fmt: skip
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
                     "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
-        nodes.append(start_audited(tmp_path / f"node{node}" / "out", config, launcher, env={"FEDLM_FPB_DIR": str(synthetic_fpb)}))
+        out, env = tmp_path / f"node{node}" / "out", {"FEDLM_FPB_DIR": str(synthetic_fpb)}
+        nodes.append(start_worker("audited_worker.py", out, config, launcher, env=env))
     for node in nodes:
         _, stderr = node.communicate(timeout=600)
         assert node.returncode == 0, stderr[-3000:]
@@ -190,6 +206,7 @@ def test_a_client_with_no_data_is_refused(tiny_gpt2_dir: str, synthetic_fpb: Pat
     assert f"{empty}" in error and "holds no examples" in error
 
 
+@pytest.mark.multiprocess
 def test_a_world_size_that_does_not_fit_the_clients_is_refused(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "clients": 3})
     result, _ = run_ranks(tmp_path, config, 2)
@@ -200,8 +217,6 @@ def test_a_world_size_that_does_not_fit_the_clients_is_refused(tiny_gpt2_dir: st
 def test_a_checkpoint_of_another_model_is_refused(tiny_model_dir: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     """Same embedding width (32) but another architecture: the encoder's shapes fit, its meaning would not. (The CLI
     takes model.backbone from the checkpoint's hyperparameters; the Python API takes the module it is given.)"""
-    from test_module import tiny_module, trainer
-
     from fedlm.data import FinancialPhraseBank
     from fedlm.model import CheckpointMismatchError
 
@@ -216,6 +231,7 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_model_dir: str, tiny_gpt2
         trainer(tmp_path).test(other, FinancialPhraseBank(path=str(synthetic_fpb)), ckpt_path=tmp_path / "gpt2.ckpt")
 
 
+@pytest.mark.multiprocess
 def test_a_kill_during_a_checkpoint_save_leaves_the_last_good_one(tmp_path: Path) -> None:
     """The child saves a good checkpoint, then starts overwriting it and is SIGKILLed while the new bytes are on disk
     but not yet renamed into place (its fsync is slowed down to hold it there)."""

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import build_tiny
+from helpers import REPO, launcher_for, write_yaml
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 # Wall-clock columns: the only ones allowed to differ between two runs.
 TIMINGS = {"round/compute_seconds", "round/comm_seconds"}
 
@@ -26,7 +24,8 @@ def wide_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny("llama", tmp_path_factory.mktemp("wide-llama"), width=384))
 
 
-def write_config(folder: Path, backbone: str, fpb: Path) -> Path:
+def write_repeated_config(folder: Path, backbone: str, fpb: Path) -> Path:
+    """The one command both runs repeat: a federated fit with dropout, CSV logs, its last checkpoint and a test."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "seed_everything": 11,
@@ -50,9 +49,7 @@ def write_config(folder: Path, backbone: str, fpb: Path) -> Path:
         "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 8}},
         "federation": {"clients": 2, "rounds": 4, "local_steps": 3, "seed": 3},
     }
-    path = folder / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_yaml(folder / "run.yaml", config)
 
 
 @contextmanager
@@ -69,8 +66,8 @@ def competing_load():
 
 
 def run(folder: Path, backbone: str, fpb: Path, hash_seed: str, nproc: int) -> Path:
-    config = write_config(folder, backbone, fpb)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    config = write_repeated_config(folder, backbone, fpb)
+    launcher = launcher_for(nproc)
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO)}
     env.pop("OMP_NUM_THREADS", None)  # a plain fit uses every core, which is where thread order could matter
     result = subprocess.run([*launcher, "-m", "fedlm", "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600)
@@ -90,6 +87,7 @@ def final_encoder(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("encoder.")}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("nproc", [1, 2], ids=["simulation", "torchrun"])
 def test_two_processes_of_one_command_agree_bitwise(nproc: int, wide_llama: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     first = run(tmp_path / "first", wide_llama, synthetic_fpb, hash_seed="1", nproc=nproc)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from test_federation import FEDERATION, write_config
+from helpers import FEDERATION, write_config
 
 from fedlm.model.schedule import lr_factor
 

@@ -1,17 +1,13 @@
 """Secure aggregation: fixed point, int64 wraparound, refusals, and a real 3-rank gloo run under torchrun."""
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import TESTS, torchrun, worker_env
 
 from fedlm.federation.secure import FIELD, SecureAggregationConfig, SecureAggregator, max_magnitude
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 BITS = 24
 SCALE = 2.0**BITS
 
@@ -77,15 +73,13 @@ def test_non_finite_values_are_refused(bad: float) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("secure")
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3"]
-    result = subprocess.run(
-        [*launcher, str(TESTS / "secure_worker.py"), str(out)], capture_output=True, text=True, env=env, timeout=300
-    )
+    command = [*torchrun(3), str(TESTS / "secure_worker.py"), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=worker_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(3)]
 
 
+@pytest.mark.multiprocess
 def test_gloo_all_reduce_on_int64_wraps(ranks: list[dict]) -> None:
     inputs = [r["wrap_input"].tolist() for r in ranks]
     expected = [wrap(sum(column)) for column in zip(*inputs)]
@@ -94,6 +88,7 @@ def test_gloo_all_reduce_on_int64_wraps(ranks: list[dict]) -> None:
         assert r["wrap_output"].tolist() == expected
 
 
+@pytest.mark.multiprocess
 def test_secure_sum_is_the_exact_sum_of_the_fixed_point_inputs(ranks: list[dict]) -> None:
     world = len(ranks)
     for round_index in range(2):
@@ -108,6 +103,7 @@ def test_secure_sum_is_the_exact_sum_of_the_fixed_point_inputs(ranks: list[dict]
             assert (inputs[0] - float_sum).abs().max() > 1  # the inputs do differ per rank
 
 
+@pytest.mark.multiprocess
 def test_what_travels_is_masked(ranks: list[dict]) -> None:
     masks = {}
     for r in ranks:
@@ -134,6 +130,7 @@ def test_what_travels_is_masked(ranks: list[dict]) -> None:
     assert not (masks[0, 0, 0] == masks[1, 0, 0]).any()
 
 
+@pytest.mark.multiprocess
 def test_only_public_keys_travel(ranks: list[dict]) -> None:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -158,6 +155,7 @@ def test_only_public_keys_travel(ranks: list[dict]) -> None:
     assert len({keys[0, 1], keys[0, 2], keys[1, 2]}) == 3
 
 
+@pytest.mark.multiprocess
 def test_refusals_and_out_of_step_calls_fail_on_every_rank(ranks: list[dict]) -> None:
     for r in ranks:
         errors = r["errors"]

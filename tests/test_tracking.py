@@ -4,22 +4,19 @@ from pathlib import Path
 
 import pytest
 import wandb
-from test_federation import write_config
+from helpers import REPO, write_config
 from wandb_records import read_offline_run
 
 from fedlm.cli import cli
 from fedlm.cli.tracking import has_wandb_credentials, save_confusion_png
 from fedlm.experiment.runner import PlannedRun, command, log_report_to_wandb
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 FEDERATION = {"clients": 2, "rounds": 2, "local_steps": 2, "seed": 3}
 RUN = ["--seed_everything", "11", "--test_after_fit", "true"]  # a seed the run's W&B name must carry; then a test
 
 
 def federated_config(tmp_path: Path, backbone: str, fpb: Path, **trainer) -> Path:
-    """test_federation's tiny config, with CSV logs: the logger every other one joins."""
+    """``write_config``'s tiny run, with CSV logs: the logger every other one joins."""
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}}
     return write_config(tmp_path, backbone, fpb, FEDERATION, logger=logger, **trainer)
 
