@@ -1,15 +1,20 @@
-"""The documentation: the options page is what the code renders."""
+"""The documentation: the options page is what the code renders, the README stays short, and no link is dead."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+README_LIMIT = 12_500  # bytes: the README is the front page; the rest lives in docs/
+# [text](target) and ![alt](target); the target ends at whitespace or ')' (an optional "title" is left out)
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 
 
 @functools.cache
@@ -19,6 +24,25 @@ def options_doc():
     module = sys.modules["options_doc"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def markdown_files() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def relative_links(text: str) -> list[str]:
+    """Link targets outside code blocks and code spans, minus web and mail links and pure #anchors."""
+    prose = re.sub(r"`[^`\n]*`", "", FENCE.sub("", text))
+    targets = [match.group(1) for match in LINK.finditer(prose)]
+    return [t for t in targets if not re.match(r"^(https?:|mailto:|#)", t)]
+
+
+def dead_links(path: Path) -> list[str]:
+    return [
+        target
+        for target in relative_links(path.read_text(encoding="utf-8"))
+        if not (path.parent / target.split("#", 1)[0]).resolve().exists()
+    ]
 
 
 def test_options_page_is_what_the_code_renders():
@@ -63,3 +87,23 @@ def test_a_docstring_entry_for_a_field_the_class_lacks_is_refused():
 
     with pytest.raises(ValueError, match="gone"):
         generator.options(Stale)
+
+
+def test_readme_is_short():
+    size = (REPO / "README.md").stat().st_size
+    assert size <= README_LIMIT, f"README.md is {size} bytes, over {README_LIMIT}: move detail to docs/*.md, link it"
+
+
+def test_every_relative_link_points_at_a_file_in_the_repository():
+    dead = {str(path.relative_to(REPO)): links for path in markdown_files() if (links := dead_links(path))}
+    assert not dead, f"links to files that do not exist: {dead}"
+
+
+def test_the_link_check_finds_a_dead_link(tmp_path):
+    (tmp_path / "there.md").write_text("x")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](there.md#part) [web](https://example.com/x.md) [anchor](#top) `[code](gone.md)`\n"
+        "```\n[fenced](gone.md)\n```\n![img](missing.png) [dead](docs/nowhere.md)\n"
+    )
+    assert dead_links(page) == ["missing.png", "docs/nowhere.md"]
