@@ -16,7 +16,6 @@ Data: the training split of Financial PhraseBank (``--fpb-dir`` or ``FEDLM_FPB_D
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from itertools import cycle, islice
 
@@ -51,7 +50,9 @@ def padded_fill(cache: PrefixCache, prefixes: list[tuple[int, ...]]) -> None:
     past = DynamicCache(config=model.config)
     model.base_model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
     for row, prefix in enumerate(prefixes):
-        cache.entries[prefix] = torch.stack([torch.stack([k[row, :, : len(prefix)], v[row, :, : len(prefix)]]) for k, v, _ in past])
+        cache.entries[prefix] = torch.stack(
+            [torch.stack([k[row, :, : len(prefix)], v[row, :, : len(prefix)]]) for k, v, _ in past]
+        )
 
 
 def timed(action) -> float:  # noqa: ANN001

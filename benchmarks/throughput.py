@@ -37,7 +37,7 @@ from peft import PromptEncoderConfig, get_peft_model
 
 from fedlm.data.sampler import ClientBlock, RoundBatchSampler
 from fedlm.data.sources import Example, phrasebank_file, read_phrasebank, split_examples
-from fedlm.model import PTuningModule, PromptTemplate, load_backbone
+from fedlm.model import PromptTemplate, PTuningModule, load_backbone
 from fedlm.model.backbone import DEFAULT_BACKBONE
 from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX
 
@@ -68,7 +68,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to run")
     parser.add_argument("--repeats", type=int, default=1, help="run the methods this many times, interleaved")
     parser.add_argument(
-        "--cached-template", default=CACHED_TEMPLATE, help="template of (c); text before the first virtual token is cached"
+        "--cached-template",
+        default=CACHED_TEMPLATE,
+        help="template of (c); text before the first virtual token is cached",
     )
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--encoder-hidden", type=int, default=512)
@@ -88,10 +90,14 @@ def training_examples(args: argparse.Namespace) -> list[Example]:
 
 def batch_plan(args: argparse.Namespace, examples: list[Example]) -> list[list[int]]:
     """One pass in fedlm's seeded batch order (length-bucketed if asked): every method gets these batches."""
-    template = PromptTemplate(FPB_TEMPLATE, load_backbone(args.backbone).tokenizer, args.virtual_tokens, FPB_LABEL_WORDS)
+    template = PromptTemplate(
+        FPB_TEMPLATE, load_backbone(args.backbone).tokenizer, args.virtual_tokens, FPB_LABEL_WORDS
+    )
     lengths = [len(template.encode(e.text, e.label).input_ids) for e in examples]
     block = ClientBlock(0, tuple(range(len(examples))), len(examples) // args.batch_size)
-    return list(RoundBatchSampler([block], args.batch_size, args.seed, lengths=lengths, bucket_batches=args.bucket_batches))
+    return list(
+        RoundBatchSampler([block], args.batch_size, args.seed, lengths=lengths, bucket_batches=args.bucket_batches)
+    )
 
 
 def peft_batch(template: PromptTemplate, examples: list[Example]) -> Batch:
@@ -136,7 +142,9 @@ def peft_setup(args: argparse.Namespace, groups: list[list[Example]]) -> tuple[L
     return lambda batch: model(**batch).loss, batches, params
 
 
-def fedlm_setup(args: argparse.Namespace, groups: list[list[Example]], cached: bool) -> tuple[PTuningModule, list[Batch]]:
+def fedlm_setup(
+    args: argparse.Namespace, groups: list[list[Example]], cached: bool
+) -> tuple[PTuningModule, list[Batch]]:
     """The module with PEFT's encoder shape (an MLP of three linear layers), and the collated batches."""
     encoder = dict(type="mlp", virtual_tokens=args.virtual_tokens, hidden_size=args.encoder_hidden, num_layers=3)
     module = PTuningModule(
@@ -225,7 +233,9 @@ def report(args: argparse.Namespace, repeats: list[dict[str, dict[str, Any]]], e
     print(header + (f"{'peak CUDA MiB':>15}" if cuda else ""))
     for method in args.methods:
         runs = [results[method] for results in repeats]
-        memory = f"{max(r['peak_rss_mib'] for r in runs):>14.0f}" + (f"{max(r['peak_cuda_mib'] for r in runs):>15.0f}" if cuda else "")
+        memory = f"{max(r['peak_rss_mib'] for r in runs):>14.0f}" + (
+            f"{max(r['peak_cuda_mib'] for r in runs):>15.0f}" if cuda else ""
+        )
         phases = [("first epoch, filling the cache", "first epoch")] if "first epoch" in runs[0] else []
         phases.append(("later epochs" if phases else "steady state", "steady"))
         for phase, key in phases:
@@ -249,7 +259,9 @@ def main() -> None:
             # A fresh process per method: ru_maxrss is a lifetime peak.
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 results[method] = pool.submit(run_method, method, args, plan).result()
-            print(f"[repeat {repeat + 1}/{args.repeats}] {method}: {results[method]['steady']:.2f} examples/s", flush=True)
+            print(
+                f"[repeat {repeat + 1}/{args.repeats}] {method}: {results[method]['steady']:.2f} examples/s", flush=True
+            )
         repeats.append(results)
     report(args, repeats, len(examples))
 

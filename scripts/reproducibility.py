@@ -37,7 +37,9 @@ def run(folder: Path, fedlm_args: list[str], hash_seed: str, load_threads: int) 
     try:
         with (folder / "output.log").open("w") as log:
             env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-            result = subprocess.run([sys.executable, "-m", "fedlm", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+            result = subprocess.run(
+                [sys.executable, "-m", "fedlm", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
     finally:
         if burner is not None:
             burner.kill()
@@ -92,9 +94,13 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path)
-    parser.add_argument("--load-threads", type=int, default=1, help="threads of the competing process in the second run")
+    parser.add_argument(
+        "--load-threads", type=int, default=1, help="threads of the competing process in the second run"
+    )
     parser.add_argument("--compare-only", action="store_true", help="compare the two runs already in OUTPUT")
-    parser.add_argument("fedlm_args", nargs=argparse.REMAINDER, help="after --: the fedlm command, e.g. fit --config ...")
+    parser.add_argument(
+        "fedlm_args", nargs=argparse.REMAINDER, help="after --: the fedlm command, e.g. fit --config ..."
+    )
     options = parser.parse_args()
     fedlm_args = options.fedlm_args[1:] if options.fedlm_args[:1] == ["--"] else options.fedlm_args
     if options.compare_only:
@@ -106,24 +112,44 @@ def main() -> None:
         )
     rows_a, rows_b = metrics(a), metrics(b)
     tensors_a, tensors_b = checkpoint_tensors(a), checkpoint_tensors(b)
-    same_tensors = tensors_a.keys() == tensors_b.keys() and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+    same_tensors = tensors_a.keys() == tensors_b.keys() and all(
+        torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a
+    )
     checks = [
         ("metrics.csv rows (all but wall-clock columns)", f"{len(rows_a)} / {len(rows_b)}", rows_a == rows_b),
-        ("checkpoint tensors (encoder, optimizer, federation state)", f"{digest(tensors_a)} / {digest(tensors_b)}", same_tensors),
+        (
+            "checkpoint tensors (encoder, optimizer, federation state)",
+            f"{digest(tensors_a)} / {digest(tensors_b)}",
+            same_tensors,
+        ),
     ]
     predictions = [run_dir / "test_predictions.json" for run_dir in (a, b)]
     if all(p.is_file() for p in predictions):
         texts = [p.read_text() for p in predictions]
-        checks.append(("test predictions", " / ".join(hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts), texts[0] == texts[1]))
-    losses = [[row[k] for row in rows_a if k in row] for k in sorted({k for row in rows_a for k in row if k.endswith("/train_loss")})]
+        checks.append(
+            (
+                "test predictions",
+                " / ".join(hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts),
+                texts[0] == texts[1],
+            )
+        )
+    losses = [
+        [row[k] for row in rows_a if k in row]
+        for k in sorted({k for row in rows_a for k in row if k.endswith("/train_loss")})
+    ]
     print(f"command: fedlm {' '.join(fedlm_args)}")
-    print(f"first run: PYTHONHASHSEED=1, no other job, {seconds_a:.0f} s; second run: PYTHONHASHSEED=2, beside a "
-          f"{options.load_threads}-thread matrix-product process, {seconds_b:.0f} s\n")
+    print(
+        f"first run: PYTHONHASHSEED=1, no other job, {seconds_a:.0f} s; second run: PYTHONHASHSEED=2, beside a "
+        f"{options.load_threads}-thread matrix-product process, {seconds_b:.0f} s\n"
+    )
     print("| compared | first / second | bitwise equal |\n|---|---|---|")
     for name, values, equal in checks:
         print(f"| {name} | {values} | {'yes' if equal else 'NO'} |")
     if losses:
-        print("\nper-round client training losses (first run): " + "; ".join(" ".join(f"{float(v):.6f}" for v in l) for l in losses))
+        print(
+            "\nper-round client training losses (first run): "
+            + "; ".join(" ".join(f"{float(v):.6f}" for v in l) for l in losses)
+        )
     sys.exit(0 if all(equal for _, _, equal in checks) else 1)
 
 

@@ -100,7 +100,9 @@ class RoundRecorder(L.Callback):
             {
                 "client_params": {k: v.clone() for k, v in loop.round.vectors.items()} if loop else {},
                 "weights": {hosted.client: hosted.weight for hosted in loop.hosted} if loop else {},
-                "global": (loop.global_params if loop else parameters_to_vector(pl_module.encoder.parameters())).clone(),
+                "global": (
+                    loop.global_params if loop else parameters_to_vector(pl_module.encoder.parameters())
+                ).clone(),
                 "backbone": torch.stack([p.double().sum() for p in pl_module.backbone.parameters()]).sum().item(),
             }
         )
@@ -120,7 +122,9 @@ class FaultInjector(L.Callback):
         if self.fault is None:
             return False
         _, rank, round_index, batch = self.fault
-        return trainer.global_rank == int(rank) and trainer.current_epoch == int(round_index) and batch_idx == int(batch)
+        return (
+            trainer.global_rank == int(rank) and trainer.current_epoch == int(round_index) and batch_idx == int(batch)
+        )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.fault is None or self.fault[0] != "skew" or trainer.global_rank != int(self.fault[1]):
@@ -173,7 +177,10 @@ if __name__ == "__main__":
     out, args = sys.argv[1], sys.argv[2:]
     for name in (*worker.TENSOR_COLLECTIVES, *worker.OBJECT_COLLECTIVES):
         setattr(dist, name, worker.recording(name, getattr(dist, name)))
-    run = cli(args + ["--trainer.callbacks+=federated_worker.RoundRecorder", "--trainer.callbacks+=federated_worker.FaultInjector"])
+    run = cli(
+        args
+        + ["--trainer.callbacks+=federated_worker.RoundRecorder", "--trainer.callbacks+=federated_worker.FaultInjector"]
+    )
     recorder = next(c for c in run.trainer.callbacks if isinstance(c, worker.RoundRecorder))
     rank = dist.get_rank() if dist.is_initialized() else 0
     federated = any(isinstance(c, FederatedLoop) for c in run.trainer.callbacks)

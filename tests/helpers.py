@@ -74,7 +74,10 @@ def write_checkpointed_config(tmp_path: Path, backbone: str, fpb: Path) -> Path:
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {
-                        "dirpath": str(tmp_path / "ckpt"), "filename": "best", "monitor": "val/acc", "mode": "max"
+                        "dirpath": str(tmp_path / "ckpt"),
+                        "filename": "best",
+                        "monitor": "val/acc",
+                        "mode": "max",
                     },
                 }
             ],

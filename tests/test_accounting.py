@@ -17,7 +17,9 @@ from fedlm.federation import FederationConfig
 from fedlm.federation.privacy import ClientPrivacy, DPConfig
 
 
-def library_epsilon(event: GaussianDpEvent | SampledWithoutReplacementDpEvent, steps: int, delta: float = 1e-5) -> float:
+def library_epsilon(
+    event: GaussianDpEvent | SampledWithoutReplacementDpEvent, steps: int, delta: float = 1e-5
+) -> float:
     accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
     accountant.compose(SelfComposedDpEvent(event, steps))
     return accountant.get_epsilon(delta)
@@ -66,7 +68,9 @@ def test_calibrated_noise_spends_the_target_and_a_budget_overrun_names_the_fix()
         z = calibrate_noise(target, 19, 3, 3, 1e-5)
         assert epsilon_after(19, z, 3, 3, 1e-5) == pytest.approx(target, rel=1e-3)
     over = client_privacy(3, 1.0, noise_multiplier=3.0, epsilon_budget=8.0)
-    with pytest.raises(ValueError, match=r"spend epsilon 17\.09 at delta 1e-05, over federation.dp.epsilon_budget=8") as err:
+    with pytest.raises(
+        ValueError, match=r"spend epsilon 17\.09 at delta 1e-05, over federation.dp.epsilon_budget=8"
+    ) as err:
         over.planned_rounds()
     needed = float(str(err.value).split("noise_multiplier to ")[1].split(" ")[0])
     assert epsilon_after(19, needed, 3, 3, 1e-5) == pytest.approx(8.0, rel=1e-3)
@@ -77,8 +81,12 @@ def test_calibrated_noise_spends_the_target_and_a_budget_overrun_names_the_fix()
 def test_a_peer_sees_only_the_noise_it_cannot_subtract_and_no_amplification() -> None:
     plain, secure = client_privacy(10, 0.3), client_privacy(10, 0.3, secure=True)
     # plain: one client's update with its own share, z / sqrt(3); secure: the others' shares, z * sqrt(2 / 3)
-    assert plain.peer_epsilon_for(19) == pytest.approx(library_epsilon(GaussianDpEvent(math.sqrt(1 / 3) / 2), 19), rel=1e-12)
-    assert secure.peer_epsilon_for(19) == pytest.approx(library_epsilon(GaussianDpEvent(math.sqrt(2 / 3) / 2), 19), rel=1e-12)
+    assert plain.peer_epsilon_for(19) == pytest.approx(
+        library_epsilon(GaussianDpEvent(math.sqrt(1 / 3) / 2), 19), rel=1e-12
+    )
+    assert secure.peer_epsilon_for(19) == pytest.approx(
+        library_epsilon(GaussianDpEvent(math.sqrt(2 / 3) / 2), 19), rel=1e-12
+    )
     assert plain.epsilon_for(19) < secure.peer_epsilon_for(19) < plain.peer_epsilon_for(19)
     two_plain, two_secure = client_privacy(2, 1.0), client_privacy(2, 1.0, secure=True)
     assert two_plain.peer_epsilon_for(19) == two_secure.peer_epsilon_for(19)  # the sum minus mine is yours
@@ -88,7 +96,10 @@ def test_a_peer_sees_only_the_noise_it_cannot_subtract_and_no_amplification() ->
 
 def test_dp_sgd_batches_are_fresh_uniform_draws_of_fixed_size() -> None:
     block = ClientBlock(0, tuple(range(100, 130)), steps=400)  # 30 examples, batch 6 over 2 ranks of 3
-    ranks = [RoundBatchSampler([block], 3, seed=7, rank_in_client=r, ranks_per_client=2, draw="independent") for r in range(2)]
+    ranks = [
+        RoundBatchSampler([block], 3, seed=7, rank_in_client=r, ranks_per_client=2, draw="independent")
+        for r in range(2)
+    ]
     batches = [list(sampler) for sampler in ranks]
     global_batches = [a + b for a, b in zip(*batches)]
     assert all(len(set(batch)) == 6 and set(batch) <= set(block.indices) for batch in global_batches)
@@ -105,4 +116,3 @@ def test_dp_sgd_batches_are_fresh_uniform_draws_of_fixed_size() -> None:
         RoundBatchSampler([block], 20, seed=7, ranks_per_client=2, draw="independent")
     with pytest.raises(ValueError, match="data.bucket_batches: 1 with model.dp_sgd"):
         RoundBatchSampler([block], 3, seed=7, lengths=[1] * 130, bucket_batches=4, draw="independent")
-

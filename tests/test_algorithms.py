@@ -4,8 +4,8 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 from helpers import FEDERATION, REPO, replay, run_ranks, write_config
 
 from fedlm.federation import FederatedLoop, FederationConfig, ServerConfig, ServerOptimizer, Topology, sample_clients
@@ -81,7 +81,6 @@ def test_server_state_survives_a_state_dict_round_trip() -> None:
         ServerOptimizer(ServerConfig(optimizer="fedadam")).load_state_dict(first.state_dict())
 
 
-
 ONE_PROCESS = Topology(num_clients=2, world_size=1, rank=0)
 
 
@@ -97,6 +96,7 @@ def test_the_loop_checkpoints_the_server_state() -> None:
     FederatedLoop(FederationConfig(clients=2, rounds=2, local_steps=1), ONE_PROCESS).load_state_dict(old)
     with pytest.raises(ValueError, match="server state is 'fedavg' but federation.server.optimizer is 'fedadam'"):
         FederatedLoop(config, ONE_PROCESS).load_state_dict(old)
+
 
 def test_algorithm_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="federation.server.optimizer='sgd' is unknown"):
@@ -130,7 +130,9 @@ def test_sampled_clients_alone_make_the_average(tiny_gpt2_dir: str, synthetic_fp
 
 
 @pytest.mark.multiprocess
-def test_fedadam_with_client_sampling_on_two_ranks_matches_one_process(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_fedadam_with_client_sampling_on_two_ranks_matches_one_process(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """Two clients, one sampled per round: on two ranks the unsampled rank rolls its optimizer state back in
     place; simulated in one process it never loads it. Both must give the same run."""
     server = {"optimizer": "fedadam", "lr": 0.01}
@@ -148,7 +150,9 @@ def test_fedadam_with_client_sampling_on_two_ranks_matches_one_process(tiny_gpt2
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["fedprox", "fedavgm", "fedyogi", "fedadagrad", "split_prompts"])
-def test_each_shipped_algorithm_on_two_ranks(name: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_each_shipped_algorithm_on_two_ranks(
+    name: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """The shipped config's federation section on two gloo ranks: every rank ends each round with the server
     step on the average of the clients' shared parts."""
     shipped = yaml.safe_load((REPO / "configs" / "algorithms" / f"{name}.yaml").read_text())
@@ -174,7 +178,9 @@ def fit_rounds(tmp_path: Path, tiny_gpt2_dir: str, synthetic_fpb: Path, federati
     return recorder.rounds
 
 
-def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_clients_to_the_global(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_clients_to_the_global(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     fedavg = fit_rounds(tmp_path / "avg", tiny_gpt2_dir, synthetic_fpb, FEDERATION)
     zero = fit_rounds(tmp_path / "zero", tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "prox_mu": 0.0})
     prox = fit_rounds(tmp_path / "prox", tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "prox_mu": 10.0})
@@ -209,5 +215,8 @@ def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys
         assert {k: federation[k] for k in base} == {**base, **{k: v for k, v in override.items() if k in base}}
         for key, value in override.items():  # the override applied, nested server keys included
             assert federation[key] == ({**federation[key], **value} if isinstance(value, dict) else value)
-        nested = {"server": ServerConfig(**federation["server"]), "secure_aggregation": SecureAggregationConfig(**federation["secure_aggregation"])}
+        nested = {
+            "server": ServerConfig(**federation["server"]),
+            "secure_aggregation": SecureAggregationConfig(**federation["secure_aggregation"]),
+        }
         FederationConfig(**{**federation, **nested}).validate()

@@ -16,7 +16,9 @@ def shifted_scores(n: int = 90, shift: float = 2.0, seed: int = 0) -> tuple[torc
     to class 1's score: raw argmax calls too much class 1, and a bias of about -shift on it undoes that."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 3
-    scores = torch.nn.functional.one_hot(labels, 3).double() + 0.3 * (torch.rand(n, 3, generator=generator, dtype=torch.float64) - 0.5)
+    scores = torch.nn.functional.one_hot(labels, 3).double() + 0.3 * (
+        torch.rand(n, 3, generator=generator, dtype=torch.float64) - 0.5
+    )
     scores[:, 1] += shift
     return scores, labels
 
@@ -45,7 +47,9 @@ def test_fitted_biases_reach_the_known_optimum(objective: str) -> None:
 def test_on_overlapping_classes_the_fit_equals_a_brute_force_search() -> None:
     generator = torch.Generator().manual_seed(3)
     labels = torch.randint(0, 3, (60,), generator=generator)
-    scores = 0.8 * torch.nn.functional.one_hot(labels, 3).double() + torch.randn(60, 3, generator=generator, dtype=torch.float64)
+    scores = 0.8 * torch.nn.functional.one_hot(labels, 3).double() + torch.randn(
+        60, 3, generator=generator, dtype=torch.float64
+    )
     scores[:, 2] += 0.7
     for objective in ("accuracy", "macro_f1"):
         biases = fit_label_biases(scores, labels, objective)

@@ -46,7 +46,9 @@ def test_a_file_that_is_no_checkpoint_is_called_unreadable_not_dangerous(tmp_pat
     }
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(CorruptCheckpointError, match=f"{name} is not a readable checkpoint: it is damaged, truncated"):
+        with pytest.raises(
+            CorruptCheckpointError, match=f"{name} is not a readable checkpoint: it is damaged, truncated"
+        ):
             load_checkpoint(tmp_path / name)
     with pytest.raises(CheckpointNotFoundError, match="missing.ckpt"):
         load_checkpoint(tmp_path / "missing.ckpt")

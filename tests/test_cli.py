@@ -18,7 +18,9 @@ def test_fit_test_and_predict_from_a_yaml_config(tiny_gpt2_dir: str, synthetic_f
     config = write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     fit = cli(["fit", "--config", str(config)])
     assert fit.trainer.global_step == 6
-    assert {"val/acc", "val/macro_f1", "val/f1_positive", "val/confusion/neutral_as_positive"} <= set(fit.trainer.callback_metrics)
+    assert {"val/acc", "val/macro_f1", "val/f1_positive", "val/confusion/neutral_as_positive"} <= set(
+        fit.trainer.callback_metrics
+    )
     checkpoint = tmp_path / "ckpt" / "best.ckpt"
     assert checkpoint.is_file()
 
@@ -33,7 +35,9 @@ def test_fit_test_and_predict_from_a_yaml_config(tiny_gpt2_dir: str, synthetic_f
     assert sum(len(p["label"]) for p in predictions) == 12
 
 
-def test_test_after_fit_tests_the_final_model_or_the_best_checkpoint(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_test_after_fit_tests_the_final_model_or_the_best_checkpoint(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     config = str(write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb))
     final = cli(["fit", "--config", config, "--trainer.max_epochs", "2", "--test_after_fit", "true"])
     written = json.loads((Path(final.trainer.log_dir) / "test_metrics.json").read_text())
@@ -41,7 +45,17 @@ def test_test_after_fit_tests_the_final_model_or_the_best_checkpoint(tiny_gpt2_d
     (in_memory,) = final.trainer.test(final.model, datamodule=final.datamodule)
     assert written["test/loss"] == in_memory["test/loss"]
 
-    args = ["fit", "--config", config, "--trainer.max_epochs", "2", "--test_after_fit", "true", "--test_checkpoint", "best"]
+    args = [
+        "fit",
+        "--config",
+        config,
+        "--trainer.max_epochs",
+        "2",
+        "--test_after_fit",
+        "true",
+        "--test_checkpoint",
+        "best",
+    ]
     best = cli(args)
     written = json.loads((Path(best.trainer.log_dir) / "test_metrics.json").read_text())
     assert written["checkpoint"] == best.trainer.checkpoint_callback.best_model_path
@@ -97,7 +111,11 @@ def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *ar
 
 
 def test_fedlm_errors_print_one_line_and_exit_2(
-    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tiny_gpt2_dir: str,
+    synthetic_fpb: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     monkeypatch.delenv("FEDLM_TRACEBACK", raising=False)
     config = str(write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb))
@@ -105,7 +123,9 @@ def test_fedlm_errors_print_one_line_and_exit_2(
     assert code == 2 and "fedlm: error: model.warmup_steps=-1 must be >= 0.\n" in err
     assert err.splitlines()[-1] == "fedlm: (set FEDLM_TRACEBACK=1 to see the traceback)"
 
-    code, err = run_main(monkeypatch, capsys, "fit", "--config", config, "--federation.clients", "2", "--federation.rounds", "0")
+    code, err = run_main(
+        monkeypatch, capsys, "fit", "--config", config, "--federation.clients", "2", "--federation.rounds", "0"
+    )
     assert code == 2 and "fedlm: error: federation.rounds=0 must be at least 1.\n" in err
 
     with (synthetic_fpb / "Sentences_AllAgree.txt").open("a", encoding="latin-1") as file:
@@ -143,7 +163,10 @@ def test_default_root_dir_alone_moves_the_whole_run_and_lightning_shows_no_adver
     checkpoint callback is the one that would advertise litmodels."""
     path = write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     config = yaml.safe_load(path.read_text())
-    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/tiny", "name": "logs"}}
+    logger = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": "runs/tiny", "name": "logs"},
+    }
     config["trainer"].update(default_root_dir="runs/tiny", logger=logger, callbacks=[])
     path.write_text(yaml.safe_dump({**config, "test_after_fit": True, "tensorboard": True}))
     cwd = tmp_path / "cwd"
@@ -161,7 +184,9 @@ def test_default_root_dir_alone_moves_the_whole_run_and_lightning_shows_no_adver
     version = cwd / "moved" / "logs" / "version_0"
     assert {"config.yaml", "metrics.csv", "test_metrics.json", "checkpoints"} <= {p.name for p in version.iterdir()}
     assert [p.name for p in (version / "checkpoints").iterdir()] == ["epoch=0-step=6.ckpt"]
-    assert yaml.safe_load((version / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["save_dir"] == "moved"
+    assert (
+        yaml.safe_load((version / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["save_dir"] == "moved"
+    )
     messages = [record.getMessage() for record in lines.buffer]
     assert any(message.startswith("GPU available") for message in messages)
     assert not [message for message in messages if "Tip" in message or "litmodels" in message]

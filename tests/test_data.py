@@ -18,7 +18,11 @@ def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
 
 @pytest.mark.parametrize("encoding", ["latin-1", "utf-8"])
 def test_phrasebank_lines_parse_in_both_encodings(tmp_path: Path, encoding: str) -> None:
-    file = write(tmp_path / "f.txt", "Profit rose to EUR 5 mn ; margin 3 % @ both@positive\n\nA café opened .@neutral\n", encoding)
+    file = write(
+        tmp_path / "f.txt",
+        "Profit rose to EUR 5 mn ; margin 3 % @ both@positive\n\nA café opened .@neutral\n",
+        encoding,
+    )
     examples = read_phrasebank(file)
     assert [(e.text, e.label) for e in examples] == [
         ("Profit rose to EUR 5 mn ; margin 3 % @ both", "positive"),
@@ -114,7 +118,9 @@ def test_table_errors_name_the_field_and_line(tmp_path: Path) -> None:
 
 
 def test_label_outside_the_label_words_names_its_line(tmp_path: Path) -> None:
-    file = write(tmp_path / "d.jsonl", "\n".join('{"text": "x", "label": "%s"}' % lab for lab in ["neutral"] * 9 + ["bullish"]))
+    file = write(
+        tmp_path / "d.jsonl", "\n".join('{"text": "x", "label": "%s"}' % lab for lab in ["neutral"] * 9 + ["bullish"])
+    )
     data = TextClassificationFiles(train_file=str(file), val_file=str(file), test_file=str(file))
     data.setup("fit")
     data.connect(TEMPLATE)
@@ -129,10 +135,23 @@ def test_label_outside_the_label_words_names_its_line(tmp_path: Path) -> None:
         ({"train_file": "t.txt"}, "data.train_file needs data.val_file and data.test_file"),
         ({"val_file": "v.txt", "test_file": "t.txt", "path": "fpb"}, "data.path='fpb' and data.agreement='all' pick"),
         ({"val_file": "v.txt", "test_file": "t.txt", "agreement": "75"}, "remove data.path and data.agreement"),
-        ({"val_file": "v.txt", "test_file": "t.txt", "partition": {"kind": "agreement"}}, "builds its clients from every agreement file"),
-        ({"client_files": ["a.txt", "b.txt"], "partition": {"kind": "dirichlet"}}, "divides the pooled training split, but data.client_files"),
+        (
+            {"val_file": "v.txt", "test_file": "t.txt", "partition": {"kind": "agreement"}},
+            "builds its clients from every agreement file",
+        ),
+        (
+            {"client_files": ["a.txt", "b.txt"], "partition": {"kind": "dirichlet"}},
+            "divides the pooled training split, but data.client_files",
+        ),
     ],
-    ids=["val-without-test", "train-without-evaluation", "path-and-files", "agreement-and-files", "agreement-partition-and-files", "partition-and-client-files"],
+    ids=[
+        "val-without-test",
+        "train-without-evaluation",
+        "path-and-files",
+        "agreement-and-files",
+        "agreement-partition-and-files",
+        "partition-and-client-files",
+    ],
 )
 def test_incoherent_phrasebank_sources_are_refused_with_the_fix(kwargs: dict, message: str) -> None:
     with pytest.raises(DataError, match=message):
@@ -149,7 +168,9 @@ def test_evaluation_files_without_a_training_source_test_but_do_not_fit(tmp_path
         lambda: TextClassificationFiles(val_file=table["val"], test_file=table["test"]),
     ):
         make().setup("test")  # zero-shot: the evaluation files are all it needs
-        with pytest.raises(DataError, match="has no training split to fit on: .* Give data.train_file .* or data.client_files"):
+        with pytest.raises(
+            DataError, match="has no training split to fit on: .* Give data.train_file .* or data.client_files"
+        ):
             make().setup("fit")
     with pytest.raises(DataError, match=f"data.test_file: {tmp_path}/missing.txt does not exist"):
         FinancialPhraseBank(val_file=str(val), test_file=str(tmp_path / "missing.txt")).setup("test")

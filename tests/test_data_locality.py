@@ -46,19 +46,25 @@ def latin1_fpb(parent: Path) -> Path:
 
 
 @pytest.mark.parametrize("partition", [None, "{kind: dirichlet, alpha: 0.5}"], ids=["iid", "dirichlet"])
-def test_split_data_writes_the_files_of_the_partitioned_run(partition: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_split_data_writes_the_files_of_the_partitioned_run(
+    partition: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fpb = latin1_fpb(tmp_path)
     seeds = ["--partition_seed", "7", "--split_seed", "3"]
     out = split_data(fpb, tmp_path / "split", *seeds, *(["--partition", partition] if partition else []))
     assert sorted(p.name for p in out.iterdir()) == SPLIT_FILES  # nothing else, no partial file left
-    pooled = FinancialPhraseBank(path=str(fpb), partition_seed=7, split_seed=3, partition=yaml.safe_load(partition or "{}"))
+    pooled = FinancialPhraseBank(
+        path=str(fpb), partition_seed=7, split_seed=3, partition=yaml.safe_load(partition or "{}")
+    )
     pooled.setup("fit")
     for split in ("train", "val", "test"):
         assert texts(read_phrasebank(out / f"{split}.txt")) == texts(pooled.splits[split])  # same order
     for k in (0, 1):
         assert texts(read_phrasebank(out / f"site{k}.txt")) == texts(pooled.client_examples(k, 2))
     written = {name: (out / name).read_bytes().decode("utf-8") for name in SPLIT_FILES}  # UTF-8, whatever came in
-    assert sum("A café opened in Espoo .@neutral\n" in written[f"{split}.txt"] for split in ("train", "val", "test")) == 1
+    assert (
+        sum("A café opened in Espoo .@neutral\n" in written[f"{split}.txt"] for split in ("train", "val", "test")) == 1
+    )
     sizes = {name: len(read_phrasebank(out / name)) for name in SPLIT_FILES}
     assert [sizes[f"{split}.txt"] for split in ("train", "val", "test")] == [96, 12, 12]
     assert sizes["site0.txt"] + sizes["site1.txt"] == 96
@@ -69,7 +75,9 @@ def test_split_data_writes_the_files_of_the_partitioned_run(partition: str | Non
         assert f"{out / name}: {size} sentences (negative " in printed
 
 
-def test_split_data_refuses_the_checkout_a_full_folder_and_a_bad_partition(synthetic_fpb: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_split_data_refuses_the_checkout_a_full_folder_and_a_bad_partition(
+    synthetic_fpb: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inside = REPO / "fpb-sites-must-not-be-here"
     for out, args, message in [
         (inside, [], f"lies inside the fedlm checkout {REPO}"),
@@ -90,19 +98,25 @@ def test_split_data_refuses_the_checkout_a_full_folder_and_a_bad_partition(synth
 # -- the datamodule on those files ---------------------------------------------------------------------------
 
 
-def test_split_files_give_the_pooled_splits_and_clients_and_the_training_file_is_read_only_if_trained_on(synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_split_files_give_the_pooled_splits_and_clients_and_the_training_file_is_read_only_if_trained_on(
+    synthetic_fpb: Path, tmp_path: Path
+) -> None:
     split = split_data(synthetic_fpb, tmp_path / "split", "--partition_seed", "7")
     evaluation = {"val_file": str(split / "val.txt"), "test_file": str(split / "test.txt")}
     sites = [str(split / f"site{k}.txt") for k in (0, 1)]
     pooled = FinancialPhraseBank(path=str(synthetic_fpb), partition_seed=7, client_holdout=0.25)
     pooled.setup("fit")
-    central = FinancialPhraseBank(**evaluation, train_file=str(split / "train.txt"), partition_seed=7, client_holdout=0.25)
+    central = FinancialPhraseBank(
+        **evaluation, train_file=str(split / "train.txt"), partition_seed=7, client_holdout=0.25
+    )
     central.setup("fit")
     assert {s: texts(v) for s, v in central.splits.items()} == {s: texts(v) for s, v in pooled.splits.items()}
     clients = FinancialPhraseBank(**evaluation, client_files=sites, partition_seed=7, client_holdout=0.25)
     clients.setup("fit")
     for k in (0, 1):  # the same training and held-out examples per client (the holdout is seeded per client)
-        assert [texts(part) for part in clients._client_split(k, 2)] == [texts(part) for part in pooled._client_split(k, 2)]
+        assert [texts(part) for part in clients._client_split(k, 2)] == [
+            texts(part) for part in pooled._client_split(k, 2)
+        ]
 
     # with client_files, train_file is read only by a run that trains on it (here: a missing file, never opened)
     lazy = FinancialPhraseBank(**evaluation, client_files=sites, train_file=str(tmp_path / "elsewhere.txt"))
@@ -110,14 +124,18 @@ def test_split_files_give_the_pooled_splits_and_clients_and_the_training_file_is
     lazy.federate(Topology(2, 2, 1), local_steps=1, local_epochs=None)
     assert "train" not in lazy.splits and {e.origin.split(":")[0] for e in lazy.train_examples} == {sites[1]}
     with pytest.raises(DataError, match="data.train_file: .*elsewhere.txt does not exist"):
-        FinancialPhraseBank(**evaluation, client_files=sites, train_file=str(tmp_path / "elsewhere.txt")).examples("train")
+        FinancialPhraseBank(**evaluation, client_files=sites, train_file=str(tmp_path / "elsewhere.txt")).examples(
+            "train"
+        )
 
 
 # -- real runs -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.multiprocess
-def test_a_federated_run_on_the_split_files_is_bitwise_the_partitioned_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_a_federated_run_on_the_split_files_is_bitwise_the_partitioned_run(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """One process simulating both clients, from the pooled file and from the files (the two runs side by side)."""
     split = split_data(synthetic_fpb, tmp_path / "split")
     configs = {}
@@ -141,7 +159,9 @@ def test_a_federated_run_on_the_split_files_is_bitwise_the_partitioned_run(tiny_
 
 
 @pytest.mark.multiprocess
-def test_a_rank_opens_only_its_own_clients_training_file(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_a_rank_opens_only_its_own_clients_training_file(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """Two ranks, one client each, on one machine: each client's file in a folder of its own, the evaluation files
     in a shared one. The pooled file stays reachable (FEDLM_FPB_DIR) and is never opened."""
     split = split_data(synthetic_fpb, tmp_path / "split")

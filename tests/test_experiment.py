@@ -90,15 +90,23 @@ def test_read_curve_maps_validation_steps_to_the_fraction_of_the_budget(tmp_path
 
 def tiny_configs(tmp_path: Path, backbone: str, fpb: Path) -> dict[str, str]:
     base = {
-        "trainer": {"accelerator": "cpu", "enable_model_summary": False, "num_sanity_val_steps": 0, "max_epochs": 2,
-                    "log_every_n_steps": 1},  # fmt: skip
+        "trainer": {
+            "accelerator": "cpu",
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "max_epochs": 2,
+            "log_every_n_steps": 1,
+        },  # fmt: skip
         "model": {"backbone": backbone, "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8}, "lr": 0.05},
         "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 8}},
     }
     configs = {
         "centralized": base,
         "federated": {**base, "federation": {"clients": 2, "rounds": 3, "local_epochs": 0.67}},
-        "local": {**base, "data": {**base["data"], "init_args": {**base["data"]["init_args"], "local_client": 0, "local_clients": 2}}},
+        "local": {
+            **base,
+            "data": {**base["data"], "init_args": {**base["data"]["init_args"], "local_client": 0, "local_clients": 2}},
+        },
     }
     paths = {}
     for name, config in configs.items():
@@ -108,8 +116,12 @@ def tiny_configs(tmp_path: Path, backbone: str, fpb: Path) -> dict[str, str]:
 
 
 @pytest.mark.multiprocess
-def test_triad_end_to_end_with_two_seeds_resumes_and_reports(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
-    config = TriadConfig(**tiny_configs(tmp_path, tiny_gpt2_dir, synthetic_fpb), seeds=[1, 2], output=str(tmp_path / "triad"))
+def test_triad_end_to_end_with_two_seeds_resumes_and_reports(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    config = TriadConfig(
+        **tiny_configs(tmp_path, tiny_gpt2_dir, synthetic_fpb), seeds=[1, 2], output=str(tmp_path / "triad")
+    )
     readme = run_experiment(config)
 
     rows = group(find_runs([tmp_path / "triad"]))
@@ -119,15 +131,27 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(tiny_gpt2_dir: str,
         run = rows[name][0]
         assert len(run.labels) == len(run.predicted) == 12  # the whole test split
         assert run.metrics["test/acc"] == pytest.approx(sum(y == p for y, p in zip(run.labels, run.predicted)) / 12)
-        assert run.curve and run.curve[-1][0] == 1.0 and run.metrics["epochs_completed"] == (3 if name == "federated" else 2)
+        assert (
+            run.curve
+            and run.curve[-1][0] == 1.0
+            and run.metrics["epochs_completed"] == (3 if name == "federated" else 2)
+        )
     assert rows["federated"][0].bytes_exchanged == 3 * 2 * 2 * 4 * rows["federated"][0].metrics["trainable_parameters"]
     # the seeds differ: encoder init, batch order and partition all follow the seed
-    assert rows["federated"][0].predicted != rows["federated"][1].predicted or rows["federated"][0].metrics["test/loss"] != rows["federated"][1].metrics["test/loss"]
+    assert (
+        rows["federated"][0].predicted != rows["federated"][1].predicted
+        or rows["federated"][0].metrics["test/loss"] != rows["federated"][1].metrics["test/loss"]
+    )
 
     text = readme.read_text()
     assert "| federated | 2 |" in text and "Federated within 1 point of centralized or above it" in text
     assert "bootstrap over seeds and sentences" in text and "95% CI over seeds and sentences" in text
-    for png in ["val_loss_centralized_vs_federated", "val_loss_local_vs_federated", "val_accuracy", "confusion_matrices"]:
+    for png in [
+        "val_loss_centralized_vs_federated",
+        "val_loss_local_vs_federated",
+        "val_accuracy",
+        "confusion_matrices",
+    ]:
         assert (readme.parent / f"{png}.png").stat().st_size > 10_000
 
     # Resume: finished runs are kept; a run without test metrics is redone, alone.
@@ -138,7 +162,10 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(tiny_gpt2_dir: str,
     redo.unlink()
     run_experiment(config)
     assert kept.stat().st_mtime_ns == before
-    assert json.loads(redo.read_text()) == {**old, "fit_seconds": json.loads(redo.read_text())["fit_seconds"]}  # bitwise
+    assert json.loads(redo.read_text()) == {
+        **old,
+        "fit_seconds": json.loads(redo.read_text())["fit_seconds"],
+    }  # bitwise
 
 
 def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> None:
@@ -146,9 +173,18 @@ def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> Non
         folder.mkdir(parents=True)
         labels = [0, 1, 1, 2]
         acc = sum(p == y for p, y in zip(predicted, labels)) / 4
-        metrics = {"kind": kind, "seed": seed, "client": client, "test/acc": acc, "test/macro_f1": acc, "fit_seconds": 1.0}
+        metrics = {
+            "kind": kind,
+            "seed": seed,
+            "client": client,
+            "test/acc": acc,
+            "test/macro_f1": acc,
+            "fit_seconds": 1.0,
+        }
         (folder / "test_metrics.json").write_text(json.dumps(metrics))
-        (folder / "test_predictions.json").write_text(json.dumps({"classes": ["a", "b", "c"], "label": labels, "predicted": predicted}))
+        (folder / "test_predictions.json").write_text(
+            json.dumps({"classes": ["a", "b", "c"], "label": labels, "predicted": predicted})
+        )
 
     fake_run(tmp_path / "c1", "centralized", 1, [0, 1, 1, 2])
     fake_run(tmp_path / "f1", "federated", 1, [0, 1, 1, 1])
@@ -165,12 +201,19 @@ def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> Non
 def test_calibrated_predictions_get_rows_and_a_verdict_of_their_own(tmp_path: Path) -> None:
     labels = [0, 1, 1, 2]
 
-    def fake_run(folder: Path, kind: str, predicted: list[int], calibrated: list[int], client: int | None = None) -> None:
+    def fake_run(
+        folder: Path, kind: str, predicted: list[int], calibrated: list[int], client: int | None = None
+    ) -> None:
         folder.mkdir(parents=True)
         acc = lambda preds: sum(p == y for p, y in zip(preds, labels)) / 4  # noqa: E731
         metrics = {"kind": kind, "seed": 1, "client": client, "test/acc": acc(predicted), "test/macro_f1": acc(predicted),
                    "test/calibrated/acc": acc(calibrated), "test/calibrated/macro_f1": acc(calibrated)}  # fmt: skip
-        predictions = {"classes": ["a", "b", "c"], "label": labels, "predicted": predicted, "predicted_calibrated": calibrated}
+        predictions = {
+            "classes": ["a", "b", "c"],
+            "label": labels,
+            "predicted": predicted,
+            "predicted_calibrated": calibrated,
+        }
         (folder / "test_metrics.json").write_text(json.dumps(metrics))
         (folder / "test_predictions.json").write_text(json.dumps(predictions))
 

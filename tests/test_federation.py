@@ -11,9 +11,9 @@ from conftest import synthetic_sentences
 from helpers import FEDERATION, REPO, run_ranks, write_config
 
 from fedlm.data import FinancialPhraseBank
-from fedlm.data.sources import DataError
 from fedlm.data.partition import iid_partition
 from fedlm.data.sampler import ClientBlock, RoundBatchSampler
+from fedlm.data.sources import DataError
 from fedlm.federation import FederationConfig, Topology, TopologyError
 
 # -- topology, partition, sampler ------------------------------------------------------------------------
@@ -176,7 +176,9 @@ def test_four_clients_of_one_rank(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_p
 
 
 @pytest.mark.multiprocess
-def test_single_process_simulation_equals_the_multi_process_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_single_process_simulation_equals_the_multi_process_run(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
     result, (simulated,) = run_ranks(tmp_path, config, 1)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -184,7 +186,9 @@ def test_single_process_simulation_equals_the_multi_process_run(tiny_gpt2_dir: s
     result, records = run_ranks(tmp_path, config, 2)
     assert result.returncode == 0, result.stderr[-3000:]
     for round_index in range(3):
-        torch.testing.assert_close(simulated["rounds"][round_index]["global"], records[0]["rounds"][round_index]["global"])
+        torch.testing.assert_close(
+            simulated["rounds"][round_index]["global"], records[0]["rounds"][round_index]["global"]
+        )
         for client in (0, 1):
             torch.testing.assert_close(
                 simulated["rounds"][round_index]["client_params"][client],
@@ -193,7 +197,9 @@ def test_single_process_simulation_equals_the_multi_process_run(tiny_gpt2_dir: s
 
 
 @pytest.mark.multiprocess
-def test_world_wide_ddp_collapses_clients_and_is_detected(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_world_wide_ddp_collapses_clients_and_is_detected(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """Negative control: with gradients synced over the world, clients stop being clients."""
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION, strategy="ddp")
     result, _ = run_ranks(tmp_path, config, 2)
@@ -202,14 +208,18 @@ def test_world_wide_ddp_collapses_clients_and_is_detected(tiny_gpt2_dir: str, sy
 
 
 @pytest.mark.multiprocess
-def test_one_client_with_all_data_trains_exactly_like_centralized(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_one_client_with_all_data_trains_exactly_like_centralized(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     for name in ("c", "f"):
         (tmp_path / name).mkdir()
     central = write_config(tmp_path / "c", tiny_gpt2_dir, synthetic_fpb, None, max_epochs=3)
     result, (centralized,) = run_ranks(tmp_path / "c", central, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     one_client = {"clients": 1, "rounds": 3, "local_epochs": 1.0, "seed": 5}
-    result, (federated,) = run_ranks(tmp_path / "f", write_config(tmp_path / "f", tiny_gpt2_dir, synthetic_fpb, one_client), 1)
+    result, (federated,) = run_ranks(
+        tmp_path / "f", write_config(tmp_path / "f", tiny_gpt2_dir, synthetic_fpb, one_client), 1
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(federated["losses"]) == len(centralized["losses"]) == 3 * 24  # 96 examples / batch 4, 3 epochs
     assert federated["losses"] == centralized["losses"]  # step for step
@@ -230,7 +240,9 @@ class BatchRecorder(L.Callback):
 
 
 @pytest.mark.parametrize("federation", [FEDERATION, None], ids=["federated", "centralized"])
-def test_every_round_draws_new_batches_from_the_stream(federation: dict | None, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_every_round_draws_new_batches_from_the_stream(
+    federation: dict | None, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     from fedlm.cli import cli
 
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation, max_epochs=3, limit_val_batches=0)
@@ -248,7 +260,9 @@ def shipped_callbacks(folder: Path) -> list[dict]:
     return [{**c, "init_args": {**c["init_args"], "dirpath": str(folder)}} for c in callbacks]
 
 
-def test_round_checkpoint_holds_the_round_index_and_the_global_encoder(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_round_checkpoint_holds_the_round_index_and_the_global_encoder(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     from fedlm.cli import cli
 
     config = write_config(
@@ -265,7 +279,9 @@ def test_round_checkpoint_holds_the_round_index_and_the_global_encoder(tiny_gpt2
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in checkpoint["callbacks"].items() if "FederatedLoop" in k]
     assert state["completed_rounds"] == checkpoint["epoch"] + 1 == 3
-    encoder = torch.cat([checkpoint["state_dict"][f"encoder.{n}"].reshape(-1) for n, _ in run.model.encoder.named_parameters()])
+    encoder = torch.cat(
+        [checkpoint["state_dict"][f"encoder.{n}"].reshape(-1) for n, _ in run.model.encoder.named_parameters()]
+    )
     assert torch.equal(state["global_params"], encoder)
     assert not any(k.startswith("backbone.") for k in checkpoint["state_dict"])
     assert not list((tmp_path / "ckpt").glob("*.partial"))

@@ -10,7 +10,9 @@ from fedlm.model import CheckpointMismatchError, PTuningModule
 from fedlm.model.template import EncodedExample
 
 
-def test_backbone_is_frozen_in_eval_mode_and_unchanged_by_training(tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_backbone_is_frozen_in_eval_mode_and_unchanged_by_training(
+    tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     module = tiny_module(tiny_model_dir)
     before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     encoder_before = {k: v.clone() for k, v in module.encoder.named_parameters()}
@@ -68,7 +70,9 @@ def test_label_scores_equal_the_full_model_forward(tiny_model_dir: str, words: s
     else:
         assert not module.template.single_token_answers
     module.eval()
-    batch = batch_of(module, SENTENCES + [("the board met in Helsinki for the period according to the report .", "neutral")])
+    batch = batch_of(
+        module, SENTENCES + [("the board met in Helsinki for the period according to the report .", "neutral")]
+    )
     with torch.no_grad():
         loss, scores = module.loss_and_scores(batch)
         expected = reference_scores(module, batch)
@@ -95,8 +99,12 @@ def test_scoring_picks_the_label_a_hand_built_model_prefers(tiny_gpt2_dir: str) 
     assert (predictions["probs"][:, 2] > 0.99).all()
 
 
-def test_checkpoint_round_trip_restores_predictions_and_holds_no_backbone(tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
-    module = tiny_module(tiny_model_dir, encoder={"type": "lstm", "virtual_tokens": 4, "hidden_size": 8, "dropout": 0.1})
+def test_checkpoint_round_trip_restores_predictions_and_holds_no_backbone(
+    tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    module = tiny_module(
+        tiny_model_dir, encoder={"type": "lstm", "virtual_tokens": 4, "hidden_size": 8, "dropout": 0.1}
+    )
     data = FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8)
     fit = trainer(tmp_path, limit_val_batches=0)
     fit.fit(module, data)
@@ -124,7 +132,9 @@ def test_checkpoint_round_trip_restores_predictions_and_holds_no_backbone(tiny_m
         assert torch.equal(old.predict_step(batch, 0)["probs"], expected)
 
 
-def test_checkpoint_for_another_encoder_shape_is_refused(tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_checkpoint_for_another_encoder_shape_is_refused(
+    tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     fit = trainer(tmp_path, max_steps=1, limit_val_batches=0)
     fit.fit(tiny_module(tiny_model_dir), FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))
     fit.save_checkpoint(tmp_path / "a.ckpt")
@@ -145,10 +155,14 @@ def test_validate_before_fit_then_validate_during_fit(tiny_gpt2_dir: str, synthe
     assert sum(float(v) for k, v in after.items() if k.startswith("val/confusion/")) == 8
 
 
-def test_validation_during_fit_sees_the_trained_encoder(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_validation_during_fit_sees_the_trained_encoder(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """Lightning flips .training flags between training and validation; the inference table must follow."""
     module = tiny_module(tiny_gpt2_dir)
-    run = trainer(tmp_path, max_steps=-1, max_epochs=2, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=1)
+    run = trainer(
+        tmp_path, max_steps=-1, max_epochs=2, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=1
+    )
     run.fit(module, FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))
     module.eval()
     with torch.no_grad():
@@ -161,7 +175,12 @@ def test_validation_during_fit_sees_the_trained_encoder(tiny_gpt2_dir: str, synt
 def test_a_compiled_backbone_trains_like_the_eager_one(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     trained = []
     for compile in (False, True):
-        module = tiny_module(tiny_gpt2_dir, template="{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", cache_prefix=True, compile=compile)
+        module = tiny_module(
+            tiny_gpt2_dir,
+            template="{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}",
+            cache_prefix=True,
+            compile=compile,
+        )
         trainer(tmp_path, max_steps=3).fit(module, FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))
         trained.append(torch.cat([p.detach().flatten() for p in module.encoder.parameters()]))
     assert module.hparams.compile and module.backbone.base_model._compiled_call_impl is not None
@@ -169,10 +188,14 @@ def test_a_compiled_backbone_trains_like_the_eager_one(tiny_gpt2_dir: str, synth
 
 
 @pytest.mark.parametrize("cache_prefix", [False, True])
-def test_the_label_words_loss_is_the_cross_entropy_over_the_class_scores(tiny_model_dir: str, cache_prefix: bool) -> None:
+def test_the_label_words_loss_is_the_cross_entropy_over_the_class_scores(
+    tiny_model_dir: str, cache_prefix: bool
+) -> None:
     words = single_token_words(tiny_module(tiny_model_dir))
     template = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
-    module = tiny_module(tiny_model_dir, label_words=words, loss="label_words", template=template, cache_prefix=cache_prefix)
+    module = tiny_module(
+        tiny_model_dir, label_words=words, loss="label_words", template=template, cache_prefix=cache_prefix
+    )
     batch = batch_of(module, SENTENCES)
     evaluated, scores = module.loss_and_scores(batch)  # log-probabilities of the label words
     loss = module.train_loss(batch)

@@ -11,14 +11,16 @@ from helpers import FEDERATION, replay, run_ranks, write_config
 from fedlm.data import FinancialPhraseBank
 from fedlm.data.sources import DataError
 from fedlm.federation import FederationConfig, ServerConfig, Topology
-from fedlm.federation.exchange import EncoderExchange
 from fedlm.federation.aggregate import payload_layout
+from fedlm.federation.exchange import EncoderExchange
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, eval_table
 
 
 def encoder(kind: str = "mlp", tokens: int = 4) -> PromptEncoder:
     torch.manual_seed(0)
-    return PromptEncoder(PromptEncoderConfig(type=kind, virtual_tokens=tokens, hidden_size=8), 6, torch.randn(tokens, 6))
+    return PromptEncoder(
+        PromptEncoderConfig(type=kind, virtual_tokens=tokens, hidden_size=8), 6, torch.randn(tokens, 6)
+    )
 
 
 # -- what is exchanged --------------------------------------------------------------------------------------
@@ -92,7 +94,9 @@ def test_client_holdout_is_disjoint_seeded_and_shared_by_local_runs(synthetic_fp
 
 
 @pytest.mark.multiprocess
-def test_personalization_without_held_out_data_is_refused_before_training(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_personalization_without_held_out_data_is_refused_before_training(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "personalize_steps": 2})
     result, _ = run_ranks(tmp_path, config, 1)
     assert result.returncode != 0
@@ -107,14 +111,19 @@ def personalized_config(tmp_path: Path, tiny_gpt2_dir: str, synthetic_fpb: Path,
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation)
     raw = yaml.safe_load(config.read_text())
     raw["data"]["init_args"]["client_holdout"] = 0.25
-    raw["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}}
+    raw["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(tmp_path), "name": "logs"},
+    }
     config.write_text(yaml.safe_dump(raw))
     return config
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("average", ["parameters", "table"])
-def test_private_tokens_never_leave_their_client(average: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_private_tokens_never_leave_their_client(
+    average: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     federation = {**FEDERATION, "private_tokens": 1, "average": average, "personalize_steps": 2}
     config = personalized_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation)
     result, records = run_ranks(tmp_path, config, 2, "--test_after_fit", "true")
@@ -153,7 +162,9 @@ def test_private_tokens_never_leave_their_client(average: str, tiny_gpt2_dir: st
 
 
 @pytest.mark.multiprocess
-def test_table_averaging_sends_the_table_and_matches_one_process(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_table_averaging_sends_the_table_and_matches_one_process(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     federation = {**FEDERATION, "average": "table", "server": {"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.5}}
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation)
     result, records = run_ranks(tmp_path, config, 2)
@@ -164,7 +175,9 @@ def test_table_averaging_sends_the_table_and_matches_one_process(tiny_gpt2_dir: 
     result, (simulated,) = run_ranks(tmp_path, config, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     for round_index in range(3):
-        torch.testing.assert_close(simulated["rounds"][round_index]["global"], records[0]["rounds"][round_index]["global"])
+        torch.testing.assert_close(
+            simulated["rounds"][round_index]["global"], records[0]["rounds"][round_index]["global"]
+        )
 
 
 def test_algorithms_report_tables_each_run_per_client(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
@@ -174,8 +187,13 @@ def test_algorithms_report_tables_each_run_per_client(tiny_gpt2_dir: str, synthe
     for algorithm, extra in (("fedavg", {}), ("split_prompts", {"private_tokens": 1})):
         folder = tmp_path / "runs" / "iid" / algorithm
         folder.mkdir(parents=True)
-        config = personalized_config(folder, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "personalize_steps": 2, **extra})
-        logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(folder), "name": "logs", "version": 0}}
+        config = personalized_config(
+            folder, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "personalize_steps": 2, **extra}
+        )
+        logger = {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(folder), "name": "logs", "version": 0},
+        }
         cli(["fit", "--config", str(config), "--test_after_fit", "true", "--trainer.logger", json.dumps(logger)])
     text = write(tmp_path / "runs", tmp_path / "algorithms.md", "the test")
     assert (tmp_path / "algorithms.md").read_text() == text + "\n"

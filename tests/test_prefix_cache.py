@@ -86,7 +86,11 @@ def test_a_second_pass_reuses_the_cache(tiny_model_dir: str) -> None:
     assert module.prefix_cache.entries.keys() == entries.keys()
     assert all(module.prefix_cache.entries[k] is v for k, v in entries.items())  # not recomputed
     head = module.prefix_cache.head_entry
-    assert module.prefix_cache.nbytes == size == sum(v.numel() * 4 for v in [*entries.values(), *([head] if head is not None else [])])
+    assert (
+        module.prefix_cache.nbytes
+        == size
+        == sum(v.numel() * 4 for v in [*entries.values(), *([head] if head is not None else [])])
+    )
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -151,7 +155,9 @@ def test_fit_with_the_cache_trains_the_encoder_only(tiny_model_dir: str, synthet
     assert not any("cache" in key for key in module.state_dict())  # never checkpointed
 
 
-def test_bf16_autocast_trains_through_the_cache_close_to_fp32(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_bf16_autocast_trains_through_the_cache_close_to_fp32(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     _, fast = pair(tiny_gpt2_dir, "multi-token")
     batch = mixed_batch(fast)
     exact = fast.train_loss(batch)
@@ -184,7 +190,9 @@ def test_an_entry_depends_on_its_own_prefix_only_not_on_what_it_was_filled_with(
         assert torch.equal(together.entries[prefix], alone.entries[prefix]), (len(prefix), len(shortest))
 
 
-@pytest.mark.parametrize("template", [CACHED_TEMPLATE, "Classify this news.\nSentence: {sentence}\n<|VIRTUAL_PROMPT_0|> Sentiment:{label}"])
+@pytest.mark.parametrize(
+    "template", [CACHED_TEMPLATE, "Classify this news.\nSentence: {sentence}\n<|VIRTUAL_PROMPT_0|> Sentiment:{label}"]
+)
 def test_a_later_process_reads_the_stored_entries_and_computes_the_same_bits(
     tiny_model_dir: str, tmp_path: Path, template: str
 ) -> None:
@@ -208,7 +216,9 @@ def test_a_later_process_reads_the_stored_entries_and_computes_the_same_bits(
     assert not list(store.rglob(".entry-*"))  # no staging file left behind
 
 
-def test_stored_entries_are_kept_apart_per_backbone_and_a_colliding_file_is_a_miss(tiny_gpt2_dir: str, tmp_path: Path) -> None:
+def test_stored_entries_are_kept_apart_per_backbone_and_a_colliding_file_is_a_miss(
+    tiny_gpt2_dir: str, tmp_path: Path
+) -> None:
     module = tiny_module(tiny_gpt2_dir, template=CACHED_TEMPLATE, cache_prefix=True).eval()
     one = PrefixCache(module.backbone, store=tmp_path)
     with torch.no_grad():

@@ -13,9 +13,9 @@ from conftest import write_synthetic_fpb
 from federated_worker import sent_bytes
 from helpers import FEDERATION, SENTENCES, Payload, batch_of, run_ranks, tiny_module, write_config
 
-from fedlm.federation import FederationConfig
 from fedlm.accounting import epsilon_after
 from fedlm.experiment import privacy as privacy_report
+from fedlm.federation import FederationConfig
 from fedlm.federation.aggregate import payload_layout
 from fedlm.federation.privacy import ClientPrivacy, DPConfig
 
@@ -65,7 +65,9 @@ def test_adaptive_clipping_moves_the_bound_towards_the_quantile_and_keeps_the_to
 
 
 def test_dp_config_errors_name_the_field() -> None:
-    with pytest.raises(ValueError, match="exactly one of federation.dp.noise_multiplier and federation.dp.target_epsilon"):
+    with pytest.raises(
+        ValueError, match="exactly one of federation.dp.noise_multiplier and federation.dp.target_epsilon"
+    ):
         DPConfig().validate()
     with pytest.raises(ValueError, match="federation.dp.clip_norm=0"):
         DPConfig(clip_norm=0, noise_multiplier=1.0).validate()
@@ -79,7 +81,9 @@ DP_FEDERATION = {**FEDERATION, "weighting": "uniform"}
 
 
 @pytest.mark.multiprocess
-def test_without_noise_the_round_moves_by_the_mean_clipped_update_on_two_ranks(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_without_noise_the_round_moves_by_the_mean_clipped_update_on_two_ranks(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     federation = {**DP_FEDERATION, "dp": {"noise_multiplier": 0.0, "clip_norm": 0.05, "noise_seed": 0}}
     result, records = run_ranks(tmp_path, write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation), 2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,7 +110,9 @@ def test_without_noise_the_round_moves_by_the_mean_clipped_update_on_two_ranks(t
 
 
 @pytest.mark.multiprocess
-def test_budget_overrun_refuses_before_training_and_epsilon_is_logged_and_checkpointed(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_budget_overrun_refuses_before_training_and_epsilon_is_logged_and_checkpointed(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     from fedlm.cli import cli
 
     over = {**DP_FEDERATION, "dp": {"noise_multiplier": 0.8, "epsilon_budget": 5.0}}
@@ -114,8 +120,16 @@ def test_budget_overrun_refuses_before_training_and_epsilon_is_logged_and_checkp
     assert result.returncode != 0 and "over federation.dp.epsilon_budget=5" in result.stderr
     assert "round 1/3" not in result.stderr
 
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "last"}}]
-    stop = {**DP_FEDERATION, "dp": {"noise_multiplier": 2.0, "epsilon_budget": 7.5, "stop_at_budget": True, "noise_seed": 1}}
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "last"},
+        }
+    ]
+    stop = {
+        **DP_FEDERATION,
+        "dp": {"noise_multiplier": 2.0, "epsilon_budget": 7.5, "stop_at_budget": True, "noise_seed": 1},
+    }
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, stop, enable_checkpointing=True, callbacks=callbacks)
     run = cli(["fit", "--config", str(config)])
     fitting = max(r for r in range(4) if epsilon_after(r, 2.0, 2, 2, 1e-5) <= 7.5)  # 2 of 2 clients per round
@@ -132,7 +146,9 @@ def test_budget_overrun_refuses_before_training_and_epsilon_is_logged_and_checkp
 # -- safe loading -------------------------------------------------------------------------------------------------
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     from fedlm.checkpointing import AtomicCheckpointIO, UnsafeCheckpointError
     from fedlm.cli import cli
 
@@ -185,7 +201,9 @@ def test_secure_aggregation_averages_like_plain_and_only_masked_integers_cross(r
     plain, records = runs("plain"), runs("secure")
     for round_index in range(3):
         for a, b in zip(plain, records):
-            torch.testing.assert_close(a["rounds"][round_index]["global"], b["rounds"][round_index]["global"], rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                a["rounds"][round_index]["global"], b["rounds"][round_index]["global"], rtol=0, atol=1e-6
+            )
     size = records[0]["initial"].numel()
     for rank, record in enumerate(records):
         own = record["rounds"][0]["client_params"][rank].double()
@@ -241,7 +259,9 @@ def leaks(entries: list[dict], clients: dict[int, dict]) -> list[str]:
     found = []
     for entry in entries:
         where = f"{entry['name']} in round {entry['round']}"
-        tensors = [t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() for t in entry.get("tensors", [])]
+        tensors = [
+            t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() for t in entry.get("tensors", [])
+        ]
         for blob in tensors + entry.get("pickled", []):
             found += [f"{where}: token ids as {name}" for name in sorted(found_in(blob, ids))]
             found += [f"{where}: labels as {name}" for name in sorted(found_in(blob, labels))]
@@ -269,7 +289,9 @@ def test_the_leak_check_finds_ids_labels_and_text_planted_anywhere() -> None:
     labels = [{"name": "all_gather", "round": 2, "tensors": [torch.cat([vector, clients[0]["labels"].double()])]}]
     assert leaks(labels, clients) == ["all_gather in round 2: labels as float64"]
     sentence = {"sentence": "profit rose in Finland .", "ids": [35, 150, 9, 44]}
-    objects = [{"name": "broadcast_object_list", "round": 0, "pickled": [pickle.dumps(sentence)], "repr": [repr(sentence)]}]
+    objects = [
+        {"name": "broadcast_object_list", "round": 0, "pickled": [pickle.dumps(sentence)], "repr": [repr(sentence)]}
+    ]
     expected = ("a sentence's text", "token ids in a repr", "a sentence in a repr")
     assert leaks(objects, clients) == [f"broadcast_object_list in round 0: {what}" for what in expected]
 
@@ -288,7 +310,10 @@ def test_each_rank_sends_the_exchanged_vector_and_no_clients_training_data(runs,
         for entry in record["collectives"]:  # the setup's count into the first round, any after the last into it
             per_round[min(max(entry["round"], 0), 2)] += sent_bytes(entry)
         assert sorted(per_round) == [0, 1, 2]
-        assert all(vector_bytes < sent <= vector_bytes + OVERHEAD for sent in per_round.values()), (vector_bytes, per_round)
+        assert all(vector_bytes < sent <= vector_bytes + OVERHEAD for sent in per_round.values()), (
+            vector_bytes,
+            per_round,
+        )
         assert leaks(record["collectives"], clients) == []
 
 
@@ -311,7 +336,9 @@ def fits(sample: torch.Tensor, sigma: float) -> bool:
     """Whether ``sample`` is centred N(0, sigma^2): its std within 5 standard errors (a sample std over d
     Gaussian values has relative standard error 1/sqrt(2d)), its mean within 5 standard errors of 0."""
     d = sample.numel()
-    return abs(float(sample.std()) / sigma - 1) < 5 / math.sqrt(2 * d) and abs(float(sample.mean())) < 5 * sigma / math.sqrt(d)
+    return abs(float(sample.std()) / sigma - 1) < 5 / math.sqrt(2 * d) and abs(
+        float(sample.mean())
+    ) < 5 * sigma / math.sqrt(d)
 
 
 @pytest.mark.multiprocess
@@ -337,7 +364,9 @@ def test_under_dp_secure_aggregation_gives_the_plain_global_encoder_within_the_f
     """The same noise (noise_seed) and the same clipped updates, summed as floats or as masked fixed point."""
     plain, secure = runs("dp"), runs("dp_secure")
     for rank in (0, 1):  # the first round starts from the same encoder: the clients' encoders agree bitwise
-        assert torch.equal(plain[rank]["rounds"][0]["client_params"][rank], secure[rank]["rounds"][0]["client_params"][rank])
+        assert torch.equal(
+            plain[rank]["rounds"][0]["client_params"][rank], secure[rank]["rounds"][0]["client_params"][rank]
+        )
     # Each of the n = 2 summed values is rounded to a multiple of 2**-24, so the sum is off by at most n * 2**-25 and
     # the mean, the round's new encoder, by 2**-25 < 2**-24; each run then rounds it to float32 (half a spacing each).
     # Not bitwise: 2**-24 is coarser than float32's spacing below 0.5, where the encoder's values are, so most differ.
@@ -369,7 +398,11 @@ def test_two_ranks_per_client_under_dp_agree_and_add_the_noise_once(runs) -> Non
 
 @pytest.mark.parametrize("cache_prefix", [False, True])
 def test_dp_sgd_per_example_gradients_are_exact_and_clipped(tiny_model_dir: str, cache_prefix: bool) -> None:
-    template = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}" if cache_prefix else "<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}"
+    template = (
+        "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
+        if cache_prefix
+        else "<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}"
+    )
     sentences = SENTENCES + [("sales grew strongly in Finland .", "positive")]
 
     def gradients(**dp) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,16 +438,28 @@ def test_dp_sgd_noise_has_the_configured_scale() -> None:
     encoder = torch.nn.Linear(1, 4000)
     table = encoder(torch.ones(1, 1)).reshape(-1)
     config = DPSGDConfig(noise_multiplier=1.5, clip_norm=0.2, noise_seed=3)
-    grads = private_gradients(encoder, table, torch.zeros(8, 4000), config, expected_batch=8, noise_share=0.5, stream=(0, 0))
+    grads = private_gradients(
+        encoder, table, torch.zeros(8, 4000), config, expected_batch=8, noise_share=0.5, stream=(0, 0)
+    )
     noise = torch.cat([g.reshape(-1) for g in grads])
     assert float(noise.std()) == pytest.approx(1.5 * 0.2 * math.sqrt(0.5) / 8, rel=0.05)
 
 
-def test_dp_sgd_logs_the_accountants_epsilon_per_client(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_dp_sgd_logs_the_accountants_epsilon_per_client(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     from fedlm.cli import cli
 
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION, limit_val_batches=0)
-    run = cli(["fit", "--config", str(config), "--model.dp_sgd", '{"noise_multiplier": 1.2, "clip_norm": 1.0, "noise_seed": 0}'])
+    run = cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--model.dp_sgd",
+            '{"noise_multiplier": 1.2, "clip_norm": 1.0, "noise_seed": 0}',
+        ]
+    )
     # 2 clients of 48 examples, batch 4, 3 local steps per round, 3 rounds: each spent 9 steps
     expected = epsilon_after(9, 1.2, 4, 48, 1e-5)  # batches of 4 drawn afresh from 48, 9 times
     assert float(run.trainer.callback_metrics["dp_sgd/epsilon"]) == pytest.approx(expected, rel=1e-6)
@@ -433,7 +478,11 @@ def test_privacy_report_reads_what_the_runs_printed_and_logged(tmp_path: Path) -
         header = "epoch,round/compute_seconds,round/comm_seconds,dp/epsilon,dp/epsilon_peer,val/acc\n"
         rows = [f"{i},{20 + i},{comm},{e},{2 * e if e else ''},\n" for i, e in enumerate(spent or [""] * 2)]
         (logs / "metrics.csv").write_text(header + "".join(rows) + "1,,,,,0.5\n")  # a validation row: not a round
-        line = "" if epsilon == "none" else "[fedlm dp] noise multiplier 2.780, clip norm 0.3: 2 rounds spend epsilon 8.00\n"
+        line = (
+            ""
+            if epsilon == "none"
+            else "[fedlm dp] noise multiplier 2.780, clip norm 0.3: 2 rounds spend epsilon 8.00\n"
+        )
         (folder / "output.log").write_text("start\n" + line)
 
     fake_run("plain", "none", 0.85, [], 0.5)
@@ -446,5 +495,9 @@ def test_privacy_report_reads_what_the_runs_printed_and_logged(tmp_path: Path) -
     assert "| no DP | plain | - | - | - | 0.850 | 0.750 | 20.5 | 0.500 | 500 |" in text
     assert "| epsilon 8 | plain | 2.780 | 8.00 | 16.00 | 0.600 | 0.500 | 20.5 | 0.500 | 500 |" in text
     assert text.index("| epsilon 8 | plain") < text.index("| epsilon 8 | secure | 2.780 | 8.00 | 16.00 | 0.610")
-    assert text.index("| no DP |") < text.index("| clipping only, no noise | plain | 2.780 | infinite | infinite | 0.840 |") < text.index("| epsilon 8 |")
+    assert (
+        text.index("| no DP |")
+        < text.index("| clipping only, no noise | plain | 2.780 | infinite | infinite | 0.840 |")
+        < text.index("| epsilon 8 |")
+    )
     assert out.with_suffix(".png").stat().st_size > 10_000

@@ -8,10 +8,19 @@ import pytest
 from fedlm.experiment.recipe import finished_runs, read_search_run, search_table
 
 
-def fake_run(root: Path, setting: str, seed: int, accuracies: list[float], halves: tuple[float, float] | None = None) -> Path:
+def fake_run(
+    root: Path, setting: str, seed: int, accuracies: list[float], halves: tuple[float, float] | None = None
+) -> Path:
     folder = root / setting / f"seed{seed}" / "logs" / "version_0"
     folder.mkdir(parents=True)
-    fields = ["step", "train/loss", "val/acc", "val/macro_f1", "val/calibration/halves_raw_macro_f1", "val/calibration/halves_calibrated_macro_f1"]
+    fields = [
+        "step",
+        "train/loss",
+        "val/acc",
+        "val/macro_f1",
+        "val/calibration/halves_raw_macro_f1",
+        "val/calibration/halves_calibrated_macro_f1",
+    ]
     with (folder / "metrics.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
@@ -19,7 +28,12 @@ def fake_run(root: Path, setting: str, seed: int, accuracies: list[float], halve
             writer.writerow({"step": step, "train/loss": 1.0})  # a training row: no validation in it
             row = {"step": step, "val/acc": acc, "val/macro_f1": acc - 0.1}
             if halves is not None:
-                row.update({"val/calibration/halves_raw_macro_f1": halves[0], "val/calibration/halves_calibrated_macro_f1": halves[1]})
+                row.update(
+                    {
+                        "val/calibration/halves_raw_macro_f1": halves[0],
+                        "val/calibration/halves_calibrated_macro_f1": halves[1],
+                    }
+                )
             writer.writerow(row)
     (folder.parents[1] / "done").touch()  # as recipe.sh marks a finished run
     return folder / "metrics.csv"

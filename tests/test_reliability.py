@@ -31,14 +31,19 @@ from fedlm.federation.strategy import rank_file
 def checkpointing(folder: Path) -> dict:
     """A round checkpoint kept per round (``round=N``) and ``last.ckpt``, as the shipped configs write them."""
     every_round = {"dirpath": str(folder), "filename": "round{epoch}", "save_top_k": -1, "save_last": True}
-    return {"enable_checkpointing": True, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": every_round}]}
+    return {
+        "enable_checkpointing": True,
+        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": every_round}],
+    }
 
 
 HARD = {**FEDERATION, "clients": 3, "server": {"optimizer": "fedadam", "lr": 0.01}, "private_tokens": 1}
 
 
 @pytest.mark.multiprocess
-def test_resume_from_a_round_checkpoint_is_bitwise_the_uninterrupted_run(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_resume_from_a_round_checkpoint_is_bitwise_the_uninterrupted_run(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """Three clients in one process (each with its own Adam moments and lr schedule), FedAdam (server state), split
     prompts (private tokens) and encoder dropout (RNG): everything a round checkpoint must carry."""
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, HARD, **checkpointing(tmp_path / "ckpt"))
@@ -47,7 +52,9 @@ def test_resume_from_a_round_checkpoint_is_bitwise_the_uninterrupted_run(tiny_gp
     result, (full,) = run_ranks(tmp_path, config, 1, *dropout)
     assert result.returncode == 0, result.stderr[-3000:]
     (tmp_path / "resumed").mkdir()
-    result, (resumed,) = run_ranks(tmp_path / "resumed", config, 1, *dropout, "--ckpt_path", str(tmp_path / "ckpt" / "roundepoch=0.ckpt"))
+    result, (resumed,) = run_ranks(
+        tmp_path / "resumed", config, 1, *dropout, "--ckpt_path", str(tmp_path / "ckpt" / "roundepoch=0.ckpt")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(resumed["rounds"]) == 2  # rounds 2 and 3
     for a, b in zip(full["rounds"][1:], resumed["rounds"]):
@@ -62,21 +69,37 @@ def start_faulty(out: Path, config: Path, fault: str) -> subprocess.Popen:
 
 
 @pytest.mark.multiprocess
-def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     for name in ("clean", "killed"):
         (tmp_path / name).mkdir()
-    clean = write_config(tmp_path / "clean", tiny_gpt2_dir, synthetic_fpb, HARD | {"clients": 2}, **checkpointing(tmp_path / "clean" / "ckpt"))
+    clean = write_config(
+        tmp_path / "clean",
+        tiny_gpt2_dir,
+        synthetic_fpb,
+        HARD | {"clients": 2},
+        **checkpointing(tmp_path / "clean" / "ckpt"),
+    )
     result, reference = run_ranks(tmp_path / "clean", clean, 2)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    config = write_config(tmp_path / "killed", tiny_gpt2_dir, synthetic_fpb, HARD | {"clients": 2}, **checkpointing(tmp_path / "killed" / "ckpt"))
+    config = write_config(
+        tmp_path / "killed",
+        tiny_gpt2_dir,
+        synthetic_fpb,
+        HARD | {"clients": 2},
+        **checkpointing(tmp_path / "killed" / "ckpt"),
+    )
     started = time.perf_counter()
     env = {"FEDLM_TEST_FAULT": "kill:1:1:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see README: restarts
     launcher, out = torchrun(2, "--max-restarts=1"), tmp_path / "killed" / "out"
     process = start_worker("federated_worker.py", out, config, launcher, "--ckpt_path", "last", env=env)
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
-    assert "SIGKILL" in stderr or "Signals.SIGKILL" in stderr or "exitcode: -9" in stderr  # rank 1 was killed in round 2...
+    assert (
+        "SIGKILL" in stderr or "Signals.SIGKILL" in stderr or "exitcode: -9" in stderr
+    )  # rank 1 was killed in round 2...
     assert (tmp_path / "killed" / "ckpt" / "last.ckpt.rank1").is_file()  # ...and resumed from its own part
     records = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     for rank in range(2):
@@ -89,11 +112,16 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterru
     (ckpt / "last.ckpt.rank1").write_bytes((ckpt / "roundepoch=0.ckpt.rank1").read_bytes())
     (tmp_path / "mixed").mkdir()
     result, _ = run_ranks(tmp_path / "mixed", clean, 2, "--ckpt_path", str(ckpt / "last.ckpt"))
-    assert result.returncode != 0 and "RanksDisagreeError: the ranks resumed from different rounds (1 to 3" in result.stderr
+    assert (
+        result.returncode != 0
+        and "RanksDisagreeError: the ranks resumed from different rounds (1 to 3" in result.stderr
+    )
 
 
 @pytest.mark.multiprocess
-def test_a_silent_peer_fails_the_collective_instead_of_hanging(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_a_silent_peer_fails_the_collective_instead_of_hanging(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "collective_timeout_s": 5})
     started = time.perf_counter()
     process = start_faulty(tmp_path / "out", config, "hang:1:1:0")
@@ -104,7 +132,9 @@ def test_a_silent_peer_fails_the_collective_instead_of_hanging(tiny_gpt2_dir: st
 
 
 @pytest.mark.multiprocess
-def test_a_non_finite_client_stops_the_round_and_keeps_the_last_good_global(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_a_non_finite_client_stops_the_round_and_keeps_the_last_good_global(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION, **checkpointing(tmp_path / "ckpt"))
     process = start_faulty(tmp_path / "out", config, "nan:1:1:1")
     _, stderr = process.communicate(timeout=300)
@@ -116,7 +146,9 @@ def test_a_non_finite_client_stops_the_round_and_keeps_the_last_good_global(tiny
 
 
 @pytest.mark.multiprocess
-def test_ranks_that_end_a_round_with_different_global_encoders_are_stopped(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_ranks_that_end_a_round_with_different_global_encoders_are_stopped(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION)
     process = start_faulty(tmp_path / "out", config, "skew:1:1:0")
     _, stderr = process.communicate(timeout=300)
@@ -131,14 +163,18 @@ def free_port() -> int:
 
 
 @pytest.mark.multiprocess
-def test_two_nodes_on_loopback_each_with_only_its_own_data(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_two_nodes_on_loopback_each_with_only_its_own_data(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """The README's multi-node launch: `fedlm split-data` cuts the files, node k's folder holds only site{k}.txt,
     val.txt and test.txt, and every node runs the same data config on its own folder (naming the other site's file,
     absent there). Static rendezvous, so that node k is rank k and hosts client k (c10d would order the nodes by
     host and pid, not --node_rank). Each node opens only its own data, and the run is bitwise the partitioned run
     on the pooled file."""
     (tmp_path / "pooled").mkdir()
-    result, reference = run_ranks(tmp_path / "pooled", write_config(tmp_path / "pooled", tiny_gpt2_dir, synthetic_fpb, FEDERATION), 2)
+    result, reference = run_ranks(
+        tmp_path / "pooled", write_config(tmp_path / "pooled", tiny_gpt2_dir, synthetic_fpb, FEDERATION), 2
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     split = split_data(synthetic_fpb, tmp_path / "split")
@@ -187,13 +223,26 @@ def fit_error(tmp_path: Path, backbone: str, fpb: Path, *args: str, federation: 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.encoder", '{"type": "transformer"}'], "Expected a typing.Literal['mlp', 'lstm', 'embedding']. Got value: transformer"),
+        (
+            ["--model.encoder", '{"type": "transformer"}'],
+            "Expected a typing.Literal['mlp', 'lstm', 'embedding']. Got value: transformer",
+        ),
         (["--model.encoder", '{"virtual_tokens": 0}'], "must give one positive count per marker of model.template"),
-        (["--data.init_args.client_files", '["/nowhere/site0.txt", "/nowhere/site1.txt"]'], "data.client_files: /nowhere/site0.txt does not exist"),
+        (
+            ["--data.init_args.client_files", '["/nowhere/site0.txt", "/nowhere/site1.txt"]'],
+            "data.client_files: /nowhere/site0.txt does not exist",
+        ),
     ],
     ids=["encoder-type", "virtual-tokens", "client-path"],
 )
-def test_bad_input_is_refused_with_the_field(args: list[str], message: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_refused_with_the_field(
+    args: list[str],
+    message: str,
+    tiny_gpt2_dir: str,
+    synthetic_fpb: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     error = fit_error(tmp_path, tiny_gpt2_dir, synthetic_fpb, *args) + capsys.readouterr().err  # the parser's: stderr
     assert message in error and "round 1/" not in error
 
@@ -207,14 +256,18 @@ def test_a_client_with_no_data_is_refused(tiny_gpt2_dir: str, synthetic_fpb: Pat
 
 
 @pytest.mark.multiprocess
-def test_a_world_size_that_does_not_fit_the_clients_is_refused(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_a_world_size_that_does_not_fit_the_clients_is_refused(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, {**FEDERATION, "clients": 3})
     result, _ = run_ranks(tmp_path, config, 2)
     assert result.returncode != 0 and "world size 2 does not fit federation.clients=3" in result.stderr
     assert "round 1/" not in result.stderr
 
 
-def test_a_checkpoint_of_another_model_is_refused(tiny_model_dir: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_of_another_model_is_refused(
+    tiny_model_dir: str, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """Same embedding width (32) but another architecture: the encoder's shapes fit, its meaning would not. (The CLI
     takes model.backbone from the checkpoint's hyperparameters; the Python API takes the module it is given.)"""
     from fedlm.data import FinancialPhraseBank
@@ -227,7 +280,9 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_model_dir: str, tiny_gpt2
     if "llama" not in tiny_model_dir:  # the same model loads
         trainer(tmp_path).test(other, FinancialPhraseBank(path=str(synthetic_fpb)), ckpt_path=tmp_path / "gpt2.ckpt")
         return
-    with pytest.raises(CheckpointMismatchError, match="is another model .* Set model.backbone to the checkpoint's backbone"):
+    with pytest.raises(
+        CheckpointMismatchError, match="is another model .* Set model.backbone to the checkpoint's backbone"
+    ):
         trainer(tmp_path).test(other, FinancialPhraseBank(path=str(synthetic_fpb)), ckpt_path=tmp_path / "gpt2.ckpt")
 
 

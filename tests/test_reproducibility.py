@@ -36,8 +36,13 @@ def write_repeated_config(folder: Path, backbone: str, fpb: Path) -> Path:
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
             "default_root_dir": str(folder),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(folder), "name": "logs"}},
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"filename": "last"}}],
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(folder), "name": "logs"},
+            },
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"filename": "last"}}
+            ],
         },
         "model": {
             "backbone": backbone,
@@ -70,7 +75,9 @@ def run(folder: Path, backbone: str, fpb: Path, hash_seed: str, nproc: int) -> P
     launcher = launcher_for(nproc)
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO)}
     env.pop("OMP_NUM_THREADS", None)  # a plain fit uses every core, which is where thread order could matter
-    result = subprocess.run([*launcher, "-m", "fedlm", "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [*launcher, "-m", "fedlm", "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "logs" / "version_0"
 
@@ -89,7 +96,9 @@ def final_encoder(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("nproc", [1, 2], ids=["simulation", "torchrun"])
-def test_two_processes_of_one_command_agree_bitwise(nproc: int, wide_llama: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_two_processes_of_one_command_agree_bitwise(
+    nproc: int, wide_llama: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     first = run(tmp_path / "first", wide_llama, synthetic_fpb, hash_seed="1", nproc=nproc)
     with competing_load():
         second = run(tmp_path / "second", wide_llama, synthetic_fpb, hash_seed="2", nproc=nproc)

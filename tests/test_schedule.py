@@ -30,7 +30,9 @@ class LrRecorder(L.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def test_each_simulated_client_follows_the_schedule_over_its_own_steps(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_each_simulated_client_follows_the_schedule_over_its_own_steps(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     """Round r, local step j of client k: lr * factor(r * local_steps + j), for every client alike."""
     from fedlm.cli import cli
 
@@ -39,12 +41,19 @@ def test_each_simulated_client_follows_the_schedule_over_its_own_steps(tiny_gpt2
     run = cli(["fit", "--config", str(config), *schedule, "--trainer.callbacks+=test_schedule.LrRecorder"])
     (recorder,) = [c for c in run.trainer.callbacks if isinstance(c, LrRecorder)]
     rounds, steps, clients, lr = FEDERATION["rounds"], FEDERATION["local_steps"], FEDERATION["clients"], 0.05
-    expected = [lr * lr_factor(r * steps + j, 2, rounds * steps, "cosine", 0.1) for r in range(rounds) for _ in range(clients) for j in range(steps)]
+    expected = [
+        lr * lr_factor(r * steps + j, 2, rounds * steps, "cosine", 0.1)
+        for r in range(rounds)
+        for _ in range(clients)
+        for j in range(steps)
+    ]
     assert recorder.lrs == pytest.approx(expected, rel=1e-12)
     assert recorder.lrs[-1] == pytest.approx(0.1 * lr)
 
 
-def test_a_decaying_schedule_over_clients_of_unequal_steps_is_refused(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def test_a_decaying_schedule_over_clients_of_unequal_steps_is_refused(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
     from fedlm.cli import cli
 
     skewed = {"clients": 2, "rounds": 2, "local_epochs": 0.5, "seed": 1}

@@ -160,7 +160,11 @@ def test_refusals_and_out_of_step_calls_fail_on_every_rank(ranks: list[dict]) ->
     for r in ranks:
         errors = r["errors"]
         # 1e11 is allowed alone (below 2**38) but not when 3 ranks' values are summed (2**38 / 3 = 9.16e10)
-        assert errors["huge"].startswith("SecureAggregationError: secure aggregation: 1 rank(s) hold values of magnitude >= 9.16e")
+        assert errors["huge"].startswith(
+            "SecureAggregationError: secure aggregation: 1 rank(s) hold values of magnitude >= 9.16e"
+        )
         assert f"summed with {FIELD}=24. Lower {FIELD}" in errors["huge"]
-        assert errors["nan"].startswith("SecureAggregationError: secure aggregation: 1 rank(s) tried to sum non-finite values")
+        assert errors["nan"].startswith(
+            "SecureAggregationError: secure aggregation: 1 rank(s) tried to sum non-finite values"
+        )
         assert errors["step"].startswith("RuntimeError: secure aggregation masks did not cancel")

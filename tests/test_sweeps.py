@@ -38,7 +38,9 @@ def agent_command(sweep: dict, params: dict[str, Any], folder: Path) -> list[str
     folder.mkdir(parents=True, exist_ok=True)
     args_json = folder / "config-run.json"
     args_json.write_text(variables["args_json"][0])
-    variables.update(env=["/usr/bin/env"], interpreter=["python"], program=[sweep["program"]], args_json_file=[str(args_json)])
+    variables.update(
+        env=["/usr/bin/env"], interpreter=["python"], program=[sweep["program"]], args_json_file=[str(args_json)]
+    )
     line: list[str] = []
     for chunk in map(str, create_sweep_command(list(sweep["command"]))):
         line += variables.get(chunk[2:-1]) or [] if chunk.startswith("${") and chunk.endswith("}") else [chunk]
@@ -90,7 +92,10 @@ def test_the_json_form_keeps_nulls_that_the_flag_form_turns_into_strings(
     params = {"model.encoder.init_text": None}
 
     def init_text(*tail: str) -> Any:
-        sweep = {"program": "fedlm", "command": ["${env}", "fedlm", "fit", "--config", "configs/fpb_federated.yaml", *tail]}
+        sweep = {
+            "program": "fedlm",
+            "command": ["${env}", "fedlm", "fit", "--config", "configs/fpb_federated.yaml", *tail],
+        }
         line = agent_command(sweep, params, tmp_path)
         return value_at(resolved_config(line[line.index("fedlm") + 1 :], capsys), "model.encoder.init_text")
 
@@ -104,10 +109,15 @@ def test_the_torchrun_sweep_runs_two_parameter_sets_into_offline_wandb_runs(
 ) -> None:
     sweep = yaml.safe_load((REPO / "sweeps" / "dirichlet_alpha_x_algorithm.yaml").read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", HOME=str(tmp_path / "home"), WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}", HOME=str(tmp_path / "home"), WANDB_SILENT="true", OMP_NUM_THREADS="1"
+    )
     for index, params in enumerate(parameter_sets(sweep)):
         folder = tmp_path / f"run{index}"
-        logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(folder), "name": "logs", "version": 0}}
+        logger = {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(folder), "name": "logs", "version": 0},
+        }
         tiny = ["--model.backbone", tiny_gpt2_dir, "--model.encoder.hidden_size", "8", "--data.init_args.path", str(synthetic_fpb),
                 "--data.init_args.batch_size", "4", "--federation.rounds", "1", "--federation.local_steps", "1",
                 "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",

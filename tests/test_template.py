@@ -37,7 +37,9 @@ def test_virtual_blocks_in_the_middle_and_split_over_markers() -> None:
 
 def test_loss_mask_covers_only_the_answer() -> None:
     template = make()
-    batch = template.collate([template.encode("profit rose", "positive"), template.encode("a much longer sentence here", "neutral")])
+    batch = template.collate(
+        [template.encode("profit rose", "positive"), template.encode("a much longer sentence here", "neutral")]
+    )
     for row, label in enumerate(["positive", "neutral"]):
         answer = TOKENIZER(FPB_LABEL_WORDS[label], add_special_tokens=False).input_ids
         start = int(batch["prompt_length"][row])

@@ -17,7 +17,10 @@ RUN = ["--seed_everything", "11", "--test_after_fit", "true"]  # a seed the run'
 
 def federated_config(tmp_path: Path, backbone: str, fpb: Path, **trainer) -> Path:
     """``write_config``'s tiny run, with CSV logs: the logger every other one joins."""
-    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}}
+    logger = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(tmp_path), "name": "logs"},
+    }
     return write_config(tmp_path, backbone, fpb, FEDERATION, logger=logger, **trainer)
 
 
@@ -29,7 +32,9 @@ def no_wandb_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def test_credentials_decide_offline(no_wandb_credentials: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_decide_offline(
+    no_wandb_credentials: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert not has_wandb_credentials()
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789\n")

@@ -73,7 +73,9 @@ def read_offline_run(folder: Path) -> OfflineRun:
         elif kind == "config":
             updates = record.config.update
         elif kind == "history":
-            run.history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            run.history.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
             continue
         else:
             continue

@@ -202,7 +202,9 @@ class FedLMCLI(LightningCLI):
         loop = FederatedLoop(federation, topology)
         callbacks = trainer_config.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), loop]
-        if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
             callbacks.append(RoundProgressBar())
         kwargs["callbacks"] = callbacks
         kwargs["use_distributed_sampler"] = False  # each client samples its own shard

@@ -191,7 +191,9 @@ def save_confusion_png(labels: list[int], preds: list[int], names: list[str], pa
     return path
 
 
-def log_confusion_matrix(loggers: list[Logger], key: str, labels: list[int], preds: list[int], names: list[str]) -> None:
+def log_confusion_matrix(
+    loggers: list[Logger], key: str, labels: list[int], preds: list[int], names: list[str]
+) -> None:
     """W&B's interactive confusion matrix (other loggers get the PNG through ``log_figure``)."""
     for logger in loggers:
         if isinstance(logger, LightningWandbLogger):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -297,9 +296,7 @@ class TextClassificationData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.template is not None
         dataset = self.encoded("train")
-        blocks = self.blocks or [
-            ClientBlock(0, tuple(range(len(dataset))), math.ceil(len(dataset) / self.batch_size))
-        ]
+        blocks = self.blocks or [ClientBlock(0, tuple(range(len(dataset))), math.ceil(len(dataset) / self.batch_size))]
         sampler = RoundBatchSampler(
             blocks,
             self.batch_size,
@@ -310,7 +307,9 @@ class TextClassificationData(L.LightningDataModule):
             bucket_batches=self.bucket_batches,
             draw=self.batch_draw,
         )
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.template.collate, num_workers=self.num_workers)
+        return DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=self.template.collate, num_workers=self.num_workers
+        )
 
     def _eval_loader(self, split: str) -> DataLoader:
         assert self.template is not None

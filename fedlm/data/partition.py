@@ -47,7 +47,7 @@ class PartitionConfig:
         if not self.levels or unknown or len(set(self.levels)) < len(self.levels):
             raise DataError(
                 f"data.partition.levels={self.levels} must list distinct agreement levels out of "
-                f"{list(PHRASEBANK_FILES)} (quote them in YAML: \"50\")."
+                f'{list(PHRASEBANK_FILES)} (quote them in YAML: "50").'
             )
 
     def describe(self) -> str:

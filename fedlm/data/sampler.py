@@ -82,7 +82,10 @@ class RoundBatchSampler(Sampler[list[int]]):
                     yield self._drawn(block, step, global_batch)[mine]
                 continue
             start = self.round * block.steps * global_batch
-            stream = [block.indices[self._position(block.client, len(block.indices), p)] for p in range(start, start + block.steps * global_batch)]
+            stream = [
+                block.indices[self._position(block.client, len(block.indices), p)]
+                for p in range(start, start + block.steps * global_batch)
+            ]
             batches = [stream[i : i + global_batch] for i in range(0, len(stream), global_batch)]
             if self.bucket_batches > 1:
                 batches = self._bucketed(block.client, batches)
@@ -97,7 +100,10 @@ class RoundBatchSampler(Sampler[list[int]]):
         assert self.lengths is not None
         size, regrouped = len(batches[0]), []
         for first in range(0, len(batches), self.bucket_batches):
-            window = sorted((i for batch in batches[first : first + self.bucket_batches] for i in batch), key=self.lengths.__getitem__)
+            window = sorted(
+                (i for batch in batches[first : first + self.bucket_batches] for i in batch),
+                key=self.lengths.__getitem__,
+            )
             groups = [window[i : i + size] for i in range(0, len(window), size)]
             generator = torch.Generator().manual_seed(derive_seed("buckets", self.seed, client, self.round, first))
             regrouped.extend(groups[j] for j in torch.randperm(len(groups), generator=generator).tolist())

@@ -68,13 +68,28 @@ def read_runs(root: Path) -> list[AlgorithmRun]:
             )
         )
     rank = {name: i for i, name in enumerate(ORDER)}
-    return sorted(runs, key=lambda run: (run.partition != "dirichlet", run.partition, rank.get(run.algorithm, len(ORDER)), run.algorithm))
+    return sorted(
+        runs,
+        key=lambda run: (
+            run.partition != "dirichlet",
+            run.partition,
+            rank.get(run.algorithm, len(ORDER)),
+            run.algorithm,
+        ),
+    )
 
 
 def table(runs: list[AlgorithmRun]) -> str:
     """One partition: a row per (algorithm, model), held-out accuracy per client, pooled, and on the shared test."""
     clients = [f"client {row['client']} held-out (n={row['holdout_examples']})" for row in runs[0].clients]
-    header = ["algorithm", "model", *clients, "held-out, all clients", "shared test, mean over clients", "MB sent per round"]
+    header = [
+        "algorithm",
+        "model",
+        *clients,
+        "held-out, all clients",
+        "shared test, mean over clients",
+        "MB sent per round",
+    ]
     rows = []
     for run in runs:
         named = [name for name in MODELS if name in run.clients[0]]
@@ -83,7 +98,9 @@ def table(runs: list[AlgorithmRun]) -> str:
             sizes = [row["holdout_examples"] for row in run.clients]
             pooled = sum(a * n for a, n in zip(accs, sizes)) / sum(sizes)
             test = sum(row[name]["test_acc"] for row in run.clients) / len(run.clients)
-            cells = [f"**{a:.3f}**" if row["best_on_holdout"] == name else f"{a:.3f}" for a, row in zip(accs, run.clients)]
+            cells = [
+                f"**{a:.3f}**" if row["best_on_holdout"] == name else f"{a:.3f}" for a, row in zip(accs, run.clients)
+            ]
             first = name == named[0]
             label = f"{run.algorithm} ({run.describe()})" if first else ""
             sent = f"{run.bytes_per_round / 1e6:.2f}" if first else ""
@@ -102,7 +119,9 @@ def plot(runs: list[AlgorithmRun], path: Path) -> None:
             xs = [row["client"] + (i - (len(named) - 1) / 2) * width for row in run.clients]
             ax.bar(xs, [row[name]["holdout_acc"] for row in run.clients], width, color=colors[name], label=MODELS[name])
         ax.set_title(run.algorithm, fontsize=10)
-        ax.set_xticks([row["client"] for row in run.clients], [f"client {row['client']}" for row in run.clients], fontsize=8)
+        ax.set_xticks(
+            [row["client"] for row in run.clients], [f"client {row['client']}" for row in run.clients], fontsize=8
+        )
         ax.set_ylim(0.5, 1.0)
     axes[0][0].set_ylabel("accuracy on the client's held-out data")
     handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
@@ -138,7 +157,9 @@ def write(root: Path, out: Path, command: str, notes: Path | None = None) -> str
 def main(argv: list[str] | None = None) -> None:
     parser = markdown.parser(PROG, __doc__, runs="the folder scripts/algorithms.sh wrote (runs/algorithms)")
     parser.add_argument("--out", type=Path, required=True, help="the markdown file to write")
-    parser.add_argument("--command", default="bash scripts/algorithms.sh", help="how the runs were made, for the record")
+    parser.add_argument(
+        "--command", default="bash scripts/algorithms.sh", help="how the runs were made, for the record"
+    )
     args = markdown.parse(parser, argv)
     print(write(args.runs, args.out, args.command, args.notes))
 

@@ -17,7 +17,9 @@ from fedlm.experiment import figures, markdown
 from fedlm.experiment.runs import LOGS, find, floats, log_lines, logged, read_json, read_metrics
 
 PROG = "python -m fedlm.experiment.privacy"
-RUN_LOGS = f"*/epsilon_*/{LOGS.as_posix()}"  # under RUNS: <plain|secure>/epsilon_<E>/, as scripts/privacy.sh writes them
+RUN_LOGS = (
+    f"*/epsilon_*/{LOGS.as_posix()}"  # under RUNS: <plain|secure>/epsilon_<E>/, as scripts/privacy.sh writes them
+)
 NOISE_LINE = re.compile(r"\[fedlm dp\] noise multiplier ([0-9.]+), clip norm ([0-9.e-]+)")
 
 
@@ -81,7 +83,9 @@ def read_runs(root: Path) -> list[PrivacyRun]:
     folders = sorted(path.parents[2] for path in found)
     runs = [read_run(folder) for folder in folders]
     # no DP, clipping only, then from the loosest budget to the tightest; plain before secure
-    return sorted(runs, key=lambda r: (r.target_epsilon is not None, r.clip_only, -(r.target_epsilon or 0), r.aggregation))
+    return sorted(
+        runs, key=lambda r: (r.target_epsilon is not None, r.clip_only, -(r.target_epsilon or 0), r.aggregation)
+    )
 
 
 HEADER = ("budget (delta 1e-5)", "aggregation", "noise multiplier", "epsilon spent", "epsilon against a peer", "test accuracy",
@@ -107,7 +111,9 @@ def plot(runs: list[PrivacyRun], out: Path, majority: float | None = None) -> Pa
     fig, (acc_ax, time_ax) = figures.pyplot().subplots(1, 2, figsize=(11, 4.2))
     styles = {"plain": ("o", "tab:blue"), "secure": ("x", "tab:red")}
     for aggregation, (marker, color) in styles.items():
-        private = sorted((r for r in runs if r.aggregation == aggregation and r.target_epsilon), key=lambda r: r.target_epsilon)
+        private = sorted(
+            (r for r in runs if r.aggregation == aggregation and r.target_epsilon), key=lambda r: r.target_epsilon
+        )
         if private:
             acc_ax.plot([r.target_epsilon for r in private], [r.test_acc for r in private], marker=marker, color=color,
                         label=f"DP-FedAvg, {aggregation} all-reduce")  # fmt: skip
@@ -123,7 +129,13 @@ def plot(runs: list[PrivacyRun], out: Path, majority: float | None = None) -> Pa
     acc_ax.legend(fontsize=8)
     names = [f"{r.budget}, {r.aggregation}" for r in runs]
     time_ax.barh(names, [r.compute_seconds for r in runs], label="compute", color="tab:gray")
-    time_ax.barh(names, [r.comm_seconds for r in runs], left=[r.compute_seconds for r in runs], label="all-reduce", color="tab:orange")
+    time_ax.barh(
+        names,
+        [r.comm_seconds for r in runs],
+        left=[r.compute_seconds for r in runs],
+        label="all-reduce",
+        color="tab:orange",
+    )
     time_ax.invert_yaxis()  # the table's order, top to bottom
     time_ax.set_xlabel("seconds per round (rank 0)")
     time_ax.tick_params(axis="y", labelsize=7)

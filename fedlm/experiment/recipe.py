@@ -79,7 +79,9 @@ def search_table(runs: list[SearchRun], last: int) -> str:
         halves = [(r.halves_raw, r.halves_calibrated) for r in group if r.halves_raw is not None]
         calibration = f"{mean(h[0] for h in halves):.3f} -> {mean(h[1] for h in halves):.3f}" if halves else "-"
         seeds = " ".join(str(r.seed) for r in sorted(group, key=lambda r: r.seed))
-        rows.append([setting, seeds, spread([r.val_acc for r in group]), spread([r.val_macro_f1 for r in group]), calibration])
+        rows.append(
+            [setting, seeds, spread([r.val_acc for r in group]), spread([r.val_macro_f1 for r in group]), calibration]
+        )
     return markdown.table(header, rows)
 
 
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     for path in unfinished:
         print(f"[recipe] {path.parents[2]}: not finished, left out", file=sys.stderr)
     if not paths:
-        raise SystemExit(f"no runs under {args.runs} ({RUN_METRICS}); make them with bash scripts/recipe.sh {args.runs}")
+        raise SystemExit(
+            f"no runs under {args.runs} ({RUN_METRICS}); make them with bash scripts/recipe.sh {args.runs}"
+        )
     table = search_table([read_search_run(path, args.last) for path in paths], args.last)
     if args.out is None:
         print(table)

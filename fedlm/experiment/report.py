@@ -44,7 +44,11 @@ class Run:
 
 def calibrated_view(run: Run) -> Run:
     """The same run scored by its calibrated predictions (the test/calibrated/* metrics)."""
-    metrics = {**run.metrics, "test/acc": run.metrics["test/calibrated/acc"], "test/macro_f1": run.metrics["test/calibrated/macro_f1"]}
+    metrics = {
+        **run.metrics,
+        "test/acc": run.metrics["test/calibrated/acc"],
+        "test/macro_f1": run.metrics["test/calibrated/macro_f1"],
+    }
     return replace(run, metrics=metrics, predicted=run.calibrated, calibrated=None, variant="calibrated")
 
 
@@ -169,7 +173,19 @@ def table(rows: dict[str, list[Run]]) -> str:
         megabytes = mean_interval([r.bytes_exchanged / 1e6 for r in runs]).mean
         times = [r.metrics["fit_seconds"] for r in runs if r.metrics.get("fit_seconds")]
         fit_time = f"{mean_interval(times).mean:.0f}" if times else "-"
-        cells.append([name, f"{len(runs)}", f"{acc}", f"{f1}", f"{over_seeds}", seeds, f"{params:,}", f"{megabytes:.3g}", fit_time])
+        cells.append(
+            [
+                name,
+                f"{len(runs)}",
+                f"{acc}",
+                f"{f1}",
+                f"{over_seeds}",
+                seeds,
+                f"{params:,}",
+                f"{megabytes:.3g}",
+                fit_time,
+            ]
+        )
     return markdown.table(HEADER, cells)
 
 
@@ -202,16 +218,27 @@ def verdict(rows: dict[str, list[Run]]) -> list[str]:
     if local:
         means = {name: accuracy(runs).mean for name, runs in local.items()}
         beaten = [name for name, mean in means.items() if federated.mean > mean]
-        answer = "yes" if len(beaten) == len(local) else f"no, {', '.join(n for n in local if n not in beaten)} scores higher"
+        answer = (
+            "yes"
+            if len(beaten) == len(local)
+            else f"no, {', '.join(n for n in local if n not in beaten)} scores higher"
+        )
         lines.append(
             f"- **Federated above every local-only client: {answer}** on the mean over seeds (federated "
             f"{federated.mean:.3f}; {', '.join(f'{name} {mean:.3f}' for name, mean in means.items())})."
         )
         federated_by_seed = {r.seed: r.metrics["test/acc"] for r in rows["federated"]}
         for seed, fed in federated_by_seed.items():
-            above = {name: r.metrics["test/acc"] for name, runs in local.items() for r in runs if r.seed == seed and r.metrics["test/acc"] >= fed}
+            above = {
+                name: r.metrics["test/acc"]
+                for name, runs in local.items()
+                for r in runs
+                if r.seed == seed and r.metrics["test/acc"] >= fed
+            }
             if above:
-                lines.append(f"  - seed {seed}: federated {fed:.3f} is not above {', '.join(f'{n} ({a:.3f})' for n, a in above.items())}.")
+                lines.append(
+                    f"  - seed {seed}: federated {fed:.3f} is not above {', '.join(f'{n} ({a:.3f})' for n, a in above.items())}."
+                )
         best = best_local_by_validation(rows)
         if best is not None:
             lines.append(
@@ -284,8 +311,18 @@ def plot(rows: dict[str, list[Run]], out: Path) -> list[Path]:
     local = [n for n in rows if rows[n][0].kind == "local" and not rows[n][0].variant]
     trained = [n for n in rows if rows[n][0].curve and not rows[n][0].variant]
     panels = (  # the rows shown, the curve's column (1 loss, 2 accuracy), the title, the file
-        (["centralized", "federated"], 1, "Validation loss: centralized vs federated", "val_loss_centralized_vs_federated.png"),
-        (["federated", *local], 1, "Validation loss: each client alone vs federated", "val_loss_local_vs_federated.png"),
+        (
+            ["centralized", "federated"],
+            1,
+            "Validation loss: centralized vs federated",
+            "val_loss_centralized_vs_federated.png",
+        ),
+        (
+            ["federated", *local],
+            1,
+            "Validation loss: each client alone vs federated",
+            "val_loss_local_vs_federated.png",
+        ),
         (trained, 2, "Validation accuracy during training", "val_accuracy.png"),
     )
     written = []
@@ -312,7 +349,10 @@ def write_report(folders: list[Path], out: Path, command: str | None = None, not
     """
     rows = group(find_runs(folders))
     interpretation = ["## Interpretation", *markdown.appendix(notes), ""] if notes is not None else []
-    command = command or f"fedlm report {' '.join(str(relative(f, Path.cwd())) for f in folders)} --out {relative(out, Path.cwd())}"
+    command = (
+        command
+        or f"fedlm report {' '.join(str(relative(f, Path.cwd())) for f in folders)} --out {relative(out, Path.cwd())}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(rows, out)
     lines = [
@@ -349,7 +389,9 @@ def write_report(folders: list[Path], out: Path, command: str | None = None, not
 
 
 def report_main(argv: list[str] | None = None) -> None:
-    parser = markdown.parser("fedlm report", __doc__, runs="run folders, or folders that contain run folders", nargs="+")
+    parser = markdown.parser(
+        "fedlm report", __doc__, runs="run folders, or folders that contain run folders", nargs="+"
+    )
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: RUNS[0]/report)")
     args = markdown.parse(parser, argv)
     command = "fedlm report " + " ".join(argv if argv is not None else sys.argv[2:])

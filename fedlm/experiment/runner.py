@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from jsonargparse import ArgumentParser, ActionConfigFile
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from fedlm.errors import ConfigError
 from fedlm.experiment.report import write_report
@@ -67,7 +67,9 @@ def clients_of(config_path: str) -> int:
 def plan(config: TriadConfig) -> list[PlannedRun]:
     for name in ("centralized", "federated", "local"):
         if not Path(getattr(config, name)).is_file():
-            raise FileNotFoundError(f"{name}: {getattr(config, name)} does not exist; give the path of a fedlm fit config.")
+            raise FileNotFoundError(
+                f"{name}: {getattr(config, name)} does not exist; give the path of a fedlm fit config."
+            )
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds={config.seeds}: give one or more distinct seeds.")
     clients = clients_of(config.federated)
@@ -78,7 +80,11 @@ def plan(config: TriadConfig) -> list[PlannedRun]:
         if config.zero_shot:
             runs.append(PlannedRun("zero-shot", seed, ["test", "--config", config.centralized, *seeded]))
         runs.append(PlannedRun("centralized", seed, ["fit", "--config", config.centralized, *seeded]))
-        runs.append(PlannedRun("federated", seed, ["fit", "--config", config.federated, *seeded, "--federation.seed", str(seed)]))
+        runs.append(
+            PlannedRun(
+                "federated", seed, ["fit", "--config", config.federated, *seeded, "--federation.seed", str(seed)]
+            )
+        )
         for client in range(clients):
             local = ["--data.init_args.local_client", str(client), "--data.init_args.local_clients", str(clients)]
             runs.append(PlannedRun(f"local{client}", seed, ["fit", "--config", config.local, *seeded, *local]))
@@ -86,7 +92,10 @@ def plan(config: TriadConfig) -> list[PlannedRun]:
 
 
 def command(run: PlannedRun, folder: Path, overrides: list[str], wandb_project: str | None = None) -> list[str]:
-    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(folder), "name": "logs", "version": 0}}
+    logger = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(folder), "name": "logs", "version": 0},
+    }
     extra = ["--test_after_fit", "true"] if run.args[0] == "fit" else []
     if wandb_project is not None:
         extra += ["--wandb.project", wandb_project]
@@ -140,5 +149,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="fedlm experiment", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(TriadConfig, nested_key=None)
-    config = TriadConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config" and not k.startswith("__")})
+    config = TriadConfig(
+        **{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config" and not k.startswith("__")}
+    )
     run_experiment(config)

@@ -98,10 +98,14 @@ def hierarchical_bootstrap(
     b = torch.tensor(b_preds, dtype=torch.long) if b_preds is not None else None
     if a.dim() != 2 or a.shape[1] == 0 or a.shape[1] != y.numel() or (b is not None and b.shape != a.shape):
         shapes = f"{tuple(a.shape)}{'' if b is None else f' and {tuple(b.shape)}'} for {y.numel()} labels"
-        raise ValueError(f"predictions must be (seeds, examples) of the same shape, with one label per example; got {shapes}")
+        raise ValueError(
+            f"predictions must be (seeds, examples) of the same shape, with one label per example; got {shapes}"
+        )
     generator = torch.Generator().manual_seed(seed)
     draws = torch.randint(0, y.numel(), (resamples, y.numel()), generator=generator)
-    weights = torch.zeros(resamples, y.numel(), dtype=torch.float64).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    weights = torch.zeros(resamples, y.numel(), dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones_like(draws, dtype=torch.float64)
+    )
     seed_draws = torch.randint(0, a.shape[0], (resamples, a.shape[0]), generator=generator)
     identity = torch.ones(1, y.numel(), dtype=torch.float64)
     value = resampled_metric(a, y, weights, metric)

@@ -50,7 +50,15 @@ class Totals:
 def payload_layout(size: int, clients: int) -> dict[str, slice]:
     """Where each sum sits in the all-reduced vector: the clients' summands (``size`` values), the sum of weights,
     per-client loss sums, step and sample counts, DP's noised clipped-count, and per-client failure flags."""
-    sizes = {"sum": size, "weight": 1, "loss": clients, "steps": clients, "samples": clients, "count": 1, "failed": clients}
+    sizes = {
+        "sum": size,
+        "weight": 1,
+        "loss": clients,
+        "steps": clients,
+        "samples": clients,
+        "count": 1,
+        "failed": clients,
+    }
     layout, start = {}, 0
     for name, length in sizes.items():
         layout[name] = slice(start, start + length)

@@ -123,4 +123,7 @@ class ClientStates:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._restored = {"private": dict(state.get("private", {})), "client_states": dict(state.get("client_states", {}))}
+        self._restored = {
+            "private": dict(state.get("private", {})),
+            "client_states": dict(state.get("client_states", {})),
+        }

@@ -70,14 +70,18 @@ class FederationConfig:
             raise ConfigError(f"federation.rounds={self.rounds} must be at least 1.")
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ConfigError("give exactly one of federation.local_steps and federation.local_epochs.")
-        if (self.local_steps is not None and self.local_steps < 1) or (self.local_epochs is not None and self.local_epochs <= 0):
+        if (self.local_steps is not None and self.local_steps < 1) or (
+            self.local_epochs is not None and self.local_epochs <= 0
+        ):
             raise ConfigError("federation.local_steps / federation.local_epochs must be positive.")
         if self.weighting not in ("samples", "uniform"):
             raise ConfigError(f"federation.weighting={self.weighting!r} is unknown; use 'samples' or 'uniform'.")
         if self.prox_mu < 0:
             raise ConfigError(f"federation.prox_mu={self.prox_mu} must be >= 0 (0 turns FedProx off).")
         if self.collective_timeout_s <= 0:
-            raise ConfigError(f"federation.collective_timeout_s={self.collective_timeout_s} must be positive (seconds).")
+            raise ConfigError(
+                f"federation.collective_timeout_s={self.collective_timeout_s} must be positive (seconds)."
+            )
         if not 0 < self.client_fraction <= 1:
             raise ConfigError(f"federation.client_fraction={self.client_fraction} must be in (0, 1].")
         if self.average not in ("parameters", "table"):

@@ -53,12 +53,16 @@ class FederatedLoop(L.Callback):
         self.config, self.topology = config, topology
         self.server = ServerOptimizer(config.server)
         self.privacy = (
-            ClientPrivacy(config.dp, config.rounds, config.clients, config.sampled_per_round, config.secure_aggregation.enabled)
+            ClientPrivacy(
+                config.dp, config.rounds, config.clients, config.sampled_per_round, config.secure_aggregation.enabled
+            )
             if config.dp
             else None
         )
         self.rule: Aggregation = PrivateAggregation(self.privacy) if self.privacy else FedAvg()
-        self.rounds_to_train = self.privacy.planned_rounds() if self.privacy else config.rounds  # DP: refuses overspending
+        self.rounds_to_train = (
+            self.privacy.planned_rounds() if self.privacy else config.rounds
+        )  # DP: refuses overspending
         self.secure: SecureAggregator | None = None
         self.client_group: dist.ProcessGroup | None = None
         self.hosted: list[HostedClient] = []
@@ -139,7 +143,9 @@ class FederatedLoop(L.Callback):
         self.round = RoundState(index, sample_clients(c.clients, c.client_fraction, c.seed, index))
         self.round.losses = {h.client: [] for h in self.hosted}
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         for hosted in self.hosted:
             if batch_idx == hosted.first:
                 self._begin_client(trainer, hosted.client)
@@ -281,9 +287,13 @@ class FederatedLoop(L.Callback):
         for hosted in self.hosted if self.topology.is_client_lead else []:
             models[hosted.client] = {"global": self.global_params}
             if self.config.private_tokens > 0:
-                models[hosted.client]["private"] = self.clients.model(hosted.client, self.global_params, self.exchange.shared)
+                models[hosted.client]["private"] = self.clients.model(
+                    hosted.client, self.global_params, self.exchange.shared
+                )
         c = self.config
-        results = personalize(trainer, pl_module, self.exchange, models, c.personalize_steps, c.seed, self.topology.world_size)
+        results = personalize(
+            trainer, pl_module, self.exchange, models, c.personalize_steps, c.seed, self.topology.world_size
+        )
         self.exchange.write(self.global_params)  # the module leaves as the global model, for test_after_fit
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank asks
         if results is None:

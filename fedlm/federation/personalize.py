@@ -108,7 +108,9 @@ def write_personalization(results: list[dict[str, Any]], folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "personalization.json").write_text(json.dumps(results, indent=2) + "\n")
     named = [name for name in MODELS if name in results[0]]
-    lines = ["client  held-out  " + "  ".join(f"{name + ' held-out/test':>24}" for name in named) + "  better on held-out"]
+    lines = [
+        "client  held-out  " + "  ".join(f"{name + ' held-out/test':>24}" for name in named) + "  better on held-out"
+    ]
     for row in results:
         cells = "  ".join(f"{row[name]['holdout_acc']:>11.3f} / {row[name]['test_acc']:.3f}      " for name in named)
         lines.append(f"{row['client']:>6}  {row['holdout_examples']:>8}  {cells}  {row['best_on_holdout']}")

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlm.errors import ConfigError
 from fedlm.accounting import calibrate_noise, epsilon_after
+from fedlm.errors import ConfigError
 from fedlm.federation.aggregate import Aggregation, FedAvg, Totals
 from fedlm.seeding import derive_seed
 
@@ -95,7 +95,9 @@ class ClientPrivacy:
         self.config, self.rounds, self.clients = config, rounds, clients
         self.sampled_per_round = sampled_per_round
         if config.noise_multiplier is None:
-            self.noise_multiplier = calibrate_noise(config.target_epsilon, rounds, sampled_per_round, clients, config.delta)
+            self.noise_multiplier = calibrate_noise(
+                config.target_epsilon, rounds, sampled_per_round, clients, config.delta
+            )
         else:
             self.noise_multiplier = config.noise_multiplier
         self.count_noise = config.count_noise if config.count_noise is not None else clients / 20
@@ -176,7 +178,11 @@ class ClientPrivacy:
             self.clip_norm *= math.exp(-self.config.clip_lr * (below - self.config.target_quantile))
 
     def state_dict(self) -> dict[str, float | int]:
-        return {"rounds_spent": self.rounds_spent, "clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier}
+        return {
+            "rounds_spent": self.rounds_spent,
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
+        }
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         if not math.isclose(state["noise_multiplier"], self.noise_multiplier, rel_tol=1e-9):

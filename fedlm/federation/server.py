@@ -52,7 +52,9 @@ class ServerConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"federation.server.{name}={getattr(self, name)} must be in [0, 1).")
         if self.tau <= 0:
-            raise ConfigError(f"federation.server.tau={self.tau} must be positive: it keeps m / (sqrt(v) + tau) finite.")
+            raise ConfigError(
+                f"federation.server.tau={self.tau} must be positive: it keeps m / (sqrt(v) + tau) finite."
+            )
 
 
 class ServerOptimizer:

@@ -34,7 +34,9 @@ def objective_of(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, ob
     return torch.stack(f1).mean(dim=0)
 
 
-def fit_label_biases(scores: torch.Tensor, labels: torch.Tensor, objective: Objective = "macro_f1", sweeps: int = 20) -> torch.Tensor:
+def fit_label_biases(
+    scores: torch.Tensor, labels: torch.Tensor, objective: Objective = "macro_f1", sweeps: int = 20
+) -> torch.Tensor:
     """Per-class biases that maximize ``objective`` of ``argmax(scores + biases)``; zeros if nothing beats them.
 
     ``scores``: (examples, classes); ``labels``: (examples,). Among equally good values for a bias the one closest to

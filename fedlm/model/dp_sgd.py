@@ -75,7 +75,9 @@ def private_gradients(
     params = [p for p in encoder.parameters() if p.requires_grad]
     summed = [torch.zeros_like(p) for p in params]
     for example_grad in per_example_table_grads:
-        grads = torch.autograd.grad(table, params, grad_outputs=example_grad.to(table.dtype), retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            table, params, grad_outputs=example_grad.to(table.dtype), retain_graph=True, allow_unused=True
+        )
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
         norm = math.sqrt(sum(float(g.square().sum()) for g in grads))
         scale = min(1.0, config.clip_norm / norm) if norm > 0 else 1.0
@@ -85,6 +87,7 @@ def private_gradients(
     generator = torch.Generator().manual_seed(seed)
     std = config.noise_multiplier * config.clip_norm * math.sqrt(noise_share)
     return [
-        (total + torch.randn(total.shape, generator=generator, dtype=total.dtype).to(total.device) * std) / expected_batch
+        (total + torch.randn(total.shape, generator=generator, dtype=total.dtype).to(total.device) * std)
+        / expected_batch
         for total in summed
     ]

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from fedlm.errors import FedlmError
 from fedlm.checkpointing import atomic_write, load_checkpoint, partial_name
+from fedlm.errors import FedlmError
 from fedlm.model.module import CheckpointMismatchError, PTuningModule
 from fedlm.model.prompt_encoder import PromptEncoderConfig
 from fedlm.model.template import PromptTemplate
@@ -202,9 +202,7 @@ def write_export(
     module = prompt.module(backbone)
     mismatch = peft_mismatch(module.template)
     if mismatch is not None and require_peft:
-        raise PeftLayoutError(
-            f"--peft require: no PEFT adapter can reproduce {prompt.template!r}: {mismatch}."
-        )
+        raise PeftLayoutError(f"--peft require: no PEFT adapter can reproduce {prompt.template!r}: {mismatch}.")
     folder.mkdir(parents=True, exist_ok=True)
     prompt.save(folder)
     if mismatch is None:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from fedlm.errors import ConfigError, FedlmError
 from fedlm.accounting import epsilon_after
+from fedlm.errors import ConfigError, FedlmError
 from fedlm.model.backbone import DEFAULT_BACKBONE, Dtype, load_backbone
 from fedlm.model.calibration import OBJECTIVES, Objective, fit_label_biases, split_half
 from fedlm.model.dp_sgd import DPSGDConfig, private_gradients
@@ -21,7 +21,6 @@ from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, initial_table
 from fedlm.model.schedule import Schedule, lr_factor
 from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX, PromptTemplate
-
 
 Loss = Literal["answer_tokens", "label_words"]
 
@@ -129,13 +128,17 @@ class PTuningModule(L.LightningModule):
         if lr_schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"model.lr_schedule={lr_schedule!r} is unknown; use 'constant', 'cosine' or 'linear'.")
         if not 0.0 <= final_lr_fraction <= 1.0:
-            raise ConfigError(f"model.final_lr_fraction={final_lr_fraction} must be in [0, 1] (a fraction of model.lr).")
+            raise ConfigError(
+                f"model.final_lr_fraction={final_lr_fraction} must be in [0, 1] (a fraction of model.lr)."
+            )
         if warmup_steps < 0:
             raise ConfigError(f"model.warmup_steps={warmup_steps} must be >= 0.")
         if loss not in ("answer_tokens", "label_words"):
             raise ConfigError(f"model.loss={loss!r} is unknown; use 'answer_tokens' or 'label_words'.")
         if loss != "answer_tokens" and dp_sgd is not None:
-            raise ConfigError("model.dp_sgd clips per-example answer-token losses; set model.loss: answer_tokens with it.")
+            raise ConfigError(
+                "model.dp_sgd clips per-example answer-token losses; set model.loss: answer_tokens with it."
+            )
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.lr_schedule, self.final_lr_fraction, self.loss = lr_schedule, final_lr_fraction, loss
         if calibrate is not None and calibrate not in OBJECTIVES:
@@ -161,7 +164,9 @@ class PTuningModule(L.LightningModule):
                 "'{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}', or set model.cache_prefix=false."
             )
         if cache_dir is not None and not cache_prefix:
-            raise ConfigError(f"model.cache_dir={cache_dir!r} stores the prefix cache, which is off; set model.cache_prefix=true.")
+            raise ConfigError(
+                f"model.cache_dir={cache_dir!r} stores the prefix cache, which is off; set model.cache_prefix=true."
+            )
         self.prefix_cache = (
             PrefixCache(self.backbone, cache_dtype, self.template.fixed_head(), cache_dir) if cache_prefix else None
         )
@@ -186,7 +191,7 @@ class PTuningModule(L.LightningModule):
 
     # -- the frozen backbone -------------------------------------------------------------------------------
 
-    def train(self, mode: bool = True) -> "PTuningModule":
+    def train(self, mode: bool = True) -> PTuningModule:
         super().train(mode)
         self.backbone.eval()  # dropout and similar stay off in the frozen LM
         return self
@@ -308,7 +313,9 @@ class PTuningModule(L.LightningModule):
         ranks = getattr(data, "ranks_per_client", 1)
         expected = getattr(data, "batch_size", size) * ranks
         params = [p for p in self.encoder.parameters() if p.requires_grad]
-        grads = private_gradients(self.encoder, table, table_grads, self.dp_sgd, expected, 1 / ranks, (self.global_step, self.global_rank))
+        grads = private_gradients(
+            self.encoder, table, table_grads, self.dp_sgd, expected, 1 / ranks, (self.global_step, self.global_rank)
+        )
         surrogate = sum((p * g).sum() for p, g in zip(params, grads))
         return losses.mean().detach() + surrogate - surrogate.detach()
 
@@ -438,8 +445,15 @@ class PTuningModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        total, warmup, kind, floor = self.schedule_horizon(), self.warmup_steps, self.lr_schedule, self.final_lr_fraction
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, kind, floor))
+        total, warmup, kind, floor = (
+            self.schedule_horizon(),
+            self.warmup_steps,
+            self.lr_schedule,
+            self.final_lr_fraction,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, warmup, total, kind, floor)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def schedule_horizon(self) -> int:
@@ -507,4 +521,3 @@ class PTuningModule(L.LightningModule):
                 )
         # The frozen LM is not stored; put the loaded one back so that strict loading still checks the rest.
         checkpoint["state_dict"].update({"backbone." + k: v for k, v in self.backbone.state_dict().items()})
-

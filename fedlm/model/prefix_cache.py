@@ -92,7 +92,10 @@ class PrefixStore:
         self.hits = self.writes = 0
 
     def path(self, key: tuple[int, ...]) -> Path:
-        return self.folder / f"{hashlib.sha256(torch.tensor(key, dtype=torch.int64).numpy().tobytes()).hexdigest()[:32]}.pt"
+        return (
+            self.folder
+            / f"{hashlib.sha256(torch.tensor(key, dtype=torch.int64).numpy().tobytes()).hexdigest()[:32]}.pt"
+        )
 
     def load(self, key: tuple[int, ...]) -> torch.Tensor | None:
         path = self.path(key)
@@ -220,4 +223,6 @@ class PrefixCache:
         skip = cache.get_seq_length()
         mask = torch.ones((1, skip + len(sequence)), dtype=torch.long, device=device)
         self.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        return torch.stack([torch.stack([keys[0, :, skip:], values[0, :, skip:]]) for keys, values, _ in cache]).to(self.dtype)
+        return torch.stack([torch.stack([keys[0, :, skip:], values[0, :, skip:]]) for keys, values, _ in cache]).to(
+            self.dtype
+        )
