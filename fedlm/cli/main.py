@@ -1,15 +1,15 @@
-"""``fedlm`` command line: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``; ``fedlm experiment``
-and ``fedlm report`` live in ``fedlm.experiment``, ``fedlm export`` and ``fedlm predict SOURCE [INPUT]`` (new
-sentences) in ``fedlm.cli.export`` and ``fedlm.cli.predict``, ``fedlm split-data`` (each site's files) in
-``fedlm.cli.split_data``.
+"""``fedlm`` command line: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``, plus fedlm's own
+subcommands in one table (``SUBCOMMANDS``: ``export``, ``predict SOURCE [INPUT]``, ``split-data``, ``experiment``,
+``report``).
 
 Configs compose (``--config base.yaml --config override.yaml``, later wins) and ``--print_config`` shows
-the resolved result. fedlm's own errors (bad config, data, template, checkpoint) print one line, no traceback
-(``fedlm.cli.errors``).
+the resolved result. fedlm's own errors (bad config, data, template, checkpoint, topology) print one line, no
+traceback (``fedlm.cli.errors``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -252,35 +252,33 @@ def cli(args: list[str] | None = None) -> FedLMCLI:
     )
 
 
+# fedlm's own subcommands: name -> (module, function of the remaining arguments). Imported when used, so that
+# `fedlm fit` does not load the reports' plotting or PEFT. Every other subcommand is LightningCLI's.
+SUBCOMMANDS = {
+    "export": ("fedlm.cli.export", "export_main"),
+    "predict": ("fedlm.cli.predict", "predict_main"),
+    "split-data": ("fedlm.cli.split_data", "split_data_main"),
+    "experiment": ("fedlm.experiment", "experiment_main"),
+    "report": ("fedlm.experiment", "report_main"),
+}
 # Options that only LightningCLI's ``predict`` takes: with one of them, ``fedlm predict`` is LightningCLI's.
 LIGHTNING_PREDICT_OPTIONS = ("--config", "--ckpt_path", "--print_config", "--model", "--data", "--trainer")
 
 
 def main() -> None:
-    """The ``fedlm`` console script: LightningCLI's subcommands, plus ``experiment``, ``report``, ``export``,
-    ``split-data`` and ``predict SOURCE [INPUT]`` (LightningCLI's ``predict`` when given its ``--config``,
-    ``--ckpt_path``, ...); fedlm's own errors end it with their message and exit code 2."""
+    """The ``fedlm`` console script: LightningCLI's subcommands plus ``SUBCOMMANDS`` (``predict SOURCE [INPUT]``;
+    LightningCLI's ``predict`` when given its ``--config``, ``--ckpt_path``, ...); fedlm's own errors end it with
+    their message and exit code 2."""
     reporting_errors(run_command, release_process_group)
 
 
 def run_command() -> None:
     """Run the subcommand that ``sys.argv`` names."""
-    if len(sys.argv) > 1 and sys.argv[1] == "split-data":
-        from fedlm.cli.split_data import split_data_main
-
-        split_data_main(sys.argv[2:])
-        return
-    if len(sys.argv) > 1 and sys.argv[1] in ("experiment", "report"):
-        from fedlm.experiment import experiment_main, report_main
-
-        (experiment_main if sys.argv[1] == "experiment" else report_main)(sys.argv[2:])
-        return
-    lightning_predict = any(arg.startswith(LIGHTNING_PREDICT_OPTIONS) for arg in sys.argv[2:])
-    if len(sys.argv) > 1 and (sys.argv[1] == "export" or (sys.argv[1] == "predict" and not lightning_predict)):
-        from fedlm.cli.export import export_main
-        from fedlm.cli.predict import predict_main
-
-        (export_main if sys.argv[1] == "export" else predict_main)(sys.argv[2:])
+    name, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
+    lightning_predict = name == "predict" and any(arg.startswith(LIGHTNING_PREDICT_OPTIONS) for arg in args)
+    if name in SUBCOMMANDS and not lightning_predict:
+        module, function = SUBCOMMANDS[name]
+        getattr(importlib.import_module(module), function)(args)
         return
     cli()
     release_process_group()
