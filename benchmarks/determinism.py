@@ -37,7 +37,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     # what throughput.py's helpers read
     defaults = dict(backbone=DEFAULT_BACKBONE, dtype="fp32", cache_dtype="fp32", compile=False, bucket_batches=1,
-                    cached_template=CACHED_TEMPLATE, virtual_tokens=10, encoder_hidden=512, device="cpu", seed=1234)  # fmt: skip
+                    cached_template=CACHED_TEMPLATE, virtual_tokens=10, encoder_hidden=512, device="cpu",
+                    seed=1234)  # fmt: skip
     return argparse.Namespace(**defaults, **vars(args))
 
 
@@ -87,7 +88,7 @@ def main() -> None:
     train(3)  # warm-up, cache filled
     for repeat in range(args.repeats):
         for name, batched in zip(fill_times, (False, True)):
-            fill_times[name].append(len(examples) / timed(lambda: fill(batched)))
+            fill_times[name].append(len(examples) / timed(lambda batched=batched: fill(batched)))
         fill(False)  # the steps below run on fedlm's own entries
         for name, mode in zip(step_rates, (True, False)):
             torch.use_deterministic_algorithms(mode)

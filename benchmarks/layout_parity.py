@@ -45,7 +45,8 @@ def main() -> None:
     boot = hierarchical_bootstrap([sets[0][s].predicted for s in seeds], labels, [sets[1][s].predicted for s in seeds])
     print(
         f"\n{args.names[0]} - {args.names[1]}: {100 * boot.difference:+.1f} points of test accuracy over {len(seeds)} "
-        f"seed(s); paired bootstrap over seeds and sentences, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], p = {boot.p_value:.3f}"
+        f"seed(s); paired bootstrap over seeds and sentences, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], "
+        f"p = {boot.p_value:.3f}"
     )
 
 

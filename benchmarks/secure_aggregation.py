@@ -41,7 +41,10 @@ def worker(rank: int, world: int, port: int, elements: int, repeats: int) -> Non
 
     timings: dict[str, list[float]] = {"plain": [], "secure": []}
     for round_index in range(repeats + 1):  # round 0 warms both up
-        for way, run in (("plain", plain), ("secure", lambda: aggregator.sum(vector, round_index))):
+        for way, run in (
+            ("plain", plain),
+            ("secure", lambda round_index=round_index: aggregator.sum(vector, round_index)),
+        ):
             dist.barrier()
             start = time.perf_counter()
             result = run()
@@ -52,12 +55,14 @@ def worker(rank: int, world: int, port: int, elements: int, repeats: int) -> Non
                 assert difference < world * 2.0**-23, f"secure sum differs from the plain one by {difference}"
     if rank == 0:
         print(
-            f"{world} ranks on gloo, {elements:,} float32 values ({elements * 4 / 1e6:.2f} MB) per rank, {repeats} repeats"
+            f"{world} ranks on gloo, {elements:,} float32 values ({elements * 4 / 1e6:.2f} MB) per rank, "
+            f"{repeats} repeats"
         )
         print(f"key agreement (once per run): {setup_seconds * 1000:.1f} ms")
         for way, values in timings.items():
             print(
-                f"{way:>6}: median {statistics.median(values) * 1000:7.1f} ms  (range {min(values) * 1000:.1f}-{max(values) * 1000:.1f})"
+                f"{way:>6}: median {statistics.median(values) * 1000:7.1f} ms  "
+                f"(range {min(values) * 1000:.1f}-{max(values) * 1000:.1f})"
             )
         ratios = [s / p for p, s in zip(timings["plain"], timings["secure"])]
         print(f"secure / plain: median {statistics.median(ratios):.1f}x (range {min(ratios):.1f}-{max(ratios):.1f}x)")

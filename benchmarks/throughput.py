@@ -12,8 +12,9 @@ the figures compare what each layout costs per step, not the training frameworks
 
 Each method runs in a process of its own so that the peak memory printed is its own. A shared VM's speed drifts by
 10-20 % over minutes, so ``--repeats R`` runs the methods R times interleaved (a, b, c, a, b, c, ...) and prints
-each figure's median and range, and each ratio to (a) taken within a repeat (paired), with its median and range. Data: the training split of
-Financial PhraseBank (``--fpb-dir`` or ``FEDLM_FPB_DIR``; CC BY-NC-SA, never commit it). Needs ``peft``
+each figure's median and range, and each ratio to (a) taken within a repeat (paired), with its median and range.
+Data: the training split of Financial PhraseBank (``--fpb-dir`` or ``FEDLM_FPB_DIR``; CC BY-NC-SA, never commit
+it). Needs ``peft``
 (``pip install -r benchmarks/requirements.txt``) and fedlm importable from this checkout (the editable install, or
 ``PYTHONPATH=.``):
 

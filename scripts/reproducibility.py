@@ -1,8 +1,8 @@
 """Run one fedlm command twice in separate processes and say whether the two runs agree bitwise.
 
 The second run gets another PYTHONHASHSEED and competes for the cores with a process that multiplies matrices
-(``--load-threads`` threads, 1 by default: with more threads than cores a round ran about ten times slower here), so neither hash order
-nor thread timing can hide. Compared: every row of metrics.csv except the
+(``--load-threads`` threads, 1 by default: with more threads than cores a round ran about ten times slower here),
+so neither hash order nor thread timing can hide. Compared: every row of metrics.csv except the
 wall-clock columns, every tensor of the last checkpoint's encoder and optimizer state, and the test predictions.
 
     FEDLM_FPB_DIR=../shared/data/FinancialPhraseBank-v1.0 python scripts/reproducibility.py runs/repro \\
@@ -148,7 +148,7 @@ def main() -> None:
     if losses:
         print(
             "\nper-round client training losses (first run): "
-            + "; ".join(" ".join(f"{float(v):.6f}" for v in l) for l in losses)
+            + "; ".join(" ".join(f"{float(v):.6f}" for v in round_losses) for round_losses in losses)
         )
     sys.exit(0 if all(equal for _, _, equal in checks) else 1)
 

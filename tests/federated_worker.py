@@ -37,7 +37,8 @@ TENSOR_COLLECTIVES = {"all_reduce": "tensor", "all_gather": "tensor", "all_gathe
                       "all_to_all": "input_tensor_list", "all_to_all_single": "input", "send": "tensor",
                       "isend": "tensor"}  # fmt: skip
 OBJECT_COLLECTIVES = {"all_gather_object": "obj", "broadcast_object_list": "object_list", "gather_object": "obj",
-                      "scatter_object_list": "scatter_object_input_list", "send_object_list": "object_list"}  # fmt: skip
+                      "scatter_object_list": "scatter_object_input_list",
+                      "send_object_list": "object_list"}  # fmt: skip
 
 
 def recording(name: str, collective):  # noqa: ANN001, ANN201

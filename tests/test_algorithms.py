@@ -205,7 +205,8 @@ def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys
     base = yaml.safe_load((REPO / "configs" / "fpb_federated.yaml").read_text())["federation"]
     files = sorted((REPO / "configs" / "algorithms").glob("*.yaml"))
     assert {f.stem for f in files} == {
-        "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client_sampling", "finetune", "split_prompts", "table_average"
+        "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client_sampling", "finetune", "split_prompts",
+        "table_average"
     }  # fmt: skip
     for file in files:
         with pytest.raises(SystemExit):

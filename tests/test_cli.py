@@ -149,8 +149,8 @@ def test_a_fedlm_error_from_the_console_script_has_no_traceback(tmp_path: Path) 
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-2:] == [
-        f"fedlm: error: {tmp_path / 'notes.ckpt'} is not a readable checkpoint: it is damaged, truncated, or not a file "
-        "that torch.save wrote. Pass a .ckpt written by fedlm fit.",
+        f"fedlm: error: {tmp_path / 'notes.ckpt'} is not a readable checkpoint: it is damaged, truncated, or not a "
+        "file that torch.save wrote. Pass a .ckpt written by fedlm fit.",
         "fedlm: (set FEDLM_TRACEBACK=1 to see the traceback)",
     ]
 

@@ -119,7 +119,7 @@ def test_table_errors_name_the_field_and_line(tmp_path: Path) -> None:
 
 def test_label_outside_the_label_words_names_its_line(tmp_path: Path) -> None:
     file = write(
-        tmp_path / "d.jsonl", "\n".join('{"text": "x", "label": "%s"}' % lab for lab in ["neutral"] * 9 + ["bullish"])
+        tmp_path / "d.jsonl", "\n".join(f'{{"text": "x", "label": "{lab}"}}' for lab in ["neutral"] * 9 + ["bullish"])
     )
     data = TextClassificationFiles(train_file=str(file), val_file=str(file), test_file=str(file))
     data.setup("fit")

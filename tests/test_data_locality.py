@@ -145,7 +145,8 @@ def test_a_federated_run_on_the_split_files_is_bitwise_the_partitioned_run(
     with_data(configs["files"], client_files=[str(split / "site0.txt"), str(split / "site1.txt")],
               val_file=str(split / "val.txt"), test_file=str(split / "test.txt"))  # fmt: skip
     with ThreadPoolExecutor(2) as pool:
-        runs = dict(zip(configs, pool.map(lambda name: run_ranks(tmp_path / name, configs[name], 1, "--test_after_fit", "true"), configs)))  # fmt: skip
+        runs = dict(zip(configs, pool.map(lambda name: run_ranks(tmp_path / name, configs[name], 1, "--test_after_fit",
+                                                                 "true"), configs)))  # fmt: skip
     for result, _ in runs.values():
         assert result.returncode == 0, result.stderr[-3000:]
     (_, (pooled,)), (_, (files,)) = runs["pooled"], runs["files"]
@@ -170,11 +171,12 @@ def test_a_rank_opens_only_its_own_clients_training_file(
     for name in ("val.txt", "test.txt"):
         shutil.copyfile(split / name, shared / name)
     sites = [tmp_path / f"site{k}" / f"site{k}.txt" for k in (0, 1)]
-    for k, site in enumerate(sites):
+    for site in sites:
         site.parent.mkdir()
         shutil.copyfile(split / site.name, site)
     config = with_data(write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION),
-                       client_files=[str(s) for s in sites], val_file=str(shared / "val.txt"), test_file=str(shared / "test.txt"))  # fmt: skip
+                       client_files=[str(s) for s in sites], val_file=str(shared / "val.txt"),
+                       test_file=str(shared / "test.txt"))  # fmt: skip
     out, env = tmp_path / "out", {"FEDLM_FPB_DIR": str(synthetic_fpb)}
     process = start_worker("audited_worker.py", out, config, torchrun(2), "--test_after_fit", "true", env=env)
     _, stderr = process.communicate(timeout=600)

@@ -37,7 +37,8 @@ def test_hierarchical_bootstrap_on_known_inputs() -> None:
     assert (result.difference, result.low, result.high) == (1.0, 1.0, 1.0) and result.p_value == 0.0
 
     # One seed: the bootstrap over sentences. b = a with 40 of 1000 right answers turned wrong: the difference is
-    # 0.04, and the interval of a resampled proportion of 40 discordant pairs is about 0.04 +- 1.96 * sqrt(0.04 * 0.96 / 1000).
+    # 0.04, and the interval of a resampled proportion of 40 discordant pairs is about
+    # 0.04 +- 1.96 * sqrt(0.04 * 0.96 / 1000).
     generator = torch.Generator().manual_seed(0)
     truth = [1] * 1000
     a = [1 if x else 0 for x in (torch.rand(1000, generator=generator) < 0.8).tolist()]
@@ -206,8 +207,9 @@ def test_calibrated_predictions_get_rows_and_a_verdict_of_their_own(tmp_path: Pa
     ) -> None:
         folder.mkdir(parents=True)
         acc = lambda preds: sum(p == y for p, y in zip(preds, labels)) / 4  # noqa: E731
-        metrics = {"kind": kind, "seed": 1, "client": client, "test/acc": acc(predicted), "test/macro_f1": acc(predicted),
-                   "test/calibrated/acc": acc(calibrated), "test/calibrated/macro_f1": acc(calibrated)}  # fmt: skip
+        metrics = {"kind": kind, "seed": 1, "client": client, "test/acc": acc(predicted),
+                   "test/macro_f1": acc(predicted), "test/calibrated/acc": acc(calibrated),
+                   "test/calibrated/macro_f1": acc(calibrated)}  # fmt: skip
         predictions = {
             "classes": ["a", "b", "c"],
             "label": labels,

@@ -279,7 +279,8 @@ def test_the_leak_check_finds_ids_labels_and_text_planted_anywhere() -> None:
     vector = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     key = b"\x01" * 32
     clean = [{"name": "all_reduce", "round": 0, "tensors": [vector]},
-             {"name": "all_gather_object", "round": -1, "pickled": [pickle.dumps(key)], "repr": [repr(key)]}]  # fmt: skip
+             {"name": "all_gather_object", "round": -1, "pickled": [pickle.dumps(key)],
+              "repr": [repr(key)]}]  # fmt: skip
     assert leaks(clean, clients) == []
     raw = bytearray(vector.numpy().tobytes())
     raw[1001:1017] = np.array([201, 35, 150, 9], np.int32).tobytes()  # 4 ids, unaligned, inside a float64 payload

@@ -185,8 +185,8 @@ def test_two_nodes_on_loopback_each_with_only_its_own_data(
         config = with_data(write_config(tmp_path / f"node{node}", tiny_gpt2_dir, synthetic_fpb, FEDERATION),
                            client_files=[str(folder / "site0.txt"), str(folder / "site1.txt")],
                            val_file=str(folder / "val.txt"), test_file=str(folder / "test.txt"))  # fmt: skip
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-                    "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                    f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
         out, env = tmp_path / f"node{node}" / "out", {"FEDLM_FPB_DIR": str(synthetic_fpb)}
         nodes.append(start_worker("audited_worker.py", out, config, launcher, env=env))
     for node in nodes:

@@ -118,10 +118,12 @@ def test_the_torchrun_sweep_runs_two_parameter_sets_into_offline_wandb_runs(
             "class_path": "lightning.pytorch.loggers.CSVLogger",
             "init_args": {"save_dir": str(folder), "name": "logs", "version": 0},
         }
-        tiny = ["--model.backbone", tiny_gpt2_dir, "--model.encoder.hidden_size", "8", "--data.init_args.path", str(synthetic_fpb),
+        tiny = ["--model.backbone", tiny_gpt2_dir, "--model.encoder.hidden_size", "8",
+                "--data.init_args.path", str(synthetic_fpb),
                 "--data.init_args.batch_size", "4", "--federation.rounds", "1", "--federation.local_steps", "1",
                 "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-                "--model.loss", "answer_tokens",  # the tiny tokenizer splits the label words the shipped loss needs whole
+                # the tiny tokenizer splits the label words the shipped loss needs whole
+                "--model.loss", "answer_tokens",
                 "--trainer.default_root_dir", str(folder), "--trainer.logger", json.dumps(logger)]  # fmt: skip
         line = agent_command(sweep, params, folder)
         assert "torchrun" in line

@@ -88,8 +88,8 @@ def read_runs(root: Path) -> list[PrivacyRun]:
     )
 
 
-HEADER = ("budget (delta 1e-5)", "aggregation", "noise multiplier", "epsilon spent", "epsilon against a peer", "test accuracy",
-          "test macro-F1", "compute s / round", "all-reduce s / round", "fit s")  # fmt: skip
+HEADER = ("budget (delta 1e-5)", "aggregation", "noise multiplier", "epsilon spent", "epsilon against a peer",
+          "test accuracy", "test macro-F1", "compute s / round", "all-reduce s / round", "fit s")  # fmt: skip
 
 
 def cells(r: PrivacyRun) -> list[str]:

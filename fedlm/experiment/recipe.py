@@ -72,8 +72,8 @@ def search_table(runs: list[SearchRun], last: int) -> str:
     settings: dict[str, list[SearchRun]] = {}
     for run in runs:
         settings.setdefault(run.setting, []).append(run)
-    header = ["setting", "seeds", f"val accuracy, mean of the last {last} validations (range over seeds)", "val macro-F1, same",
-              "split-half macro-F1, raw -> calibrated (last validation)"]  # fmt: skip
+    header = ["setting", "seeds", f"val accuracy, mean of the last {last} validations (range over seeds)",
+              "val macro-F1, same", "split-half macro-F1, raw -> calibrated (last validation)"]  # fmt: skip
     rows = []
     for setting, group in sorted(settings.items(), key=lambda item: -mean(r.val_acc for r in item[1])):
         halves = [(r.halves_raw, r.halves_calibrated) for r in group if r.halves_raw is not None]

@@ -83,10 +83,14 @@ def setup_table(rows: dict[str, list[Run]]) -> str:
         encoder, federation = model.get("encoder", {}), config.get("federation")
         if federation:
             steps = federation.get("local_steps") or f"{federation.get('local_epochs')} epochs"
-            schedule = f"{federation['clients']} clients, {federation['rounds']} rounds x {steps} local steps, FedAvg by {federation.get('weighting')}"
+            schedule = (
+                f"{federation['clients']} clients, {federation['rounds']} rounds x {steps} local steps, "
+                f"FedAvg by {federation.get('weighting')}"
+            )
         else:
             schedule = f"{config.get('trainer', {}).get('max_epochs')} epochs"
-        cells.append([name, f"{model.get('backbone')}", f"`{model.get('template')}` (cache_prefix: {model.get('cache_prefix')})",
+        cells.append([name, f"{model.get('backbone')}",
+                      f"`{model.get('template')}` (cache_prefix: {model.get('cache_prefix')})",
                       f"{encoder.get('type')}, {encoder.get('virtual_tokens')} virtual tokens", f"{model.get('lr')}",
                       f"{model.get('warmup_steps')}", f"{data.get('batch_size')}", schedule])  # fmt: skip
     return markdown.table(("run", "backbone", "template", "encoder", "lr", "warm-up", "batch", "schedule"), cells)
@@ -195,8 +199,8 @@ def bootstrap_words(boot: BootstrapResult) -> str:
         side = f"excludes 0: federated significantly {'higher' if boot.low > 0 else 'lower'}"
     else:
         side = "includes 0: no significant difference"
-    return (f"bootstrap over seeds and sentences {100 * boot.difference:+.1f} points, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}] "
-            f"({side}), p = {boot.p_value:.3f}")  # fmt: skip
+    return (f"bootstrap over seeds and sentences {100 * boot.difference:+.1f} points, "
+            f"95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}] ({side}), p = {boot.p_value:.3f}")  # fmt: skip
 
 
 def verdict(rows: dict[str, list[Run]]) -> list[str]:
@@ -237,7 +241,8 @@ def verdict(rows: dict[str, list[Run]]) -> list[str]:
             }
             if above:
                 lines.append(
-                    f"  - seed {seed}: federated {fed:.3f} is not above {', '.join(f'{n} ({a:.3f})' for n, a in above.items())}."
+                    f"  - seed {seed}: federated {fed:.3f} is not above "
+                    f"{', '.join(f'{n} ({a:.3f})' for n, a in above.items())}."
                 )
         best = best_local_by_validation(rows)
         if best is not None:
@@ -257,7 +262,8 @@ def verdict_calibrated(rows: dict[str, list[Run]]) -> list[str]:
 
 
 def curves(ax, rows: dict[str, list[Run]], names: list[str], column: int, colors: dict[str, tuple]) -> None:  # noqa: ANN001
-    """The validation curves of the rows ``names``, one line per seed: loss (``column`` 1, log scale) or accuracy (2)."""
+    """The validation curves of the rows ``names``, one line per seed: loss (``column`` 1, log scale) or
+    accuracy (2)."""
     from matplotlib.ticker import FuncFormatter
 
     for name in names:
@@ -265,7 +271,8 @@ def curves(ax, rows: dict[str, list[Run]], names: list[str], column: int, colors
         for index, run in enumerate(runs):
             x, y = [p[0] for p in run.curve], [p[column] for p in run.curve]
             ax.plot(x, y, marker="o", markersize=3, linewidth=1.5, alpha=0.8, color=colors[name],
-                    label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if index == 0 else None)  # fmt: skip
+                    label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if index == 0
+                    else None)  # fmt: skip
     ax.set_xlabel("fraction of the training budget (same optimizer steps per example for every run)")
     ax.set_ylabel("validation loss" if column == 1 else "validation accuracy")
     if column == 1:
@@ -360,8 +367,10 @@ def write_report(folders: list[Path], out: Path, command: str | None = None, not
         "",
         "Test accuracy and macro-F1: mean over seeds, with a 95% bootstrap interval that resamples the seeds and the",
         "test sentences together (10,000 draws: seeds with replacement, sentences with replacement), so it covers both",
-        "the training run's luck and the test set's; with 3 seeds it sees no more seed-to-seed spread than those 3 show.",
-        "The t-interval over seeds alone (clipped to [0, 1]) is given beside it. Every trained run tests its final model.",
+        "the training run's luck and the test set's; with 3 seeds it sees no more seed-to-seed spread than those "
+        "3 show.",
+        "The t-interval over seeds alone (clipped to [0, 1]) is given beside it. Every trained run tests its final "
+        "model.",
         "Rebuild this report from the saved runs with:",
         "",
         f"    {command}",

@@ -1,4 +1,5 @@
-"""Intervals over seeds, and a bootstrap over seeds and test sentences together: what a table of a few seeds can\nhonestly say."""
+"""Intervals over seeds, and a bootstrap over seeds and test sentences together: what a table of a few seeds can
+honestly say."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 
 # Two-sided 95 % quantiles of Student's t, t_{0.975, df}, for df = 1..30 (beyond: the normal 1.96 is within 4 %).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+         2.042)  # fmt: skip
 
 
 @dataclass(frozen=True)

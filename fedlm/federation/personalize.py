@@ -81,7 +81,7 @@ def personalize(
         train, held = datamodule.client_data(client)
         row: dict[str, Any] = {"client": client, "holdout_examples": len(held), "train_examples": len(train)}
 
-        def score() -> dict[str, float]:
+        def score(held: Dataset = held) -> dict[str, float]:
             return {"holdout_acc": accuracy(module, held, batch_size), "test_acc": accuracy(module, test, batch_size)}
 
         for name, vector in vectors.items():

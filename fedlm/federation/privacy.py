@@ -117,7 +117,8 @@ class ClientPrivacy:
         if rest <= 0:
             raise ConfigError(
                 f"federation.dp.adaptive_clipping: count noise {self.count_noise} is too small for noise multiplier "
-                f"{self.noise_multiplier:.3f} (needs count_noise > noise_multiplier / 2); raise federation.dp.count_noise."
+                f"{self.noise_multiplier:.3f} (needs count_noise > noise_multiplier / 2); "
+                "raise federation.dp.count_noise."
             )
         return rest**-0.5
 

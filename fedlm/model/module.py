@@ -155,7 +155,8 @@ class PTuningModule(L.LightningModule):
         if loss == "label_words" and not self.template.single_token_answers:
             raise ConfigError(
                 "model.loss=label_words scores each class by its label word's one token, but some of model.label_words "
-                f"{label_words} take several tokens with this tokenizer; pick one-token words or model.loss=answer_tokens."
+                f"{label_words} take several tokens with this tokenizer; pick one-token words or "
+                "model.loss=answer_tokens."
             )
         if cache_prefix and isinstance(self.template.pieces[0], int):
             raise ConfigError(
@@ -373,7 +374,8 @@ class PTuningModule(L.LightningModule):
         self.eval_outputs = []
 
     def evaluated(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gold class and label scores of each of the ``size`` examples of the last validation or test, in dataset order.
+        """Gold class and label scores of each of the ``size`` examples of the last validation or test, in dataset
+        order.
 
         A collective under torch.distributed: rank ``r`` evaluated examples ``r, r + W, ...`` (padding, if a
         sampler added any, comes last and is cut off), so the ranks' rows interleave back into dataset order.
@@ -390,7 +392,8 @@ class PTuningModule(L.LightningModule):
         return rows[:, 0].long(), rows[:, 1:]
 
     def test_predictions(self, size: int) -> dict[str, list[int]]:
-        """Gold, predicted and (with calibration) calibrated class of each test example of the last test. A collective."""
+        """Gold, predicted and (with calibration) calibrated class of each test example of the last test.
+        A collective."""
         labels, scores = self.evaluated(size)
         predictions = {"label": labels.tolist(), "predicted": scores.argmax(-1).tolist()}
         if self.calibrate is not None:

@@ -195,7 +195,8 @@ class PrefixCache:
                 if self.head_entry is None:
                     self.head_entry = self._computed(self.head, self.head)  # the head alone is a whole prefix
                     self.nbytes += self.head_entry.numel() * self.head_entry.element_size()
-                # -2 marks an entry computed after a head of this length: not the bits of the same tokens computed whole.
+                # -2 marks an entry computed after a head of this length: not the bits of the same tokens
+                # computed whole.
                 entry = self._computed((-2, len(self.head), *prefix), prefix[len(self.head) :], after_head=True)
             else:
                 entry = self._computed(prefix, prefix)
@@ -213,7 +214,8 @@ class PrefixCache:
         return entry.to(self.model.device)
 
     def _forward(self, sequence: tuple[int, ...], after_head: bool = False) -> torch.Tensor:
-        """One sequence's (layers, 2, heads, length, head dim) key/values; with ``after_head``, the head's are its past."""
+        """One sequence's (layers, 2, heads, length, head dim) key/values; with ``after_head``, the head's are
+        its past."""
         device = self.model.device
         ids = torch.tensor([sequence], dtype=torch.long, device=device)
         cache = DynamicCache(config=self.model.config)
