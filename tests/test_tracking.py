@@ -8,8 +8,9 @@ from helpers import REPO, write_config
 from wandb_records import read_offline_run
 
 from fedlm.cli import cli
-from fedlm.cli.tracking import has_wandb_credentials, save_confusion_png
+from fedlm.cli.tracking import save_confusion_png
 from fedlm.experiment.runner import PlannedRun, command, log_report_to_wandb
+from fedlm.wandb_mode import has_wandb_credentials
 
 FEDERATION = {"clients": 2, "rounds": 2, "local_steps": 2, "seed": 3}
 RUN = ["--seed_everything", "11", "--test_after_fit", "true"]  # a seed the run's W&B name must carry; then a test

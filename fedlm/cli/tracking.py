@@ -8,12 +8,10 @@ netrc entry) the run streams online; ``WANDB_MODE`` or ``offline:`` in the confi
 
 from __future__ import annotations
 
-import netrc
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from lightning import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
@@ -21,21 +19,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
-
-def has_wandb_credentials() -> bool:
-    """Whether wandb could authenticate without prompting: an API key in the environment or in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-def default_wandb_mode() -> str:
-    """``WANDB_MODE`` when set, else online with credentials and offline without: one rule for every W&B run."""
-    return os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
+from fedlm.wandb_mode import default_wandb_mode
 
 
 @dataclass

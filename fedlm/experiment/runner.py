@@ -136,7 +136,7 @@ def log_report_to_wandb(readme: Path, project: str) -> None:
     """The report's plots (as images) and its README (as a file) in one W&B run of job type ``report``."""
     import wandb
 
-    from fedlm.cli.tracking import default_wandb_mode
+    from fedlm.wandb_mode import default_wandb_mode
 
     run = wandb.init(project=project, dir=str(readme.parent), job_type="report", group="report",
                      name=f"report-{readme.parent.parent.name}", mode=default_wandb_mode())  # fmt: skip
