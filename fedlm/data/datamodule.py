@@ -61,6 +61,12 @@ class TextClassificationData(L.LightningDataModule):
     run is reproducible from its seeds and one client holding all data trains exactly like centralized.
 
     Args:
+        batch_size: training examples per step and rank (a client with several ranks steps on
+            ``batch_size * ranks`` examples).
+        eval_batch_size: examples per validation and test batch (null: ``batch_size``).
+        num_workers: DataLoader worker processes (0: load in the training process; examples are small).
+        partition_seed: seed of the division of the training split among clients (and of ``client_holdout``),
+            shared by federated and local-only runs so that both see the same shards.
         client_files: one training file per client, in the same format as the dataset (a site holds only its
             own file; a rank opens only the files of the clients it hosts, and never the pooled training split:
             that is read only by a run that trains on it, centralized). Without it, the training split is
@@ -433,6 +439,12 @@ class TextClassificationFiles(TextClassificationData):
     is read only by a run that trains on it, and may be left out when ``client_files`` gives the training data
     (a site then needs only its own file and the shared evaluation files). Labels must be keys of
     ``model.label_words``.
+
+    Args:
+        train_file, val_file, test_file: ``.jsonl`` (one object per line) or ``.csv`` (with a header) files.
+        text_field, label_field: the keys (JSONL) or columns (CSV) that hold each example's text and label.
+        train_fraction, split_seed: without ``val_file``/``test_file``, the seeded split of ``train_file``.
+        **kwargs: batching, client, partition and seed options of ``TextClassificationData``.
     """
 
     def __init__(

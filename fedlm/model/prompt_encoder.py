@@ -25,12 +25,24 @@ EncoderType = Literal["mlp", "lstm", "embedding"]
 
 @dataclass
 class PromptEncoderConfig:
+    """The ``model.encoder:`` section: what produces the virtual-token embeddings.
+
+    Args:
+        type: ``mlp`` or ``lstm`` (P-tuning's reparameterizations of a learned input table), or ``embedding``
+            (the table itself, as in prompt tuning).
+        virtual_tokens: how many virtual tokens; a list gives one block per ``<|VIRTUAL_PROMPT_i|>`` marker.
+        hidden_size: width of the MLP's hidden layers or of the LSTM.
+        num_layers: mlp: linear layers; lstm: stacked LSTM layers.
+        dropout: dropout inside the encoder while training (0: none).
+        init_text: null: random input table; else the backbone's embeddings of this text, repeated to fill it.
+    """
+
     type: EncoderType = "mlp"
-    virtual_tokens: int | list[int] = 10  # a list gives one block per <|VIRTUAL_PROMPT_i|> marker
+    virtual_tokens: int | list[int] = 10
     hidden_size: int = 512
-    num_layers: int = 2  # mlp: linear layers; lstm: stacked LSTM layers
+    num_layers: int = 2
     dropout: float = 0.0
-    init_text: str | None = None  # None: random init; else the backbone embeddings of this text, repeated
+    init_text: str | None = None
 
     @property
     def total_virtual_tokens(self) -> int:
