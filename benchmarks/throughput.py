@@ -8,7 +8,13 @@ the figures compare what each layout costs per step, not the training frameworks
     the model's own ``labels`` path;
 (b) fedlm with ``<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}``: the same layout;
 (c) fedlm with ``{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}`` and ``cache_prefix=True``: the first epoch
-    (every prefix computed once) and later epochs (every prefix cached) are reported apart.
+    (every prefix computed once) and later epochs (every prefix cached) are reported apart;
+(d) fedlm deep prompts after the cached text (the template of (c)): per-layer key/value slots, so only
+    " sentiment:" and the answer run each step;
+(e) fedlm deep prompts before the text (P-tuning v2 as published, the template of (b)): the whole text runs each
+    step, attending to the slots in every layer.
+Deep prompts use ``--deep-encoder`` (``embedding``: the slots as parameters; ``mlp``: produced by an MLP of
+``--encoder-hidden``), started from the key/values of ``--deep-init-text``.
 
 Each method runs in a process of its own so that the peak memory printed is its own. A shared VM's speed drifts by
 10-20 % over minutes, so ``--repeats R`` runs the methods R times interleaved (a, b, c, a, b, c, ...) and prints
@@ -47,7 +53,10 @@ METHODS = {
     "peft": "(a) PEFT p-tuning",
     "fedlm-prefix": "(b) fedlm, prefix template",
     "fedlm-cached": "(c) fedlm, cached prefix",
+    "fedlm-deep-cached": "(d) fedlm deep, slots after cached text",
+    "fedlm-deep-first": "(e) fedlm deep, slots first (P-tuning v2)",
 }
+CACHED = ("fedlm-cached", "fedlm-deep-cached")
 Batch = dict[str, torch.Tensor]
 
 
@@ -75,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--encoder-hidden", type=int, default=512)
+    parser.add_argument("--deep-encoder", choices=["embedding", "mlp"], default="embedding", help="(d), (e): slots")
+    parser.add_argument("--deep-init-text", default="Classify the sentiment of this financial news sentence")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=1234)
@@ -144,10 +155,20 @@ def peft_setup(args: argparse.Namespace, groups: list[list[Example]]) -> tuple[L
 
 
 def fedlm_setup(
-    args: argparse.Namespace, groups: list[list[Example]], cached: bool
+    args: argparse.Namespace, groups: list[list[Example]], method: str
 ) -> tuple[PTuningModule, list[Batch]]:
-    """The module with PEFT's encoder shape (an MLP of three linear layers), and the collated batches."""
+    """The module with PEFT's encoder shape (an MLP of three linear layers) or deep slots, and the collated
+    batches."""
+    cached, deep = method in CACHED, method.startswith("fedlm-deep")
     encoder = dict(type="mlp", virtual_tokens=args.virtual_tokens, hidden_size=args.encoder_hidden, num_layers=3)
+    if deep:
+        encoder = dict(
+            type=args.deep_encoder,
+            virtual_tokens=args.virtual_tokens,
+            hidden_size=args.encoder_hidden,
+            deep=True,
+            init_text=args.deep_init_text,
+        )
     module = PTuningModule(
         backbone=args.backbone,
         dtype=args.dtype,
@@ -188,7 +209,7 @@ def run_method(method: str, args: argparse.Namespace, plan: list[list[int]]) -> 
     if method == "peft":
         loss_fn, batches, params = peft_setup(args, groups)
     else:
-        module, batches = fedlm_setup(args, groups, cached=method == "fedlm-cached")
+        module, batches = fedlm_setup(args, groups, method)
         loss_fn, params = module.train_loss, list(module.encoder.parameters())
     batches = [{k: v.to(args.device) for k, v in batch.items()} for batch in batches]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
@@ -209,6 +230,9 @@ def run_method(method: str, args: argparse.Namespace, plan: list[list[int]]) -> 
         result["first epoch"] = throughput(step, batches, args.device)
         result["cache"] = (len(module.prefix_cache), module.prefix_cache.nbytes)
     result["steady"] = throughput(step, islice(cycle(batches), args.warmup, args.warmup + args.steps), args.device)
+    result["trainable"] = sum(p.numel() for p in params)
+    if module is not None:
+        result["table_bytes"] = module.encoder.inference_table.numel() * module.encoder.inference_table.element_size()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if args.device.startswith("cuda"):
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -230,11 +254,11 @@ def report(args: argparse.Namespace, repeats: list[dict[str, dict[str, Any]]], e
     )
     print(f"cached template (c): {args.cached_template!r}")
     cuda = args.device.startswith("cuda")
-    header = f"{'method':<52}{'examples/s':>20}{'vs (a), per repeat':>22}{'peak RSS MiB':>14}"
+    header = f"{'method':<52}{'examples/s':>20}{'vs (a), per repeat':>22}{'peak RSS MiB':>14}{'trainable':>11}"
     print(header + (f"{'peak CUDA MiB':>15}" if cuda else ""))
     for method in args.methods:
         runs = [results[method] for results in repeats]
-        memory = f"{max(r['peak_rss_mib'] for r in runs):>14.0f}" + (
+        memory = f"{max(r['peak_rss_mib'] for r in runs):>14.0f}{runs[0]['trainable']:>11}" + (
             f"{max(r['peak_cuda_mib'] for r in runs):>15.0f}" if cuda else ""
         )
         phases = [("first epoch, filling the cache", "first epoch")] if "first epoch" in runs[0] else []
@@ -244,9 +268,11 @@ def report(args: argparse.Namespace, repeats: list[dict[str, dict[str, Any]]], e
             ratio = spread(ratios) + "x" if ratios else "-"
             name = f"{METHODS[method]}, {phase}"
             print(f"{name:<52}{spread([r[key] for r in runs]):>20}{ratio:>22}{memory}")
-    if "fedlm-cached" in args.methods:
-        entries, nbytes = repeats[0]["fedlm-cached"]["cache"]
-        print(f"prefix cache after the first epoch: {entries} entries, {nbytes / 2**20:.1f} MiB ({args.cache_dtype})")
+    for method in (m for m in args.methods if m in CACHED):
+        entries, nbytes = repeats[0][method]["cache"]
+        print(f"{METHODS[method]}: prefix cache after the first epoch: {entries} entries, {nbytes / 2**20:.1f} MiB")
+    for method in (m for m in args.methods if m != "peft"):
+        print(f"{METHODS[method]}: table sent per round {repeats[0][method]['table_bytes'] / 2**10:.1f} KiB (fp32)")
 
 
 def main() -> None:

@@ -23,6 +23,12 @@ declare -A flags=(
   [cosine_labelwords_lr3e-3]="$before $nemo --model.loss label_words --model.lr 0.003"
   [cosine_labelwords_4ep]="$before $nemo --model.loss label_words --trainer.max_epochs 4 --model.warmup_steps 40"
   [cosine_labelwords_4ep_20tok]="$before $nemo --model.loss label_words --trainer.max_epochs 4 --model.warmup_steps 40 --model.encoder.virtual_tokens 20"
+  # Deep prompts (configs/layouts/): slots after the cached sentence, or first (P-tuning v2), on the chosen recipe
+  [deep_after]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml"
+  [deep_after_lr3e-3]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.lr 0.003"
+  [deep_after_lr1e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.lr 0.01"
+  [deep_after_mlp]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.encoder.type mlp"
+  [deep_before]="$before $nemo --model.loss label_words --config configs/layouts/deep_before_text.yaml"
 )
 for setting in ${SETTINGS:-base cosine_labelwords cosine_labelwords_lr3e-3 cosine_labelwords_4ep}; do
   [[ -v flags[$setting] ]] || { echo "unknown setting $setting; known: ${!flags[*]}" >&2; exit 2; }

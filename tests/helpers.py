@@ -15,6 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from peft import PeftModel
+from transformers import AutoTokenizer
 
 from fedlm.cli.predict import predict_main
 from fedlm.cli.split_data import split_data_main
@@ -248,6 +250,27 @@ def predicted(source: Path, headlines: Path, tmp_path: Path, *options: str) -> l
 def probabilities(rows: list[dict]) -> torch.Tensor:
     """The label probabilities of ``predicted`` rows, one row a sentence."""
     return torch.tensor([list(row["probs"].values()) for row in rows])
+
+
+def peft_probabilities(
+    model: PeftModel, tokenizer: AutoTokenizer, label_words: dict[str, str], sentences: list[str]
+) -> torch.Tensor:
+    """Label-word probabilities of ``sentences`` by PEFT alone: the text after the template's virtual tokens,
+    tokenized as one piece as fedlm does, then each label word's tokens, whose log-probabilities add up to the
+    word's."""
+    answers = [tokenizer(word, add_special_tokens=False).input_ids for word in label_words.values()]
+    assert max(len(answer) for answer in answers) > 1  # the tiny tokenizer splits some label words
+    rows = []
+    with torch.inference_mode():
+        for sentence in sentences:
+            prompt = tokenizer(f" {sentence} sentiment:", add_special_tokens=False).input_ids
+            scores = []
+            for answer in answers:
+                logits = model(input_ids=torch.tensor([prompt + answer])).logits[0]
+                log_probs = logits[-len(answer) - 1 : -1].log_softmax(-1)
+                scores.append(log_probs[torch.arange(len(answer)), answer].sum())
+            rows.append(torch.stack(scores).softmax(-1))
+    return torch.stack(rows)
 
 
 class Payload:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny, synthetic_sentences, train_tokenizer, write_synthetic_fpb
-from helpers import REPO, Payload, predicted, probabilities, write_checkpointed_config
+from helpers import REPO, Payload, peft_probabilities, predicted, probabilities, write_checkpointed_config
 from peft import PeftModel
 from tokenizers import processors
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,24 +86,6 @@ def test_the_table_alone_predicts_what_the_trained_module_predicts(
     assert [row["label"] for row in rows] == [template.label_names[i] for i in expected.argmax(-1).tolist()]
 
 
-def peft_probabilities(model: PeftModel, tokenizer: AutoTokenizer, label_words: dict[str, str]) -> torch.Tensor:
-    """Label-word probabilities of SENTENCES by PEFT alone: the text after the template's virtual tokens, tokenized as
-    one piece as fedlm does, then each label word's tokens, whose log-probabilities add up to the word's."""
-    answers = [tokenizer(word, add_special_tokens=False).input_ids for word in label_words.values()]
-    assert max(len(answer) for answer in answers) > 1  # the tiny tokenizer splits some label words
-    rows = []
-    with torch.inference_mode():
-        for sentence in SENTENCES:
-            prompt = tokenizer(f" {sentence} sentiment:", add_special_tokens=False).input_ids
-            scores = []
-            for answer in answers:
-                logits = model(input_ids=torch.tensor([prompt + answer])).logits[0]
-                log_probs = logits[-len(answer) - 1 : -1].log_softmax(-1)
-                scores.append(log_probs[torch.arange(len(answer)), answer].sum())
-            rows.append(torch.stack(scores).softmax(-1))
-    return torch.stack(rows)
-
-
 def test_peft_adapter_predicts_what_fedlm_predicts(
     embedding_checkpoint: Path, tiny_gpt2_dir: str, headlines: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -117,7 +99,7 @@ def test_peft_adapter_predicts_what_fedlm_predicts(
     model = PeftModel.from_pretrained(base, out / "peft").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     label_words = json.loads((out / "prompt.json").read_text())["label_words"]
-    through_peft, through_fedlm = peft_probabilities(model, tokenizer, label_words), probabilities(rows)
+    through_peft, through_fedlm = peft_probabilities(model, tokenizer, label_words, SENTENCES), probabilities(rows)
     difference = (through_peft - through_fedlm).abs().max()
     print(f"PEFT vs fedlm predict: max abs difference of probabilities {difference:.1e}")
     torch.testing.assert_close(through_peft, through_fedlm, atol=1e-5, rtol=0)
@@ -126,7 +108,7 @@ def test_peft_adapter_predicts_what_fedlm_predicts(
     assert (through_peft.log() - through_fedlm.log()).abs().max() < 1e-4
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.copy_(model.prompt_encoder["default"].embedding.weight.flip(0))
-    assert (peft_probabilities(model, tokenizer, label_words).log() - through_fedlm.log()).abs().max() > 1e-3
+    assert (peft_probabilities(model, tokenizer, label_words, SENTENCES).log() - through_fedlm.log()).abs().max() > 1e-3
 
 
 def test_a_text_first_template_exports_the_table_but_no_peft_adapter(

@@ -397,17 +397,22 @@ def test_two_ranks_per_client_under_dp_agree_and_add_the_noise_once(runs) -> Non
 # -- sample-level DP-SGD ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("deep", [False, True])
 @pytest.mark.parametrize("cache_prefix", [False, True])
-def test_dp_sgd_per_example_gradients_are_exact_and_clipped(tiny_model_dir: str, cache_prefix: bool) -> None:
+def test_dp_sgd_per_example_gradients_are_exact_and_clipped(
+    tiny_model_dir: str, cache_prefix: bool, deep: bool
+) -> None:
     template = (
         "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
         if cache_prefix
         else "<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}"
     )
     sentences = SENTENCES + [("sales grew strongly in Finland .", "positive")]
+    slots = {"encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 16, "deep": True, "init_text": "the"}}
+    layout = dict(template=template, cache_prefix=cache_prefix, **(slots if deep else {}))
 
     def gradients(**dp) -> tuple[torch.Tensor, torch.Tensor]:
-        module = tiny_module(tiny_model_dir, template=template, cache_prefix=cache_prefix, dp_sgd=dp or None)
+        module = tiny_module(tiny_model_dir, **layout, dp_sgd=dp or None)
         module.train()
         batch = batch_of(module, sentences)
         loss = module.dp_sgd_loss(batch) if dp else module.train_loss(batch)
@@ -415,7 +420,7 @@ def test_dp_sgd_per_example_gradients_are_exact_and_clipped(tiny_model_dir: str,
         return loss.detach(), torch.cat([p.grad.reshape(-1) for p in module.encoder.parameters()])
 
     # Reference: the mean of each example's own gradient, one example at a time
-    module = tiny_module(tiny_model_dir, template=template, cache_prefix=cache_prefix)
+    module = tiny_module(tiny_model_dir, **layout)
     module.train()
     per_example, losses = [], []
     for sentence in sentences:

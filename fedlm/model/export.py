@@ -29,9 +29,9 @@ from fedlm.checkpointing import atomic_write, load_checkpoint, partial_name
 from fedlm.errors import FedlmError
 from fedlm.model.module import CheckpointMismatchError, PTuningModule
 from fedlm.model.prompt_encoder import PromptEncoderConfig
-from fedlm.model.template import PromptTemplate
+from fedlm.model.template import VIRTUAL_MARKER, PromptTemplate
 
-FORMAT, FORMAT_VERSION = "fedlm-prompt", 1
+FORMAT, FORMAT_VERSION = "fedlm-prompt", 2  # 2: deep prompts ("deep": true, the table holds key/value slots)
 TABLE_FILE, SETTINGS_FILE, PEFT_FOLDER = "prompt.safetensors", "prompt.json", "peft"
 TABLE_KEY = "virtual_tokens"
 
@@ -55,6 +55,8 @@ class TrainedPrompt:
     backbone: str  # what model.backbone named
     architecture: dict[str, Any] | None  # PTuningModule.architecture(); None in checkpoints older than it
     label_bias: list[float] | None = None  # calibration's per-class biases, in label_words order; None: uncalibrated
+    deep: bool = False  # the table's rows are per-layer key/value slots (fedlm.model.slots), not embeddings
+    init_text: str | None = None  # deep: the text the slots started from (the encoder config needs it)
 
     @classmethod
     def load(cls, source: str | Path) -> TrainedPrompt:
@@ -83,6 +85,8 @@ class TrainedPrompt:
             backbone=saved["backbone"],
             architecture=saved.get("architecture"),
             label_bias=bias.tolist() if bias is not None and bool(bias.any()) else None,
+            deep=hparams["encoder"].get("deep", False),
+            init_text=hparams["encoder"]["init_text"] if hparams["encoder"].get("deep") else None,
         )
 
     @classmethod
@@ -101,7 +105,8 @@ class TrainedPrompt:
                 "the checkpoint with this version's `fedlm export`."
             )
         names = [field.name for field in fields(cls) if field.name != "table"]
-        missing = [name for name in names if name not in settings and name != "label_bias"]  # older exports lack it
+        optional = ("label_bias", "deep", "init_text")  # older exports lack them
+        missing = [name for name in names if name not in settings and name not in optional]
         if missing:
             raise PromptFormatError(
                 f"{folder / SETTINGS_FILE} lacks {missing}; re-export the checkpoint with `fedlm export`."
@@ -123,16 +128,19 @@ class TrainedPrompt:
         """A PTuningModule in eval mode that predicts with this table alone.
 
         An embedding encoder's output is its input table (plus a zero offset), so it carries the table and the
-        module's own scoring does the rest. ``backbone`` overrides where the frozen LM is (files move).
+        module's own scoring does the rest. ``backbone`` overrides where the frozen LM is (files move). Deep slots
+        after text keep that text cached, as they were trained (the module refuses them otherwise).
         """
         module = PTuningModule(
             backbone=backbone or self.backbone,
             dtype=self.dtype,
             template=self.template,
             label_words=self.label_words,
-            encoder=PromptEncoderConfig(type="embedding", virtual_tokens=self.virtual_tokens),
+            encoder=PromptEncoderConfig(
+                type="embedding", virtual_tokens=self.virtual_tokens, deep=self.deep, init_text=self.init_text
+            ),
             max_length=self.max_length,
-            cache_prefix=False,
+            cache_prefix=self.deep and VIRTUAL_MARKER.match(self.template) is None,
         )
         expected = (self.architecture or module.architecture(), tuple(self.table.shape))
         found = (module.architecture(), tuple(module.encoder.input_table.shape))
@@ -169,15 +177,20 @@ def peft_mismatch(template: PromptTemplate) -> str | None:
     return None
 
 
-def save_peft_adapter(module: PTuningModule, folder: Path) -> None:
-    """``module``'s virtual tokens as a PEFT prompt-tuning adapter, saved by PEFT itself into ``folder`` (replaced).
+def save_peft_adapter(module: PTuningModule, folder: Path, deep: bool) -> None:
+    """``module``'s virtual tokens as a PEFT prompt-tuning adapter, or its deep slots as a PEFT prefix-tuning one
+    (PEFT's rows are laid out as fedlm's: layers, keys then values, heads, head dim), saved by PEFT itself into
+    ``folder`` (replaced).
 
     PEFT writes a folder of files, so it writes a staging folder beside ``folder`` that is then renamed into place.
     """
-    from peft import PromptTuningConfig, get_peft_model  # only export needs PEFT
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model  # only export needs PEFT
 
     table = module.encoder().detach()
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(table), token_dim=table.shape[1])
+    if deep:
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(table))
+    else:
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(table), token_dim=table.shape[1])
     adapter = get_peft_model(module.backbone, config)
     with torch.no_grad():
         adapter.prompt_encoder["default"].embedding.weight.copy_(table)
@@ -206,7 +219,7 @@ def write_export(
     folder.mkdir(parents=True, exist_ok=True)
     prompt.save(folder)
     if mismatch is None:
-        save_peft_adapter(module, folder / PEFT_FOLDER)
+        save_peft_adapter(module, folder / PEFT_FOLDER, prompt.deep)
     else:
         shutil.rmtree(folder / PEFT_FOLDER, ignore_errors=True)  # an earlier export's adapter would not match
     return mismatch

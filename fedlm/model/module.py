@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from transformers import DynamicCache
 
 from fedlm.accounting import epsilon_after
 from fedlm.errors import ConfigError, FedlmError
@@ -20,6 +21,7 @@ from fedlm.model.dp_sgd import DPSGDConfig, private_gradients
 from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, initial_table
 from fedlm.model.schedule import Schedule, lr_factor
+from fedlm.model.slots import SlotShape, initial_slots, past_with_slots, slot_key_values, slot_shape
 from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX, PromptTemplate
 
 Loss = Literal["answer_tokens", "label_words"]
@@ -36,6 +38,24 @@ def without_last_column(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """The per-token tensors of a right-padded batch minus their last column, which predicts nothing."""
     per_token = ("input_ids", "virtual_index", "attention_mask", "position_ids")
     return {name: batch[name][:, :-1] for name in per_token if name in batch}
+
+
+def check_deep_template(template: PromptTemplate, configured: str, cache_prefix: bool) -> None:
+    """Deep slots are one block, with text after them (where the label is read), and either cached text or
+    nothing but the tokenizer's special tokens before them."""
+    blocks = [i for i, piece in enumerate(template.pieces) if isinstance(piece, int)]
+    if len(blocks) != 1 or blocks[0] == len(template.pieces) - 1:
+        raise ConfigError(
+            f"model.encoder.deep=true puts the slots at the template's one virtual-token block, with text after it; "
+            f"model.template={configured!r} has {len(blocks)} block(s)"
+            + ("" if len(blocks) != 1 else " and nothing after it")
+            + ". Use e.g. '{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}'."
+        )
+    if blocks[0] > 0 and not cache_prefix:
+        raise ConfigError(
+            f"model.template={configured!r} puts text before the deep slots: set model.cache_prefix=true (that text "
+            "then runs once per sentence), or start the template with the slots (P-tuning v2)."
+        )
 
 
 class PTuningModule(L.LightningModule):
@@ -97,6 +117,7 @@ class PTuningModule(L.LightningModule):
     ) -> None:
         super().__init__()
         encoder = PromptEncoderConfig(**encoder) if isinstance(encoder, dict) else encoder or PromptEncoderConfig()
+        encoder.validate()
         label_words = dict(label_words or FPB_LABEL_WORDS)
         dp_sgd = DPSGDConfig(**dp_sgd) if isinstance(dp_sgd, dict) else dp_sgd
         if dp_sgd is not None:
@@ -158,6 +179,14 @@ class PTuningModule(L.LightningModule):
                 f"{label_words} take several tokens with this tokenizer; pick one-token words or "
                 "model.loss=answer_tokens."
             )
+        if encoder.deep:
+            check_deep_template(self.template, template, cache_prefix)
+            if any(DynamicCache(config=self.backbone.config).is_sliding):
+                raise ConfigError(
+                    "model.encoder.deep=true gives every layer the slots as past key/values, but this backbone has "
+                    "sliding-window layers, which would drop them once the text is longer than the window; use a "
+                    "backbone with full attention, or model.encoder.deep=false."
+                )
         if cache_prefix and isinstance(self.template.pieces[0], int):
             raise ConfigError(
                 f"model.cache_prefix=true caches the text before the first virtual token, but model.template="
@@ -168,12 +197,22 @@ class PTuningModule(L.LightningModule):
             raise ConfigError(
                 f"model.cache_dir={cache_dir!r} stores the prefix cache, which is off; set model.cache_prefix=true."
             )
+        # Deep slots that come first still follow the tokenizer's special prefix (e.g. BOS), whose key/values are
+        # constants like any cached text's: caching them keeps one path for both placements.
+        cached = cache_prefix or (encoder.deep and bool(self.template.prefix_ids))
         self.prefix_cache = (
-            PrefixCache(self.backbone, cache_dtype, self.template.fixed_head(), cache_dir) if cache_prefix else None
+            PrefixCache(self.backbone, cache_dtype, self.template.fixed_head(), cache_dir) if cached else None
         )
         embeddings = self.backbone.get_input_embeddings().weight
         tokenize = lambda text: loaded.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-        self.encoder = PromptEncoder(encoder, embeddings.shape[1], initial_table(encoder, embeddings, tokenize))
+        table = initial_table(encoder, embeddings, tokenize)
+        self.slot_shape: SlotShape | None = None
+        start = None
+        if encoder.deep:
+            self.slot_shape = slot_shape(self.backbone)
+            start = initial_slots(self.backbone, tokenize(encoder.init_text), encoder.total_virtual_tokens)
+            table, start = (start, None) if encoder.type == "embedding" else (table, start)
+        self.encoder = PromptEncoder(encoder, embeddings.shape[1], table, start)
 
         num_classes = len(label_words)
         metrics = MetricCollection(
@@ -228,6 +267,8 @@ class PTuningModule(L.LightningModule):
         position t predicts token t + 1, so nothing reads the hidden state of the final one (in the cached layout,
         whose suffixes all have one length, that is each row's last answer token: one position in 13 saved).
         """
+        if self.slot_shape is not None:
+            return self.deep_hidden_states(batch, tables)
         if self.prefix_cache is None:
             inputs = without_last_column(batch)
             embeds = self.input_embeddings(inputs, tables)
@@ -244,6 +285,30 @@ class PTuningModule(L.LightningModule):
             use_cache=True,
         )
         return out.last_hidden_state, suffix
+
+    def deep_hidden_states(
+        self, batch: dict[str, torch.Tensor], tables: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Deep prompts: the slots become past key/values after the prefix (cached text, or only the tokenizer's
+        special tokens), and only what follows the slots runs through the frozen LM."""
+        prefixes, suffix = split_at_first_virtual(batch)
+        slots = self.encoder.config.total_virtual_tokens
+        rest = {name: tensor[:, slots:] for name, tensor in suffix.items() if tensor.dim() == 2}
+        rest.update(label=suffix["label"], prompt_length=suffix["prompt_length"] - slots)
+        rows = len(prefixes)
+        table = self.encoder() if tables is None else tables
+        slot_kv = slot_key_values(table.to(self.backbone.dtype), self.slot_shape, rows)
+        prefix, prefix_mask = self.prefix_cache.stacked(prefixes) if self.prefix_cache is not None else (None, None)
+        past, past_mask = past_with_slots(prefix, prefix_mask, slot_kv, self.backbone.config)
+        inputs = without_last_column(rest)
+        out = self.backbone.base_model(
+            inputs_embeds=self.backbone.get_input_embeddings()(inputs["input_ids"]),
+            attention_mask=torch.cat([past_mask, inputs["attention_mask"]], dim=1),
+            position_ids=inputs["position_ids"],
+            past_key_values=past,
+            use_cache=True,
+        )
+        return out.last_hidden_state, rest
 
     def answer_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the answer tokens (flattened) and the batch row each belongs to.

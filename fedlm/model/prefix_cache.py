@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, PreTrainedModel
 
 from fedlm.errors import ConfigError
@@ -164,21 +165,26 @@ class PrefixCache:
 
         Fresh on every call because the forward appends the suffix's key/values to it.
         """
-        self._fill([prefix for prefix in dict.fromkeys(prefixes) if prefix not in self.entries])
-        longest = max(map(len, prefixes))
-        layers, _, heads, _, head_dim = self.entries[prefixes[0]].shape
-        device = self.model.device
-        shape = (layers, 2, len(prefixes), heads, longest, head_dim)
-        stacked = torch.zeros(shape, dtype=self.model.dtype, device=device)
-        mask = torch.zeros((len(prefixes), longest), dtype=torch.long, device=device)
-        for row, prefix in enumerate(prefixes):
-            start = longest - len(prefix)
-            if self.starts_with_head(prefix):
-                stacked[:, :, row, :, start : start + len(self.head)] = self.head_entry
-                start += len(self.head)
-            stacked[:, :, row, :, start:] = self.entries[prefix]
-            mask[row, longest - len(prefix) :] = 1
+        stacked, mask = self.stacked(prefixes)
         return DynamicCache([(layer[0], layer[1]) for layer in stacked], config=self.model.config), mask
+
+    def stacked(self, prefixes: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' prefix key/values as one (layers, 2, rows, heads, longest, head dim) tensor in the model's
+        dtype, left-padded with zeros, and its (rows, longest) mask: one padding call for the batch."""
+        self._fill([prefix for prefix in dict.fromkeys(prefixes) if prefix not in self.entries])
+        whole = [self._whole(prefix).permute(3, 0, 1, 2, 4) for prefix in prefixes]  # (length, layers, 2, heads, dim)
+        padded = pad_sequence(whole, batch_first=True, padding_side="left")  # (rows, longest, layers, 2, heads, dim)
+        stacked = padded.permute(2, 3, 0, 4, 1, 5).to(self.model.dtype).contiguous()
+        lengths = torch.tensor([len(prefix) for prefix in prefixes], device=self.model.device)
+        longest = stacked.shape[4]
+        mask = (torch.arange(longest, device=lengths.device) >= longest - lengths[:, None]).long()
+        return stacked, mask
+
+    def _whole(self, prefix: tuple[int, ...]) -> torch.Tensor:
+        """A prefix's key/values over all of its tokens: its entry, after the head's if it starts with it."""
+        if self.starts_with_head(prefix):
+            return torch.cat([self.head_entry, self.entries[prefix]], dim=3)
+        return self.entries[prefix]
 
     @torch.no_grad()
     def _fill(self, prefixes: list[tuple[int, ...]]) -> None:

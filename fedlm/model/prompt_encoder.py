@@ -35,6 +35,12 @@ class PromptEncoderConfig:
         num_layers: mlp: linear layers; lstm: stacked LSTM layers.
         dropout: dropout inside the encoder while training (0: none).
         init_text: null: random input table; else the backbone's embeddings of this text, repeated to fill it.
+            With ``deep``: the text whose key/values the slots start as (needed: random slots train badly).
+        deep: per-layer key/value slots instead of input embeddings (P-tuning v2, prefix tuning;
+            ``fedlm.model.slots``): ``virtual_tokens`` slots in every layer. ``embedding`` trains the slots directly;
+            ``mlp`` and ``lstm`` produce them from a small input table, starting exactly at ``init_text``'s
+            key/values. Where they sit is the template's virtual-token block: after cached text
+            (``cache_prefix: true``, the fast layout) or before the text (P-tuning v2 as published).
     """
 
     type: EncoderType = "mlp"
@@ -43,6 +49,7 @@ class PromptEncoderConfig:
     num_layers: int = 2
     dropout: float = 0.0
     init_text: str | None = None
+    deep: bool = False
 
     @property
     def total_virtual_tokens(self) -> int:
@@ -58,6 +65,11 @@ class PromptEncoderConfig:
             raise ConfigError("model.encoder.hidden_size and model.encoder.num_layers must be positive.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.encoder.dropout={self.dropout} must be in [0, 1).")
+        if self.deep and self.init_text is None:
+            raise ConfigError(
+                "model.encoder.deep=true starts the slots as the key/values of model.encoder.init_text (random slots "
+                "train badly); set it, e.g. model.encoder.init_text: 'Classify the sentiment of this sentence'."
+            )
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -70,27 +82,36 @@ def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
 
 
 class PromptEncoder(nn.Module):
-    def __init__(self, config: PromptEncoderConfig, embed_dim: int, init: torch.Tensor) -> None:
-        """``init`` is the (virtual tokens, embed_dim) starting input table (random or from a text)."""
+    def __init__(
+        self, config: PromptEncoderConfig, embed_dim: int, init: torch.Tensor, start: torch.Tensor | None = None
+    ) -> None:
+        """``init`` is the (virtual tokens, input width) starting input table (random or from a text). ``start``, for
+        an mlp or lstm whose output is wider than its input (deep slots), is where the output starts: the last
+        layer starts at zero and ``start`` becomes the output's fixed offset, so training moves the slots from it."""
         super().__init__()
-        config.validate()
-        self.config = config
+        self.config = config  # validated by the module that built it (PromptEncoderConfig.validate)
         self.input_table = nn.Parameter(init.detach().clone().float())
+        out_dim = embed_dim if start is None else start.shape[1]
         if config.type == "mlp":
             hidden = [config.hidden_size] * (config.num_layers - 1)
-            self.head: nn.Module = mlp([embed_dim, *hidden, embed_dim], config.dropout)
+            self.head: nn.Module = mlp([init.shape[1], *hidden, out_dim], config.dropout)
         elif config.type == "lstm":
             self.lstm = nn.LSTM(
-                embed_dim,
+                init.shape[1],
                 config.hidden_size,
                 num_layers=config.num_layers,
                 dropout=config.dropout if config.num_layers > 1 else 0.0,
                 bidirectional=True,
                 batch_first=True,
             )
-            self.head = mlp([2 * config.hidden_size, config.hidden_size, embed_dim], config.dropout)
-        self.register_buffer("table_offset", torch.zeros_like(self.input_table.data))
-        self.register_buffer("inference_table", torch.zeros_like(self.input_table.data))
+            self.head = mlp([2 * config.hidden_size, config.hidden_size, out_dim], config.dropout)
+        output = self.input_table.data if config.type == "embedding" else torch.zeros(len(init), out_dim)
+        self.register_buffer("table_offset", torch.zeros_like(output))
+        self.register_buffer("inference_table", torch.zeros_like(output))
+        if start is not None and config.type != "embedding":
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
+            self.table_offset.copy_(start)
         self._table_params: torch.Tensor | None = None  # the parameters the table was computed from
         self.register_load_state_dict_post_hook(_loaded_table_is_current)
 
