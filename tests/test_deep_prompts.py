@@ -68,7 +68,7 @@ class SlotsAtPositions(DynamicCache):
 
 def reference(module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """(loss, scores) with each row run alone, unpadded, over its whole sequence."""
-    slots = slot_key_values(module.encoder(), module.slot_shape, 1)[:, :, 0]
+    slots = slot_key_values(module.encoder(), module.slot_shape)[:, :, 0]
     scores, token_log_probs = [], []
     for row in range(len(batch["label"])):
         length = int(batch["attention_mask"][row].sum())
@@ -144,7 +144,7 @@ def test_deep_slots_start_as_the_init_texts_key_values_and_run_only_what_follows
     tokens = torch.tensor([ids])
     module.backbone.base_model(input_ids=tokens, attention_mask=torch.ones_like(tokens), past_key_values=cache)
     first_layer_keys = cache.layers[0].keys[0]  # (heads, tokens, head dim)
-    slots = slot_key_values(module.encoder().detach(), shape, 1)
+    slots = slot_key_values(module.encoder().detach(), shape)
     torch.testing.assert_close(slots[0, 0, 0, :, : len(ids)], first_layer_keys[:, : min(4, len(ids))])
     _, rest = module.hidden_states(batch_of(module, MIXED))  # what runs: " sentiment:" and the answer, no more
     after = module.tokenizer(" sentiment:", add_special_tokens=False).input_ids

@@ -21,7 +21,7 @@ from fedlm.model.dp_sgd import DPSGDConfig, private_gradients
 from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, initial_table
 from fedlm.model.schedule import Schedule, lr_factor
-from fedlm.model.slots import SlotShape, initial_slots, past_with_slots, slot_key_values, slot_shape
+from fedlm.model.slots import SlotPast, SlotShape, initial_slots, run_after_slots, slot_key_values, slot_shape
 from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX, PromptTemplate
 
 Loss = Literal["answer_tokens", "label_words"]
@@ -289,26 +289,23 @@ class PTuningModule(L.LightningModule):
     def deep_hidden_states(
         self, batch: dict[str, torch.Tensor], tables: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Deep prompts: the slots become past key/values after the prefix (cached text, or only the tokenizer's
-        special tokens), and only what follows the slots runs through the frozen LM."""
+        """Deep prompts: every layer attends to the prefix (cached text, or only the tokenizer's special tokens) and
+        the slots (``fedlm.model.slots``), and only what follows the slots runs through the frozen LM."""
         prefixes, suffix = split_at_first_virtual(batch)
         slots = self.encoder.config.total_virtual_tokens
         rest = {name: tensor[:, slots:] for name, tensor in suffix.items() if tensor.dim() == 2}
         rest.update(label=suffix["label"], prompt_length=suffix["prompt_length"] - slots)
-        rows = len(prefixes)
         table = self.encoder() if tables is None else tables
-        slot_kv = slot_key_values(table.to(self.backbone.dtype), self.slot_shape, rows)
         prefix, prefix_mask = self.prefix_cache.stacked(prefixes) if self.prefix_cache is not None else (None, None)
-        past, past_mask = past_with_slots(prefix, prefix_mask, slot_kv, self.backbone.config)
         inputs = without_last_column(rest)
-        out = self.backbone.base_model(
-            inputs_embeds=self.backbone.get_input_embeddings()(inputs["input_ids"]),
-            attention_mask=torch.cat([past_mask, inputs["attention_mask"]], dim=1),
-            position_ids=inputs["position_ids"],
-            past_key_values=past,
-            use_cache=True,
+        past = SlotPast(
+            prefix=prefix,
+            prefix_mask=None if prefix_mask is None else prefix_mask.bool(),
+            slots=slot_key_values(table.to(self.backbone.dtype), self.slot_shape),
+            running_mask=inputs["attention_mask"].bool(),
         )
-        return out.last_hidden_state, rest
+        embeds = self.backbone.get_input_embeddings()(inputs["input_ids"])
+        return run_after_slots(self.backbone, embeds, inputs["position_ids"], past), rest
 
     def answer_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the answer tokens (flattened) and the batch row each belongs to.
