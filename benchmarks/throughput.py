@@ -254,7 +254,7 @@ def report(args: argparse.Namespace, repeats: list[dict[str, dict[str, Any]]], e
     )
     print(f"cached template (c): {args.cached_template!r}")
     cuda = args.device.startswith("cuda")
-    header = f"{'method':<52}{'examples/s':>20}{'vs (a), per repeat':>22}{'peak RSS MiB':>14}{'trainable':>11}"
+    header = f"{'method':<70}{'examples/s':>20}{'vs (a), per repeat':>22}{'peak RSS MiB':>14}{'trainable':>11}"
     print(header + (f"{'peak CUDA MiB':>15}" if cuda else ""))
     for method in args.methods:
         runs = [results[method] for results in repeats]
@@ -267,7 +267,7 @@ def report(args: argparse.Namespace, repeats: list[dict[str, dict[str, Any]]], e
             ratios = [r[method][key] / r["peft"]["steady"] for r in repeats] if "peft" in args.methods else []
             ratio = spread(ratios) + "x" if ratios else "-"
             name = f"{METHODS[method]}, {phase}"
-            print(f"{name:<52}{spread([r[key] for r in runs]):>20}{ratio:>22}{memory}")
+            print(f"{name:<70}{spread([r[key] for r in runs]):>20}{ratio:>22}{memory}")
     for method in (m for m in args.methods if m in CACHED):
         entries, nbytes = repeats[0][method]["cache"]
         print(f"{METHODS[method]}: prefix cache after the first epoch: {entries} entries, {nbytes / 2**20:.1f} MiB")
