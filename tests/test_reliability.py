@@ -227,7 +227,7 @@ def fit_error(tmp_path: Path, backbone: str, fpb: Path, *args: str, federation: 
             ["--model.encoder", '{"type": "transformer"}'],
             "Expected a typing.Literal['mlp', 'lstm', 'embedding']. Got value: transformer",
         ),
-        (["--model.encoder", '{"virtual_tokens": 0}'], "must give one positive count per marker of model.template"),
+        (["--model.encoder", '{"virtual_tokens": 0}'], "model.encoder.virtual_tokens=0 must be positive"),
         (
             ["--data.init_args.client_files", '["/nowhere/site0.txt", "/nowhere/site1.txt"]'],
             "data.client_files: /nowhere/site0.txt does not exist",
