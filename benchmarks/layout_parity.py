@@ -5,6 +5,8 @@ Each argument is a folder searched for runs (``test_metrics.json`` + ``test_pred
 a paired bootstrap of the accuracy difference over seeds and test sentences, on the seeds both sets have:
 
     python benchmarks/layout_parity.py --a runs/parity/prefix --b runs/fpb_triad/seed1234/centralized ...
+
+(A whole triad against another, row by row: ``fedlm report A --against B``.)
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedlm.experiment.report import find_runs
-from fedlm.experiment.stats import hierarchical_bootstrap, mean_interval
+from fedlm.experiment.report import find_runs, paired_runs
+from fedlm.experiment.stats import mean_interval
 
 
 def main() -> None:
@@ -41,8 +43,7 @@ def main() -> None:
             f"| {name} (acc / F1) | {cells} | {mean_interval(accuracy, (0, 1))} | {mean_interval(f1, (0, 1))} "
             f"| {', '.join(map(str, epochs))} | {min(seconds):.0f}-{max(seconds):.0f} |"
         )
-    labels = sets[0][seeds[0]].labels
-    boot = hierarchical_bootstrap([sets[0][s].predicted for s in seeds], labels, [sets[1][s].predicted for s in seeds])
+    boot = paired_runs(list(sets[0].values()), list(sets[1].values()))
     print(
         f"\n{args.names[0]} - {args.names[1]}: {100 * boot.difference:+.1f} points of test accuracy over {len(seeds)} "
         f"seed(s); paired bootstrap over seeds and sentences, 95% CI [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}], "

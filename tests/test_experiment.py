@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from fedlm.experiment import TriadConfig, run_experiment, write_report
 from fedlm.experiment.report import find_runs, group, read_curve
+from fedlm.experiment.runner import plan
 from fedlm.experiment.stats import hierarchical_bootstrap, mean_interval
 
 
@@ -116,6 +118,20 @@ def tiny_configs(tmp_path: Path, backbone: str, fpb: Path) -> dict[str, str]:
     return paths
 
 
+def test_a_run_kind_may_compose_several_configs_in_order(tmp_path: Path) -> None:
+    base, overlay = tmp_path / "base.yaml", tmp_path / "blog.yaml"
+    base.write_text(yaml.safe_dump({"federation": {"clients": 3, "rounds": 19}}))
+    overlay.write_text(yaml.safe_dump({"federation": {"clients": 2, "rounds": 50}}))
+    config = TriadConfig(centralized=str(base), federated=[str(base), str(overlay)], local=[str(base), str(overlay)],
+                         seeds=[7], zero_shot=False)  # fmt: skip
+    runs = {run.name: run.args for run in plan(config)}
+    assert list(runs) == ["centralized", "federated", "local0", "local1"]  # the overlay's 2 clients
+    assert runs["federated"][:5] == ["fit", "--config", str(base), "--config", str(overlay)]
+    assert runs["centralized"][:3] == ["fit", "--config", str(base)]
+    with pytest.raises(FileNotFoundError, match=r"local: .*missing.yaml does not exist"):
+        plan(replace(config, local=[str(base), str(tmp_path / "missing.yaml")]))
+
+
 @pytest.mark.multiprocess
 def test_triad_end_to_end_with_two_seeds_resumes_and_reports(
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
@@ -169,27 +185,23 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(
     }  # bitwise
 
 
-def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> None:
-    def fake_run(folder: Path, kind: str, seed: int, predicted: list[int], client: int | None = None) -> None:
-        folder.mkdir(parents=True)
-        labels = [0, 1, 1, 2]
-        acc = sum(p == y for p, y in zip(predicted, labels)) / 4
-        metrics = {
-            "kind": kind,
-            "seed": seed,
-            "client": client,
-            "test/acc": acc,
-            "test/macro_f1": acc,
-            "fit_seconds": 1.0,
-        }
-        (folder / "test_metrics.json").write_text(json.dumps(metrics))
-        (folder / "test_predictions.json").write_text(
-            json.dumps({"classes": ["a", "b", "c"], "label": labels, "predicted": predicted})
-        )
+def saved_run(folder: Path, kind: str, seed: int, predicted: list[int], client: int | None = None) -> None:
+    """What a tested run leaves behind, on 4 test sentences labelled 0 1 1 2."""
+    folder.mkdir(parents=True)
+    labels = [0, 1, 1, 2]
+    acc = sum(p == y for p, y in zip(predicted, labels)) / 4
+    metrics = {"kind": kind, "seed": seed, "client": client, "test/acc": acc, "test/macro_f1": acc,
+               "fit_seconds": 1.0}  # fmt: skip
+    (folder / "test_metrics.json").write_text(json.dumps(metrics))
+    (folder / "test_predictions.json").write_text(
+        json.dumps({"classes": ["a", "b", "c"], "label": labels, "predicted": predicted})
+    )
 
-    fake_run(tmp_path / "c1", "centralized", 1, [0, 1, 1, 2])
-    fake_run(tmp_path / "f1", "federated", 1, [0, 1, 1, 1])
-    fake_run(tmp_path / "l1", "local", 1, [1, 1, 1, 1], client=0)
+
+def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> None:
+    saved_run(tmp_path / "c1", "centralized", 1, [0, 1, 1, 2])
+    saved_run(tmp_path / "f1", "federated", 1, [0, 1, 1, 1])
+    saved_run(tmp_path / "l1", "local", 1, [1, 1, 1, 1], client=0)
     readme = write_report([tmp_path], tmp_path / "report")
     text = readme.read_text()
     assert "| centralized | 1 | 1.000 [1.000, 1.000] |" in text and "| federated | 1 | 0.750 [" in text
@@ -197,6 +209,27 @@ def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> Non
     assert "Federated within 1 point of centralized or above it: not shown: the interval reaches" in text
     assert "Federated above every local-only client: yes" in text
     assert "resamples the seeds and the" in text and f"fedlm report {tmp_path} --out" in text
+
+
+def test_against_pairs_each_row_with_its_namesake_in_another_experiment(tmp_path: Path) -> None:
+    saved_run(tmp_path / "deep" / "c1", "centralized", 1, [0, 1, 1, 2])
+    saved_run(tmp_path / "deep" / "c2", "centralized", 2, [0, 1, 1, 2])
+    saved_run(tmp_path / "deep" / "f1", "federated", 1, [0, 1, 1, 1])
+    saved_run(tmp_path / "deep" / "l1", "local", 1, [1, 1, 1, 1], client=0)  # no namesake there: no row
+    saved_run(tmp_path / "shallow" / "c1", "centralized", 1, [0, 1, 1, 1])
+    saved_run(tmp_path / "shallow" / "c3", "centralized", 3, [0, 0, 0, 0])  # seed 3: not paired
+    saved_run(tmp_path / "shallow" / "f1", "federated", 1, [0, 1, 1, 1])
+    text = write_report([tmp_path / "deep"], tmp_path / "report", against=[tmp_path / "shallow"]).read_text()
+    section = text.split(f"## Against {tmp_path / 'shallow'}")[1].split("## Plots")[0]
+    assert "| centralized | 1 | 1.000 | 0.750 | +25.0 [" in section  # seed 1 only
+    assert "| federated | 1 | 0.750 | 0.750 | +0.0 [+0.0, +0.0] | 1.000 | yes |" in section
+    assert "client 0 alone" not in section
+    saved_run(tmp_path / "other" / "c1", "centralized", 1, [0, 1, 1, 2])
+    (tmp_path / "other" / "c1" / "test_predictions.json").write_text(
+        json.dumps({"classes": ["a", "b", "c"], "label": [1, 1, 1, 1], "predicted": [0, 1, 1, 2]})
+    )
+    with pytest.raises(ValueError, match="tested on different sentences"):
+        write_report([tmp_path / "deep"], tmp_path / "report", against=[tmp_path / "other"])
 
 
 def test_calibrated_predictions_get_rows_and_a_verdict_of_their_own(tmp_path: Path) -> None:

@@ -131,16 +131,21 @@ def majority(run: Run) -> tuple[str, float]:
     return run.classes[top], counts[top] / len(run.labels)
 
 
-def paired(rows: dict[str, list[Run]], a: str, b: str) -> BootstrapResult | None:
-    """Bootstrap of row a's accuracy minus row b's over the seeds both have (paired by seed), seeds and test
-    sentences resampled together."""
-    if a not in rows or b not in rows:
-        return None
-    b_by_seed = {run.seed: run for run in rows[b]}
-    pairs = [(run, b_by_seed[run.seed]) for run in rows[a] if run.seed in b_by_seed]
+def paired_runs(a: list[Run], b: list[Run]) -> BootstrapResult | None:
+    """Bootstrap of runs a's accuracy minus runs b's over the seeds both have (paired by seed), seeds and test
+    sentences resampled together; none without a common seed."""
+    b_by_seed = {run.seed: run for run in b}
+    pairs = [(run, b_by_seed[run.seed]) for run in a if run.seed in b_by_seed]
     if not pairs:
         return None
+    if any(x.labels != y.labels for x, y in pairs):
+        raise ValueError(f"{pairs[0][0].folder} and {pairs[0][1].folder} were tested on different sentences")
     return hierarchical_bootstrap([x.predicted for x, _ in pairs], pairs[0][0].labels, [y.predicted for _, y in pairs])
+
+
+def paired(rows: dict[str, list[Run]], a: str, b: str) -> BootstrapResult | None:
+    """``paired_runs`` of two rows by name; none when either is missing."""
+    return paired_runs(rows[a], rows[b]) if a in rows and b in rows else None
 
 
 def best_local_by_validation(rows: dict[str, list[Run]]) -> str | None:
@@ -191,6 +196,36 @@ def table(rows: dict[str, list[Run]]) -> str:
             ]
         )
     return markdown.table(HEADER, cells)
+
+
+AGAINST_HEADER = ("run", "seeds paired", "test accuracy here", "test accuracy there",
+                  "here minus there, points [95% CI over seeds and sentences]", "p",
+                  "within 1 point or above")  # fmt: skip
+
+
+def against_table(rows: dict[str, list[Run]], other: dict[str, list[Run]]) -> str:
+    """Each row against the row of the same name in another experiment (another layout, say), paired by seed on
+    the same test sentences. "Within 1 point or above" is non-inferiority: the whole interval above -1 point. No
+    time column: the two experiments ran at different times, so their seconds do not compare (benchmarks do)."""
+    cells = []
+    for name, runs in rows.items():
+        boot = paired_runs(runs, other.get(name, []))
+        if boot is None:
+            continue
+        seeds = {r.seed for r in runs} & {r.seed for r in other[name]}
+        here, there = ([r for r in group if r.seed in seeds] for group in (runs, other[name]))
+        cells.append(
+            [
+                name,
+                f"{len(seeds)}",
+                f"{accuracy(here).mean:.3f}",
+                f"{accuracy(there).mean:.3f}",
+                f"{100 * boot.difference:+.1f} [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}]",
+                f"{boot.p_value:.3f}",
+                "yes" if boot.low > -0.01 else "not shown",
+            ]
+        )
+    return markdown.table(AGAINST_HEADER, cells)
 
 
 def bootstrap_words(boot: BootstrapResult) -> str:
@@ -348,13 +383,25 @@ def relative(path: Path, base: Path) -> Path:
         return path
 
 
-def write_report(folders: list[Path], out: Path, command: str | None = None, notes: Path | None = None) -> Path:
+def write_report(
+    folders: list[Path],
+    out: Path,
+    command: str | None = None,
+    notes: Path | None = None,
+    against: list[Path] | None = None,
+) -> Path:
     """Read every run under ``folders``; write ``out``/README.md (table, verdict) and the PNGs beside it.
 
     ``command`` is printed as the line that rebuilds the report; ``notes`` (Markdown written by a person: why the
     result is what it is) is copied in under "Interpretation", since a verdict computed from a table cannot say why.
+    ``against``: another experiment's folders (the same triad in another layout, say), each row compared with its
+    namesake there.
     """
     rows = group(find_runs(folders))
+    comparison = []
+    if against:
+        where = " ".join(str(relative(f, Path.cwd())) for f in against)
+        comparison = [f"## Against {where}", "", against_table(view(rows, ""), view(group(find_runs(against)), "")), ""]
     interpretation = ["## Interpretation", *markdown.appendix(notes), ""] if notes is not None else []
     command = (
         command
@@ -386,6 +433,7 @@ def write_report(folders: list[Path], out: Path, command: str | None = None, not
         *verdict(view(rows, "")),
         "",
         *verdict_calibrated(rows),
+        *comparison,
         *interpretation,
         "## Plots",
         "",
@@ -402,8 +450,11 @@ def report_main(argv: list[str] | None = None) -> None:
         "fedlm report", __doc__, runs="run folders, or folders that contain run folders", nargs="+"
     )
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: RUNS[0]/report)")
+    parser.add_argument(
+        "--against", type=Path, nargs="+", default=None, help="another experiment's run folders, compared row by row"
+    )
     args = markdown.parse(parser, argv)
     command = "fedlm report " + " ".join(argv if argv is not None else sys.argv[2:])
-    readme = write_report(args.runs, args.out or args.runs[0] / "report", command, args.notes)
+    readme = write_report(args.runs, args.out or args.runs[0] / "report", command, args.notes, args.against)
     print(readme.read_text())
     print(f"[fedlm report] written to {readme.parent}")

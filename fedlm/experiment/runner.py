@@ -28,8 +28,9 @@ class TriadConfig:
     """What ``fedlm experiment`` runs.
 
     Args:
-        centralized, federated, local: the three ``fedlm fit`` configs; ``local`` is run once per client of the
-            federated config (``data.init_args.local_client`` = 0 .. clients - 1).
+        centralized, federated, local: the three ``fedlm fit`` configs, each a path or a list of paths composed
+            in order (a base config, then an overlay that changes its schedule, say); ``local`` is run once per
+            client of the federated config (``data.init_args.local_client`` = 0 .. clients - 1).
         seeds: one full triad per seed. A seed sets the encoder's initialization, the batch order, the IID
             partition into clients and the federation's RNG streams; the train/validation/test split stays fixed.
         output: folder of the runs and of the report (``output/report``).
@@ -39,9 +40,9 @@ class TriadConfig:
             tagged by seed, so W&B's bands are over seeds), and the report's table and plots to one more run.
     """
 
-    centralized: str = "configs/fpb_centralized.yaml"
-    federated: str = "configs/fpb_federated.yaml"
-    local: str = "configs/fpb_local.yaml"
+    centralized: str | list[str] = "configs/fpb_centralized.yaml"
+    federated: str | list[str] = "configs/fpb_federated.yaml"
+    local: str | list[str] = "configs/fpb_local.yaml"
     seeds: list[int] = field(default_factory=lambda: [1234, 1235, 1236])
     output: str = "runs/fpb_triad"
     zero_shot: bool = True
@@ -53,23 +54,37 @@ class TriadConfig:
 class PlannedRun:
     name: str
     seed: int
-    args: list[str]  # fedlm arguments after the subcommand's config
+    args: list[str]  # the fedlm subcommand and its arguments
 
 
-def clients_of(config_path: str) -> int:
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
-    clients = (config.get("federation") or {}).get("clients")
+def config_paths(configs: str | list[str]) -> list[str]:
+    return [configs] if isinstance(configs, str) else list(configs)
+
+
+def config_args(name: str, configs: str | list[str]) -> list[str]:
+    """``--config`` once per file, in order; a missing file is refused before any run starts."""
+    paths = config_paths(configs)
+    if not paths:
+        raise ConfigError(f"{name}: give the path of a fedlm fit config (or a list of them).")
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{name}: {path} does not exist; give the path of a fedlm fit config.")
+    return [arg for path in paths for arg in ("--config", path)]
+
+
+def clients_of(configs: str | list[str]) -> int:
+    """The federated config's ``federation.clients``, the last file that sets it winning (as in the fit)."""
+    clients = None
+    for path in config_paths(configs):
+        config = yaml.safe_load(Path(path).read_text()) or {}
+        clients = (config.get("federation") or {}).get("clients", clients)
     if not isinstance(clients, int) or clients < 1:
-        raise ConfigError(f"{config_path}: federation.clients must be a positive integer for the local-only runs.")
+        raise ConfigError(f"{configs}: federation.clients must be a positive integer for the local-only runs.")
     return clients
 
 
 def plan(config: TriadConfig) -> list[PlannedRun]:
-    for name in ("centralized", "federated", "local"):
-        if not Path(getattr(config, name)).is_file():
-            raise FileNotFoundError(
-                f"{name}: {getattr(config, name)} does not exist; give the path of a fedlm fit config."
-            )
+    centralized, federated, local = (config_args(n, getattr(config, n)) for n in ("centralized", "federated", "local"))
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds={config.seeds}: give one or more distinct seeds.")
     clients = clients_of(config.federated)
@@ -78,16 +93,12 @@ def plan(config: TriadConfig) -> list[PlannedRun]:
         seeded = ["--seed_everything", str(seed), "--data.init_args.shuffle_seed", str(seed),
                   "--data.init_args.partition_seed", str(seed)]  # fmt: skip
         if config.zero_shot:
-            runs.append(PlannedRun("zero-shot", seed, ["test", "--config", config.centralized, *seeded]))
-        runs.append(PlannedRun("centralized", seed, ["fit", "--config", config.centralized, *seeded]))
-        runs.append(
-            PlannedRun(
-                "federated", seed, ["fit", "--config", config.federated, *seeded, "--federation.seed", str(seed)]
-            )
-        )
+            runs.append(PlannedRun("zero-shot", seed, ["test", *centralized, *seeded]))
+        runs.append(PlannedRun("centralized", seed, ["fit", *centralized, *seeded]))
+        runs.append(PlannedRun("federated", seed, ["fit", *federated, *seeded, "--federation.seed", str(seed)]))
         for client in range(clients):
-            local = ["--data.init_args.local_client", str(client), "--data.init_args.local_clients", str(clients)]
-            runs.append(PlannedRun(f"local{client}", seed, ["fit", "--config", config.local, *seeded, *local]))
+            local_args = ["--data.init_args.local_client", str(client), "--data.init_args.local_clients", str(clients)]
+            runs.append(PlannedRun(f"local{client}", seed, ["fit", *local, *seeded, *local_args]))
     return runs
 
 
