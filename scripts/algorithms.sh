@@ -16,7 +16,9 @@ for partition in ${PARTITIONS:-dirichlet agreement}; do
     extra=()
     [[ $algorithm != fedavg ]] && extra=(--config "configs/algorithms/$algorithm.yaml")
     echo "[algorithms] $folder: running, log $folder/output.log"
-    $fedlm fit --config configs/fpb_federated.yaml --config "configs/partitions/$partition.yaml" "${extra[@]}" \
+    # the shallow layout: the one results/algorithms.md was measured with
+    $fedlm fit --config configs/fpb_federated.yaml --config configs/layouts/shallow_cached.yaml \
+      --config "configs/partitions/$partition.yaml" "${extra[@]}" \
       --config configs/algorithms/finetune.yaml --trainer.check_val_every_n_epoch 19 \
       --trainer.default_root_dir "$folder" --trainer.enable_progress_bar false \
       --trainer.logger "{\"class_path\": \"lightning.pytorch.loggers.CSVLogger\", \"init_args\": {\"save_dir\": \"$folder\", \"name\": \"logs\", \"version\": 0}}" \

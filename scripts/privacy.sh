@@ -26,7 +26,9 @@ for aggregation in ${AGGREGATIONS:-plain secure}; do
     fi
     [[ $aggregation == secure ]] && extra+=(--config configs/privacy/secure_aggregation.yaml)
     echo "[privacy] $folder: running, log $folder/output.log"
-    $torchrun --standalone --nproc_per_node=3 -m fedlm fit --config configs/fpb_federated.yaml "${extra[@]}" \
+    # the shallow layout: the one results/privacy.md was measured with
+    $torchrun --standalone --nproc_per_node=3 -m fedlm fit --config configs/fpb_federated.yaml \
+      --config configs/layouts/shallow_cached.yaml "${extra[@]}" \
       --trainer.check_val_every_n_epoch 19 --trainer.default_root_dir "$folder" --trainer.enable_progress_bar false \
       --trainer.logger "{\"class_path\": \"lightning.pytorch.loggers.CSVLogger\", \"init_args\": {\"save_dir\": \"$folder\", \"name\": \"logs\", \"version\": 0}}" \
       > "$folder/output.log" 2>&1

@@ -10,9 +10,10 @@
 set -euo pipefail
 out=${1:-runs/recipe}
 # Every setting spells out what it changes from the recipe that preceded the search (constant lr after 20 warm-up
-# steps, no decay or clipping, the answer tokens' loss), so it means the same whatever configs/fpb_centralized.yaml
-# ships (it ships the chosen one, cosine_labelwords).
-before="--model.lr_schedule constant --model.final_lr_fraction 0.0 --model.weight_decay 0.0 --trainer.gradient_clip_val null --model.loss answer_tokens"
+# steps, no decay or clipping, the answer tokens' loss, the shallow cached layout), so it means the same whatever
+# configs/fpb_centralized.yaml ships (it ships the chosen recipe, cosine_labelwords, with deep_after_mlp_lr1e-2's
+# layout).
+before="--config configs/layouts/shallow_cached.yaml --model.lr_schedule constant --model.final_lr_fraction 0.0 --model.weight_decay 0.0 --trainer.gradient_clip_val null --model.loss answer_tokens"
 nemo="--model.lr_schedule cosine --model.final_lr_fraction 0.1 --model.weight_decay 0.01 --trainer.gradient_clip_val 1.0"
 declare -A flags=(
   [base]="$before"                                                # the configs before the search
@@ -27,8 +28,9 @@ declare -A flags=(
   [deep_after]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml"
   [deep_after_lr3e-3]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.lr 0.003"
   [deep_after_lr1e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.lr 0.01"
-  [deep_after_mlp]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.encoder.type mlp"
-  [deep_before]="$before $nemo --model.loss label_words --config configs/layouts/deep_before_text.yaml"
+  [deep_after_lr3e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.lr 0.03"
+  [deep_after_mlp_lr1e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.encoder.type mlp --model.lr 0.01"
+  [deep_before_lr1e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_before_text.yaml --model.lr 0.01"
 )
 for setting in ${SETTINGS:-base cosine_labelwords cosine_labelwords_lr3e-3 cosine_labelwords_4ep}; do
   [[ -v flags[$setting] ]] || { echo "unknown setting $setting; known: ${!flags[*]}" >&2; exit 2; }

@@ -12,6 +12,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_module
 
 from fedlm.cli import cli, main
 from fedlm.data import DataError
+from fedlm.experiment import TriadConfig
+from fedlm.experiment.runner import plan
 
 
 def test_fit_test_and_predict_from_a_yaml_config(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
@@ -66,40 +68,53 @@ def test_test_after_fit_tests_the_final_model_or_the_best_checkpoint(
         cli([*args, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])
 
 
-@pytest.mark.multiprocess
-def test_configs_compose_later_files_win(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
+def printed_config(capsys: pytest.CaptureFixture, *args: str) -> dict:
+    """What ``fedlm fit ARGS --print_config`` prints, parsed: LightningCLI's own parsing, in this process."""
+    with pytest.raises(SystemExit):
+        cli(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_configs_compose_later_files_win(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     base = write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     override = tmp_path / "override.yaml"
     override.write_text(yaml.safe_dump({"model": {"lr": 0.5, "encoder": {"type": "embedding"}}}))
-    result = subprocess.run(
-        [sys.executable, "-m", "fedlm", "fit", "--config", str(base), "--config", str(override), "--print_config"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    printed = yaml.safe_load(result.stdout)
+    printed = printed_config(capsys, "--config", str(base), "--config", str(override))
     assert printed["model"]["lr"] == 0.5
     assert printed["model"]["encoder"]["type"] == "embedding"
     assert printed["model"]["encoder"]["virtual_tokens"] == 3  # kept from the base file
     assert printed["data"]["init_args"]["batch_size"] == 8
 
 
-@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["fpb_centralized", "fpb_federated", "fpb_local"])
-def test_shipped_configs_parse(name: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "fedlm", "fit", "--config", f"configs/{name}.yaml", "--print_config"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    printed = yaml.safe_load(result.stdout)
+def test_shipped_configs_parse(name: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    printed = printed_config(capsys, "--config", f"configs/{name}.yaml")
     assert printed["model"]["template"] == "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
-    assert printed["model"]["cache_prefix"] is True
+    assert printed["model"]["cache_prefix"] is True and printed["model"]["encoder"]["deep"] is True
     assert printed["data"]["class_path"] == "fedlm.data.FinancialPhraseBank"
     assert printed["test_checkpoint"] == "last"
+    shallow = printed_config(
+        capsys, "--config", f"configs/{name}.yaml", "--config", "configs/layouts/shallow_cached.yaml"
+    )
+    assert shallow["model"]["encoder"]["deep"] is False and shallow["model"]["lr"] == 0.001
+
+
+def test_the_blog_protocol_gives_every_run_kind_the_same_passes(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """configs/fpb_blog.yaml: 50 rounds of one local epoch, and 50 epochs for the centralized and local-only runs
+    (each client's sentences seen 50 times in every kind of run), composed from the shipped configs."""
+    monkeypatch.chdir(REPO)
+    triad = TriadConfig(**yaml.safe_load(Path("configs/fpb_blog.yaml").read_text()))
+    printed = {run.name: printed_config(capsys, *run.args[1:]) for run in plan(triad)}
+    assert list(printed) == ["centralized", "federated", "local0", "local1", "local2"]
+    federation = printed["federated"]["federation"]
+    assert (federation["rounds"], federation["local_epochs"], federation["local_steps"]) == (50, 1.0, None)
+    for name in ("centralized", "local0", "local2"):
+        assert printed[name]["trainer"]["max_epochs"] == 50
+    assert printed["local2"]["data"]["init_args"]["local_client"] == 2
+    assert printed["centralized"]["model"] == printed["federated"]["model"] | {"warmup_steps": 513}
 
 
 def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
