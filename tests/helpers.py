@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import yaml
 from peft import PeftModel
 from transformers import AutoTokenizer
 
+from fedlm.cli import cli
 from fedlm.cli.predict import predict_main
 from fedlm.cli.split_data import split_data_main
 from fedlm.federation import ServerConfig, ServerOptimizer
@@ -281,3 +283,13 @@ class Payload:
 
     def __reduce__(self):  # noqa: ANN204
         return (Path.touch, (self.marker,))
+
+
+def printed_config(capsys: pytest.CaptureFixture[str], *fedlm_args: str) -> dict:
+    """The config ``fedlm ARGS`` would run with: ``--print_config`` parsed by LightningCLI in this process, without a
+    subprocess's start-up cost."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli([*fedlm_args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)

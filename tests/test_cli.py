@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, write_checkpointed_config
+from helpers import REPO, printed_config, write_checkpointed_config
 from lightning.pytorch.utilities.rank_zero import rank_zero_module
 
 from fedlm.cli import cli, main
@@ -68,20 +68,13 @@ def test_test_after_fit_tests_the_final_model_or_the_best_checkpoint(
         cli([*args, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])
 
 
-def printed_config(capsys: pytest.CaptureFixture, *args: str) -> dict:
-    """What ``fedlm fit ARGS --print_config`` prints, parsed: LightningCLI's own parsing, in this process."""
-    with pytest.raises(SystemExit):
-        cli(["fit", *args, "--print_config"])
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 def test_configs_compose_later_files_win(
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     base = write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     override = tmp_path / "override.yaml"
     override.write_text(yaml.safe_dump({"model": {"lr": 0.5, "encoder": {"type": "embedding"}}}))
-    printed = printed_config(capsys, "--config", str(base), "--config", str(override))
+    printed = printed_config(capsys, "fit", "--config", str(base), "--config", str(override))
     assert printed["model"]["lr"] == 0.5
     assert printed["model"]["encoder"]["type"] == "embedding"
     assert printed["model"]["encoder"]["virtual_tokens"] == 3  # kept from the base file
@@ -91,23 +84,25 @@ def test_configs_compose_later_files_win(
 @pytest.mark.parametrize("name", ["fpb_centralized", "fpb_federated", "fpb_local"])
 def test_shipped_configs_parse(name: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
-    printed = printed_config(capsys, "--config", f"configs/{name}.yaml")
+    printed = printed_config(capsys, "fit", "--config", f"configs/{name}.yaml")
     assert printed["model"]["template"] == "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
     assert printed["model"]["cache_prefix"] is True and printed["model"]["encoder"]["deep"] is True
     assert printed["data"]["class_path"] == "fedlm.data.FinancialPhraseBank"
     assert printed["test_checkpoint"] == "last"
     shallow = printed_config(
-        capsys, "--config", f"configs/{name}.yaml", "--config", "configs/layouts/shallow_cached.yaml"
+        capsys, "fit", "--config", f"configs/{name}.yaml", "--config", "configs/layouts/shallow_cached.yaml"
     )
     assert shallow["model"]["encoder"]["deep"] is False and shallow["model"]["lr"] == 0.001
 
 
-def test_the_blog_protocol_gives_every_run_kind_the_same_passes(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_the_blog_protocol_gives_every_run_kind_the_same_passes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """configs/fpb_blog.yaml: 50 rounds of one local epoch, and 50 epochs for the centralized and local-only runs
     (each client's sentences seen 50 times in every kind of run), composed from the shipped configs."""
     monkeypatch.chdir(REPO)
     triad = TriadConfig(**yaml.safe_load(Path("configs/fpb_blog.yaml").read_text()))
-    printed = {run.name: printed_config(capsys, *run.args[1:]) for run in plan(triad)}
+    printed = {run.name: printed_config(capsys, *run.args) for run in plan(triad)}
     assert list(printed) == ["centralized", "federated", "local0", "local1", "local2"]
     federation = printed["federated"]["federation"]
     assert (federation["rounds"], federation["local_epochs"], federation["local_steps"]) == (50, 1.0, None)

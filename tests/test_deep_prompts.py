@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import synthetic_sentences, train_tokenizer, write_synthetic_fpb
 from helpers import (
     FEDERATION,
@@ -17,6 +16,7 @@ from helpers import (
     batch_of,
     peft_probabilities,
     predicted,
+    printed_config,
     probabilities,
     replay,
     run_ranks,
@@ -276,10 +276,8 @@ def test_deep_slots_resume_bitwise_under_client_dp_and_secure_aggregation(
 @pytest.mark.parametrize("layout", ["deep_after_text", "deep_before_text"])
 def test_the_layout_configs_compose_with_every_fpb_config(layout: str, capsys: pytest.CaptureFixture[str]) -> None:
     for base in ("fpb_federated", "fpb_centralized", "fpb_local"):
-        with pytest.raises(SystemExit):
-            cli(["fit", "--config", f"{REPO}/configs/{base}.yaml", "--config", f"{REPO}/configs/layouts/{layout}.yaml",
-                 "--print_config"])  # fmt: skip
-        model = yaml.safe_load(capsys.readouterr().out)["model"]
+        configs = ("--config", f"{REPO}/configs/{base}.yaml", "--config", f"{REPO}/configs/layouts/{layout}.yaml")
+        model = printed_config(capsys, "fit", *configs)["model"]
         assert model["encoder"]["deep"] is True and model["encoder"]["init_text"]
         assert model["cache_prefix"] == (layout == "deep_after_text")
         check_deep_template(PromptTemplate(model["template"], TOKENIZER, 10, model["label_words"]), "", True)

@@ -64,7 +64,7 @@ def test_short_ptuning_run_lifts_validation_accuracy_clearly(tmp_path) -> None:
             "hidden_size": 512,
             "deep": True,
             "init_text": "Classify the sentiment of this financial news sentence",
-        },  # fmt: skip
+        },
         loss="label_words",
         lr=3e-3,  # the shipped 1e-2 is for 228 steps: over these 30 it left the slots at the majority class (0.56)
         warmup_steps=5,

@@ -15,11 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, printed_config
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 from wandb_records import read_offline_run
-
-from fedlm.cli import cli
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 BIN = str(Path(sys.executable).parent)  # fedlm and torchrun, as `wandb agent` would find them on PATH
@@ -53,15 +51,6 @@ def value_at(config: dict, dotted: str) -> Any:
     return config
 
 
-def resolved_config(fedlm_args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
-    """The config ``fedlm <args>`` would run with (``--print_config``, in this process: no start-up cost)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        cli([*fedlm_args, "--print_config"])
-    assert exit_.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 def assert_reached(config: dict, params: dict[str, Any]) -> None:
     for name, value in params.items():
         if isinstance(value, dict):  # a partial section: each of its leaves must be set
@@ -82,7 +71,7 @@ def test_every_sweep_builds_commands_whose_parameters_reach_the_config(
         line = agent_command(sweep, params, tmp_path / str(index))
         assert line[0] == "/usr/bin/env"
         fedlm_args = line[line.index("fedlm") + 1 :]  # the program's arguments, whatever launches it
-        assert_reached(resolved_config(fedlm_args, capsys), params)
+        assert_reached(printed_config(capsys, *fedlm_args), params)
 
 
 def test_the_json_form_keeps_nulls_that_the_flag_form_turns_into_strings(
@@ -97,7 +86,7 @@ def test_the_json_form_keeps_nulls_that_the_flag_form_turns_into_strings(
             "command": ["${env}", "fedlm", "fit", "--config", "configs/fpb_federated.yaml", *tail],
         }
         line = agent_command(sweep, params, tmp_path)
-        return value_at(resolved_config(line[line.index("fedlm") + 1 :], capsys), "model.encoder.init_text")
+        return value_at(printed_config(capsys, *line[line.index("fedlm") + 1 :]), "model.encoder.init_text")
 
     assert init_text("${args}") == "None"  # --model.encoder.init_text=None: the text "None" would seed the prompt
     assert init_text("--config", "${args_json_file}") is None

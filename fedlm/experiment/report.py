@@ -209,11 +209,11 @@ def against_table(rows: dict[str, list[Run]], other: dict[str, list[Run]]) -> st
     time column: the two experiments ran at different times, so their seconds do not compare (benchmarks do)."""
     cells = []
     for name, runs in rows.items():
-        boot = paired_runs(runs, other.get(name, []))
-        if boot is None:
+        seeds = {r.seed for r in runs} & {r.seed for r in other.get(name, [])}
+        if not seeds:
             continue
-        seeds = {r.seed for r in runs} & {r.seed for r in other[name]}
         here, there = ([r for r in group if r.seed in seeds] for group in (runs, other[name]))
+        boot = paired_runs(here, there)
         cells.append(
             [
                 name,
