@@ -44,6 +44,8 @@ SECTIONS = [
     ("federation.server", "fedlm.federation.ServerConfig"),
     ("federation.dp", "fedlm.federation.privacy.DPConfig"),
     ("federation.secure_aggregation", "fedlm.federation.SecureAggregationConfig"),
+    ("federation.robust", "fedlm.federation.robust.RobustConfig"),
+    ("federation.poison", "fedlm.federation.robust.PoisonConfig"),
     ("wandb", "fedlm.cli.tracking.WandbConfig"),
     ("fedlm experiment", "fedlm.experiment.runner.TriadConfig"),
 ]

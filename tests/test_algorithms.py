@@ -9,6 +9,7 @@ import yaml
 from helpers import FEDERATION, REPO, printed_config, replay, run_ranks, write_config
 
 from fedlm.federation import FederatedLoop, FederationConfig, ServerConfig, ServerOptimizer, Topology, sample_clients
+from fedlm.federation.robust import PoisonConfig, RobustConfig
 from fedlm.federation.secure import SecureAggregationConfig
 
 # -- server optimizers against the paper's update rules, by hand --------------------------------------------
@@ -204,7 +205,7 @@ def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys
     files = sorted((REPO / "configs" / "algorithms").glob("*.yaml"))
     assert {f.stem for f in files} == {
         "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client_sampling", "finetune", "split_prompts",
-        "table_average"
+        "table_average", "median", "trimmed_mean", "norm_bound", "poisoned"
     }  # fmt: skip
     for file in files:
         federation = printed_config(
@@ -217,5 +218,7 @@ def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys
         nested = {
             "server": ServerConfig(**federation["server"]),
             "secure_aggregation": SecureAggregationConfig(**federation["secure_aggregation"]),
+            "robust": RobustConfig(**federation["robust"]),
+            "poison": PoisonConfig(**federation["poison"]),
         }
         FederationConfig(**{**federation, **nested}).validate()

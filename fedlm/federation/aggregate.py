@@ -2,7 +2,8 @@
 
 A round boundary is pack -> sum over ranks -> unpack -> average:
 - each rank turns what its clients did into ``Contribution``s (a rule's ``summand``: FedAvg's is the weighted
-  vector) and ``pack``s them into one float64 vector laid out by ``payload_layout``;
+  vector; the order statistics of ``fedlm.federation.robust`` stack the vectors instead) and ``pack``s them into
+  one float64 vector laid out by ``payload_layout``;
 - the loop sums those vectors over the world, in one all-reduce (plain, or secure aggregation's masked one);
 - ``unpack`` reads the sums back as ``Totals`` and the rule turns them into the round's average.
 Sums compose: packing each client alone and adding the vectors gives the same totals as packing them together,
@@ -105,6 +106,10 @@ class Aggregation(Protocol):
 
     shares_client_figures: bool  # whether per-client losses and distances may travel
 
+    def width(self, size: int) -> int:
+        """The length of a summand, for a shared vector of ``size`` values (FedAvg: ``size``)."""
+        ...
+
     def summand(
         self, client: int, vector: torch.Tensor, weight: float, global_shared: torch.Tensor, round_index: int
     ) -> tuple[torch.Tensor, float, float]:
@@ -120,6 +125,9 @@ class FedAvg:
     """FedAvg (McMahan et al. 2017): the weighted mean of the clients' vectors (weights: ``federation.weighting``)."""
 
     shares_client_figures = True
+
+    def width(self, size: int) -> int:
+        return size
 
     def summand(
         self, client: int, vector: torch.Tensor, weight: float, global_shared: torch.Tensor, round_index: int

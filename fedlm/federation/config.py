@@ -11,6 +11,7 @@ import torch
 from fedlm.errors import ConfigError
 from fedlm.federation.exchange import Averaged
 from fedlm.federation.privacy import DPConfig
+from fedlm.federation.robust import PoisonConfig, RobustConfig
 from fedlm.federation.secure import SecureAggregationConfig
 from fedlm.federation.server import ServerConfig
 from fedlm.seeding import derive_seed
@@ -43,6 +44,9 @@ class FederationConfig:
         dp: client-level differential privacy of the round average (``DPConfig``; null: none).
         secure_aggregation: send the round's sums as pairwise-masked fixed-point integers whose masks cancel in
             the all-reduce (``fedlm.federation.secure``), so that no rank's update travels in the clear.
+        robust: how the round's vectors are combined (``RobustConfig``: the mean by default, or the coordinate-wise
+            median or trimmed mean, and an optional bound on each client's update norm).
+        poison: a simulated attack, for measuring robust rules (``PoisonConfig``; by default no client).
         collective_timeout_s: under torchrun, how long a collective waits for a silent peer before failing (a dead
             peer fails it at once); the error, not a hang, lets torchrun restart the group.
     """
@@ -61,6 +65,8 @@ class FederationConfig:
     personalize_steps: int = 0
     dp: DPConfig | None = None
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
     collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
@@ -90,6 +96,9 @@ class FederationConfig:
             raise ConfigError("federation.private_tokens and federation.personalize_steps must be >= 0 (0: off).")
         self.server.validate()
         self.secure_aggregation.validate()
+        self.robust.validate()
+        self.poison.validate(self.clients)
+        self._validate_robust()
         if self.dp is not None:
             self.dp.validate()
             if self.weighting != "uniform":
@@ -97,6 +106,26 @@ class FederationConfig:
                     "federation.dp bounds what one client adds to the round's sum, so every client must count once: "
                     "set federation.weighting: uniform."
                 )
+
+    def _validate_robust(self) -> None:
+        """The combinations a robust rule cannot serve, refused rather than quietly changed."""
+        rule = self.robust.rule
+        if self.robust.order_statistic and self.secure_aggregation.enabled:
+            raise ConfigError(
+                f"federation.robust.rule={rule!r} needs each client's vector in the clear, and secure aggregation "
+                "sends only their masked sum. Use robust.rule: mean with robust.norm_bound (each client bounds its "
+                "own update before masking), or turn secure_aggregation off."
+            )
+        if self.robust.order_statistic and self.weighting != "uniform":
+            raise ConfigError(
+                f"federation.robust.rule={rule!r} counts every client once, so the weights of "
+                f"federation.weighting={self.weighting!r} would be ignored: set federation.weighting: uniform."
+            )
+        if self.dp is not None and (self.robust.order_statistic or self.robust.norm_bound is not None):
+            raise ConfigError(
+                "federation.dp already bounds each client's update at dp.clip_norm, and its guarantee is for the "
+                "noised mean: set federation.robust.rule: mean and federation.robust.norm_bound: null."
+            )
 
     @property
     def sampled_per_round(self) -> int:

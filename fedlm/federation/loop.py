@@ -19,6 +19,7 @@ personalized models per client (``personalize``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -32,12 +33,13 @@ from torch.nn.utils import parameters_to_vector
 
 from fedlm.errors import ConfigError
 from fedlm.federation import checks, telemetry
-from fedlm.federation.aggregate import Aggregation, Contribution, FedAvg, divergence, pack, unpack
+from fedlm.federation.aggregate import Aggregation, Contribution, divergence, pack, unpack
 from fedlm.federation.clients import ClientStates, HostedClient, RoundState
 from fedlm.federation.config import FederationConfig, sample_clients
 from fedlm.federation.exchange import EncoderExchange
 from fedlm.federation.personalize import MODELS, personalize, write_personalization
 from fedlm.federation.privacy import ClientPrivacy, PrivateAggregation
+from fedlm.federation.robust import poisoned, robust_rule
 from fedlm.federation.secure import SecureAggregator
 from fedlm.federation.server import ServerOptimizer
 from fedlm.federation.topology import Topology
@@ -59,7 +61,12 @@ class FederatedLoop(L.Callback):
             if config.dp
             else None
         )
-        self.rule: Aggregation = PrivateAggregation(self.privacy) if self.privacy else FedAvg()
+        rule = robust_rule(
+            config.robust,
+            config.sampled_per_round,
+            functools.partial(sample_clients, config.clients, config.client_fraction, config.seed),
+        )
+        self.rule: Aggregation = PrivateAggregation(self.privacy, rule) if self.privacy else rule
         self.rounds_to_train = (
             self.privacy.planned_rounds() if self.privacy else config.rounds
         )  # DP: refuses overspending
@@ -223,8 +230,10 @@ class FederatedLoop(L.Callback):
     def _end_round(self, pl_module: L.LightningModule) -> None:
         r, clients, shared = self.round, self.config.clients, self.exchange.shared
         size, lead, figures = int(shared.sum()), self.topology.is_client_lead, self.rule.shares_client_figures
-        global_shared = self.global_params[shared]
+        global_shared, poison = self.global_params[shared], self.config.poison
         own = {client: vector[shared] for client, vector in r.vectors.items()} if lead else {}
+        for client in set(own) & set(poison.clients):  # a simulated attack: what this client sends instead
+            own[client] = poisoned(own[client], global_shared, poison.scale)
         weights = {h.client: h.weight for h in self.hosted}
         contributions = []
         for client in r.vectors:
@@ -235,7 +244,8 @@ class FederatedLoop(L.Callback):
             loss = sum(losses) if figures else None
             contributions.append(Contribution(client, len(losses), loss, summand, weight, count, failed))
         samples = {h.client: h.examples for h in self.hosted} if lead else {}
-        totals = unpack(self._sum(pack(contributions, samples, size, clients)), size, clients)
+        width = self.rule.width(size)
+        totals = unpack(self._sum(pack(contributions, samples, width, clients)), width, clients)
         checks.check_all_finite(totals.failed, r.index)
 
         self.global_params[shared] = self.server.step(global_shared, self.rule.average(totals, global_shared))

@@ -205,6 +205,9 @@ class PrivateAggregation:
     def __init__(self, privacy: ClientPrivacy, inner: Aggregation | None = None) -> None:
         self.privacy, self.inner = privacy, inner or FedAvg()
 
+    def width(self, size: int) -> int:
+        return self.inner.width(size)
+
     def summand(
         self, client: int, vector: torch.Tensor, weight: float, global_shared: torch.Tensor, round_index: int
     ) -> tuple[torch.Tensor, float, float]:
