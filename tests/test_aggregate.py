@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,7 @@ from fedlm.federation.aggregate import Contribution, FedAvg, divergence, fedavg,
 from fedlm.federation.checks import CollapsedClientsError, NonFiniteClientError, check_all_finite, check_not_collapsed
 from fedlm.federation.clients import ClientStates
 from fedlm.federation.privacy import ClientPrivacy, DPConfig, PrivateAggregation
-from fedlm.federation.telemetry import client_losses
+from fedlm.federation.telemetry import RoundReport, client_losses, log_line, metrics
 
 CLIENTS, SIZE = 3, 5
 
@@ -104,7 +105,7 @@ def test_simulated_clients_keep_their_own_moments_and_an_unsampled_one_rolls_bac
     assert trainer.optimizers[0].state_dict()["state"] == {}  # client 1 starts from fresh moments, not client 0's
     step(trainer, parameter)
     states.swap_out(1, trainer, sampled=False, private=None)
-    assert states.states[1].optimizer["optimizers"][0]["state"] == {}  # not sampled: as if it had not trained
+    assert states.states[1].optimizer is None  # not sampled: as if it had not trained (still fresh)
     states.swap_in(0, trainer, sampled=True)
     assert int(trainer.optimizers[0].state_dict()["state"][0]["step"]) == 1
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [0.05]
@@ -118,3 +119,42 @@ def test_a_resumed_rank_without_its_clients_private_tokens_is_refused() -> None:
     trainer = trainer_with_adam(torch.nn.Parameter(torch.zeros(2)))
     with pytest.raises(ValueError, match=r"no private tokens for client\(s\) \[1\]"):
         ClientStates().start([1], trainer, initial_private=torch.zeros(4), resumed=True)
+
+
+def test_optimizer_states_past_the_budget_wait_on_disk_and_come_back_whole(tmp_path: Path) -> None:
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    trainer = trainer_with_adam(parameter)
+    states = ClientStates(budget_bytes=100)  # one Adam state here is 2 moments of 2 floats and a step: 20 bytes
+    states.start([0, 1, 2, 3, 4, 5, 6, 7], trainer, torch.zeros(0), resumed=False, spill_dir=tmp_path / "spill")
+    for client in range(8):
+        states.swap_in(client, trainer, sampled=True)
+        for _ in range(client + 1):
+            step(trainer, parameter)
+        states.swap_out(client, trainer, sampled=True, private=torch.zeros(0))
+    assert states.memory_bytes() <= 100 and sorted(states.spilled) == [0, 1, 2]  # the least recently used
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["client0.pt", "client1.pt", "client2.pt"]
+    saved = states.state_dict()["client_states"]
+    assert [int(saved[k]["optimizers"][0]["state"][0]["step"]) for k in range(8)] == list(range(1, 9))
+    moved = states.take([1, 6])  # to another rank: whole, from disk or memory
+    assert [int(moved[k].optimizer["optimizers"][0]["state"][0]["step"]) for k in (1, 6)] == [2, 7]
+    assert states.held == [0, 2, 3, 4, 5, 7] and not (tmp_path / "spill" / "client1.pt").exists()
+    states.swap_in(0, trainer, sampled=True)  # read back from disk
+    assert int(trainer.optimizers[0].state_dict()["state"][0]["step"]) == 1
+    other = ClientStates()
+    other.start([], trainer, torch.zeros(0), resumed=False)
+    other.give(moved)
+    assert other.held == [1, 6] and other.memory_bytes() > 0
+    states.close()
+    assert not (tmp_path / "spill").exists()
+
+
+def test_past_32_clients_a_round_reports_its_sampled_clients_in_summary() -> None:
+    nan = float("nan")
+    losses, distances = [nan] * 40, [nan] * 40
+    losses[3], losses[17], distances[3], distances[17] = 1.0, 2.0, 0.5, 0.25
+    report = RoundReport(2, losses, distances, [10.0] * 40, [8 if k in (3, 17) else 0 for k in range(40)], 1.5, 0.01)
+    logged = metrics(report)
+    assert not [key for key in logged if key.startswith("client") and not key.startswith("clients/")]
+    assert logged["clients/train_loss_mean"] == 1.5 and logged["clients/divergence_max"] == 0.5
+    assert "sampled clients' train loss 1.000-2.000, mean 1.500 | compute 1.50s" in log_line(report, 5)
+    assert "client3/train_loss" in metrics(RoundReport(2, losses[:32], distances[:32], [1.0] * 32, [0] * 32, 1.0, 0.0))

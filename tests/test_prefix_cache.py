@@ -234,3 +234,25 @@ def test_stored_entries_are_kept_apart_per_backbone_and_a_colliding_file_is_a_mi
 def test_a_cache_dir_without_the_cache_is_refused(tiny_gpt2_dir: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"model\.cache_dir=.*model\.cache_prefix=true"):
         tiny_module(tiny_gpt2_dir, cache_dir=str(tmp_path))
+
+
+def test_a_budget_bounds_the_cache_and_a_dropped_entry_comes_back_the_same(tiny_model_dir: str) -> None:
+    """Under a budget smaller than one entry the cache drops every entry after its batch; a batch that needs a dropped
+    prefix again recomputes it, and trains on the bits an unbounded cache gives."""
+    plain = tiny_module(tiny_model_dir, template=CACHED_TEMPLATE, cache_prefix=True)
+    bounded = tiny_module(tiny_model_dir, template=CACHED_TEMPLATE, cache_prefix=True, cache_budget_mb=1e-9)
+    batches = [batch_of(plain, MIXED[:2]), batch_of(plain, MIXED[2:3]), batch_of(plain, MIXED[:2])]
+    for batch in batches:
+        plain.zero_grad()
+        bounded.zero_grad()
+        expected, loss = plain.train_loss(batch), bounded.train_loss(batch)
+        expected.backward()
+        loss.backward()
+        assert torch.equal(loss, expected)
+        assert all(
+            torch.equal(a.grad, b.grad) for a, b in zip(plain.encoder.parameters(), bounded.encoder.parameters())
+        )
+        assert len(bounded.prefix_cache) == 0 and bounded.prefix_cache.nbytes == 0  # all dropped after each batch
+    assert len(plain.prefix_cache) == 3
+    with pytest.raises(ValueError, match=r"model\.cache_budget_mb=1.*model\.cache_prefix=true"):
+        tiny_module(tiny_model_dir, cache_budget_mb=1.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
     from fedlm.federation.topology import Topology
 
 SPLITS_FOR_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+RoundLayout = Callable[[int], tuple[list[int], int]]  # round -> (this rank's clients, batches every rank runs)
+LISTED_CLIENTS = 16  # clients whose data is described one line each; the rest in one line
 
 
 class EncodedDataset(Dataset):
@@ -145,6 +150,7 @@ class TextClassificationData(L.LightningDataModule):
         # Set by federate(); the centralized defaults are one client that holds the whole training split.
         self.train_examples: list[Example] | None = None
         self.blocks: list[ClientBlock] | None = None
+        self.round_plan: RoundLayout | None = None
         self.rank_in_client, self.ranks_per_client = 0, 1
         self.eval_shard: tuple[int, int] | None = None  # (rank, world): each rank evaluates its share
 
@@ -229,10 +235,13 @@ class TextClassificationData(L.LightningDataModule):
                 f"[fedlm data] {len(train)} training examples among {num_clients} clients, partition "
                 f"{self.partition.describe()}, data.partition_seed={self.partition_seed}"
             )
-            for k, part in enumerate(self._partition):
+            for k, part in enumerate(self._partition[:LISTED_CLIENTS]):
                 counts = Counter(train[i].label for i in part)
                 histogram = " / ".join(f"{label} {counts[label]}" for label in labels)
                 rank_zero_info(f"[fedlm data] client {k}: {len(part)} examples, {histogram}")
+            rest = [len(part) for part in self._partition[LISTED_CLIENTS:]]
+            if rest:
+                rank_zero_info(f"[fedlm data] and {len(rest)} more clients of {min(rest)}-{max(rest)} examples each")
         return self._partition
 
     def partition_train(self, num_clients: int) -> list[list[int]]:
@@ -244,11 +253,27 @@ class TextClassificationData(L.LightningDataModule):
             return quantity_partition(len(train), num_clients, config.exponent, seed)
         return iid_partition(len(train), num_clients, seed)
 
-    def federate(self, topology: Topology, local_steps: int | None, local_epochs: float | None) -> list[ClientBlock]:
-        """Keep only the training examples of the clients this rank hosts; return their per-round blocks."""
+    @property
+    def simulated(self) -> bool:
+        """Whether the clients are parts of one dataset that every process reads (not sites' own files), so that
+        any process can run any client."""
+        return self.client_files is None
+
+    def federate(
+        self,
+        topology: Topology,
+        local_steps: int | None,
+        local_epochs: float | None,
+        clients: list[int] | None = None,
+        round_plan: RoundLayout | None = None,
+    ) -> list[ClientBlock]:
+        """Keep only the training examples of ``clients`` (default: those this rank hosts); return their per-round
+        blocks. ``round_plan(round)`` gives the clients whose batches make the round on this rank, in order, and
+        how many batches every rank runs (the rest are idle steps); by default, every block, as long as it is."""
         if self.local_client is not None:
             raise DataError("data.local_client trains one client alone; remove it, or the federation section.")
-        hosted = topology.hosted_clients
+        hosted = topology.hosted_clients if clients is None else clients
+        self.round_plan = round_plan
         splits = {k: self._client_split(k, topology.num_clients) for k in hosted}
         shards = {k: train for k, (train, _) in splits.items()}
         self.holdouts = {k: held for k, (_, held) in splits.items()}
@@ -303,6 +328,11 @@ class TextClassificationData(L.LightningDataModule):
         assert self.template is not None
         dataset = self.encoded("train")
         blocks = self.blocks or [ClientBlock(0, tuple(range(len(dataset))), math.ceil(len(dataset) / self.batch_size))]
+        pad_to = 0
+        if self.round_plan is not None:  # spread clients: rebuilt every round (Lightning reloads it), its own only
+            clients, pad_to = self.round_plan(self.trainer.current_epoch)
+            by_client = {block.client: block for block in blocks}
+            blocks = [by_client[client] for client in clients]
         sampler = RoundBatchSampler(
             blocks,
             self.batch_size,
@@ -312,10 +342,13 @@ class TextClassificationData(L.LightningDataModule):
             lengths=[len(example.input_ids) for example in dataset.examples],
             bucket_batches=self.bucket_batches,
             draw=self.batch_draw,
+            pad_to=pad_to,
         )
-        return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=self.template.collate, num_workers=self.num_workers
-        )
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self._collate, num_workers=self.num_workers)
+
+    def _collate(self, examples: list[EncodedExample]) -> dict[str, torch.Tensor]:
+        """The template's batch, or for an idle step (no examples) a batch of no rows."""
+        return self.template.collate(examples) if examples else {"label": torch.zeros(0, dtype=torch.long)}
 
     def _eval_loader(self, split: str) -> DataLoader:
         assert self.template is not None

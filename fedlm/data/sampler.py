@@ -36,6 +36,10 @@ class ClientBlock:
 class RoundBatchSampler(Sampler[list[int]]):
     """Per round (Lightning epoch): ``block.steps`` batches of each block's client, blocks in order.
 
+    ``pad_to``: the round is that many batches long on every rank, the batches past this rank's own being empty
+    (idle steps), because Lightning broadcasts across the world at every batch, so every rank must run the same
+    number; the loop averages at the round's last batch.
+
     With ``ranks_per_client > 1`` every rank of a client walks the same stream and takes its own slice of each
     global batch, which is data parallelism within the client. With ``bucket_batches > 1`` and the examples'
     token ``lengths``, each window of that many global batches is regrouped by length (then the window's batches
@@ -53,6 +57,7 @@ class RoundBatchSampler(Sampler[list[int]]):
         lengths: Sequence[int] | None = None,
         bucket_batches: int = 1,
         draw: BatchDraw = "shuffle",
+        pad_to: int = 0,
     ) -> None:
         if bucket_batches > 1 and lengths is None:
             raise ValueError("bucket_batches > 1 needs the examples' lengths.")
@@ -61,6 +66,7 @@ class RoundBatchSampler(Sampler[list[int]]):
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
         self.rank_in_client, self.ranks_per_client = rank_in_client, ranks_per_client
         self.lengths, self.bucket_batches, self.draw = lengths, bucket_batches, draw
+        self.pad_to = pad_to
         self.round = 0
         # Lightning calls set_epoch on dataloader.sampler and dataloader.batch_sampler.sampler, never on the batch
         # sampler itself; without this every round would replay round 0's batches.
@@ -71,7 +77,7 @@ class RoundBatchSampler(Sampler[list[int]]):
         self.round = epoch
 
     def __len__(self) -> int:
-        return sum(block.steps for block in self.blocks)
+        return max(self.pad_to, sum(block.steps for block in self.blocks))
 
     def __iter__(self) -> Iterator[list[int]]:
         global_batch = self.batch_size * self.ranks_per_client
@@ -91,6 +97,8 @@ class RoundBatchSampler(Sampler[list[int]]):
                 batches = self._bucketed(block.client, batches)
             for batch in batches:
                 yield batch[mine]
+        for _ in range(len(self) - sum(block.steps for block in self.blocks)):
+            yield []  # an idle step
 
     def _drawn(self, block: ClientBlock, step: int, size: int) -> list[int]:
         generator = torch.Generator().manual_seed(derive_seed("dp-batch", self.seed, block.client, self.round, step))

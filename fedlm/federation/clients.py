@@ -1,9 +1,10 @@
 """Where a client's state lives, by lifetime.
 
 - ``HostedClient`` (the run): which batches of a round are the client's, and its weight in the average.
-- ``ClientState`` (across rounds, in the hosting rank's checkpoint): its optimizer and scheduler state and its
+- ``ClientState`` (across rounds, in the holding rank's checkpoint): its optimizer and scheduler state and its
   private virtual tokens. A rank that simulates several clients has one optimizer; each client's state is swapped
-  in at its first batch and out at its last, so simulated clients never share Adam moments. The client's RNG
+  in at its first batch and out at its last, so simulated clients never share Adam moments. States of clients not
+  in the round stay off the hot path: in memory up to a budget, on disk past it. The client's RNG
   needs no state: it is re-seeded from ``federation.seed``, the round and the client at each swap-in, so a
   resumed run draws the same dropout masks.
 - ``RoundState`` (one round, made fresh at its start): who takes part, the clients' losses and vectors, failures
@@ -13,8 +14,11 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,8 +38,10 @@ class HostedClient:
 
 @dataclass
 class ClientState:
-    optimizer: dict[str, Any]  # {"optimizers": [state_dict...], "schedulers": [state_dict...]}
     private: torch.Tensor  # the client's private virtual tokens (empty without split prompts)
+    # {"optimizers": [state_dict...], "schedulers": [state_dict...]}; None: fresh (the client has not trained yet)
+    # or spilled to disk (``ClientStates.spilled``)
+    optimizer: dict[str, Any] | None = None
 
 
 @dataclass
@@ -48,6 +54,8 @@ class RoundState:
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # each sampled client's vector at its last batch
     failed: set[int] = field(default_factory=set)
     anchor: torch.Tensor | None = None  # the current client's parameters at its round start (FedProx)
+    batches: int = 0  # the round's batches on every rank, idle steps included
+    idle: bool = False  # the current batch is an idle step: this rank's clients are done for the round
 
 
 def optimizer_state(trainer: L.Trainer) -> dict[str, Any]:
@@ -65,15 +73,35 @@ def load_optimizer_state(trainer: L.Trainer, state: dict[str, Any]) -> None:
 
 
 class ClientStates:
-    """The ``ClientState`` of each client this rank hosts, and its checkpoint part."""
+    """The ``ClientState`` of each client this rank holds, and its checkpoint part.
 
-    def __init__(self) -> None:
+    A client that has not trained yet has no optimizer state of its own: it starts from the trainer's at the start of
+    training (``fresh``). Trained clients' optimizer states stay in memory, least recently used first; past
+    ``budget_bytes`` the oldest are written to ``spill_dir`` and read back when their client runs again, so memory
+    stays bounded however many clients a rank holds. ``in_place``: a rank that runs one client only keeps its
+    state in the trainer (nothing to swap) and copies it only to roll an unsampled round back.
+    """
+
+    def __init__(self, budget_bytes: int | None = None) -> None:
         self.states: dict[int, ClientState] = {}
+        self.recent: OrderedDict[int, int] = OrderedDict()  # clients whose optimizer state is in memory: its bytes
+        self.spilled: dict[int, Path] = {}
+        self.budget_bytes, self.spill_dir = budget_bytes, None
+        self.fresh: dict[str, Any] = {}
+        self.in_place = False
         self._restored: dict[str, dict[int, Any]] = {"private": {}, "client_states": {}}
 
-    def start(self, clients: list[int], trainer: L.Trainer, initial_private: torch.Tensor, resumed: bool) -> None:
-        """At the start of training: each client's restored state, or fresh (the trainer's optimizer as it is now,
-        after Lightning restored it on resume, and the global model's private tokens)."""
+    def start(
+        self,
+        clients: list[int],
+        trainer: L.Trainer,
+        initial_private: torch.Tensor,
+        resumed: bool,
+        in_place: bool = False,
+        spill_dir: Path | None = None,
+    ) -> None:
+        """At the start of training: each held client's restored state, or fresh (the trainer's optimizer as it is
+        now, after Lightning restored it on resume, and the global model's private tokens)."""
         private, optimizers = self._restored["private"], self._restored["client_states"]
         missing = [client for client in clients if client not in private]
         if missing and resumed and initial_private.numel() > 0:
@@ -81,12 +109,15 @@ class ClientStates:
                 f"the checkpoint holds no private tokens for client(s) {missing}: it was written by a process that "
                 "did not host them. Resume with the same number of processes, from the checkpoint folder of each."
             )
-        fresh = optimizer_state(trainer)
+        self.fresh, self.in_place, self.spill_dir = copy.deepcopy(optimizer_state(trainer)), in_place, spill_dir
         for client in clients:
-            self.states[client] = ClientState(
-                optimizer=optimizers[client] if client in optimizers else copy.deepcopy(fresh),
-                private=private[client] if client in private else initial_private.clone(),
-            )
+            self.states[client] = ClientState(private[client] if client in private else initial_private.clone())
+            if client in optimizers and not in_place:
+                self._keep(client, optimizers[client])
+
+    @property
+    def held(self) -> list[int]:
+        return sorted(self.states)
 
     def model(self, client: int, global_params: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         """The global exchange vector with this client's private tokens in place."""
@@ -95,10 +126,9 @@ class ClientStates:
         return vector
 
     def swap_in(self, client: int, trainer: L.Trainer, sampled: bool) -> None:
-        """Load the client's optimizer state. A rank with one client keeps its state in place (nothing to swap),
-        but an unsampled one keeps a copy to roll back to at ``swap_out``."""
-        if len(self.states) > 1:
-            load_optimizer_state(trainer, self.states[client].optimizer)
+        """Load the client's optimizer state; in place, an unsampled client keeps a copy to roll back to."""
+        if not self.in_place:
+            load_optimizer_state(trainer, self._optimizer(client))
         elif not sampled:
             self.states[client].optimizer = copy.deepcopy(optimizer_state(trainer))
 
@@ -106,20 +136,76 @@ class ClientStates:
         """Keep what the client's steps changed; an unsampled client rolls back, as if it had not trained. A failed
         client (``private`` None) keeps nothing: the round stops."""
         if not sampled:
-            if len(self.states) == 1:
+            if self.in_place:
                 load_optimizer_state(trainer, self.states[client].optimizer)
             return
         if private is None:
             return
         self.states[client].private = private
-        if len(self.states) > 1:
-            self.states[client].optimizer = copy.deepcopy(optimizer_state(trainer))
+        if not self.in_place:
+            self._keep(client, copy.deepcopy(optimizer_state(trainer)))
+
+    def take(self, clients: list[int]) -> dict[int, ClientState]:
+        """Hand these clients' whole states over (to the rank that runs them next); this rank holds them no more."""
+        out = {}
+        for client in clients:
+            optimizer = self._optimizer(client) if client in self.recent or client in self.spilled else None
+            out[client] = ClientState(self.states.pop(client).private, optimizer)
+            self.recent.pop(client, None)
+            if client in self.spilled:
+                self.spilled.pop(client).unlink()
+        return out
+
+    def give(self, states: dict[int, ClientState]) -> None:
+        for client, state in states.items():
+            self.states[client] = ClientState(state.private)
+            if state.optimizer is not None:
+                self._keep(client, state.optimizer)
+
+    def memory_bytes(self) -> int:
+        """What the held optimizer states take in memory."""
+        return sum(self.recent.values())
+
+    def _optimizer(self, client: int) -> dict[str, Any]:
+        """The client's optimizer state, from memory, from disk, or fresh."""
+        if client in self.recent:
+            self.recent.move_to_end(client)
+            return self.states[client].optimizer
+        if client in self.spilled:
+            return torch.load(self.spilled[client], weights_only=False)
+        return self.fresh
+
+    def _keep(self, client: int, optimizer: dict[str, Any]) -> None:
+        self.states[client].optimizer = optimizer
+        self.recent[client] = tensor_bytes(optimizer)
+        self.recent.move_to_end(client)
+        if client in self.spilled:
+            self.spilled.pop(client).unlink()
+        while self.budget_bytes is not None and self.memory_bytes() > self.budget_bytes and self.recent:
+            self._spill(next(iter(self.recent)))
+
+    def _spill(self, client: int) -> None:
+        if self.spill_dir is None:
+            raise RuntimeError("ClientStates has a memory budget but no spill_dir; pass one to start().")
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"client{client}.pt"
+        torch.save(self.states[client].optimizer, path)
+        self.spilled[client], self.states[client].optimizer = path, None
+        del self.recent[client]
+
+    def close(self) -> None:
+        """Remove the spilled states' folder (the checkpoint holds what must last)."""
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+        self.spilled.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        """This process's clients only (their moments, for exact resume, and private tokens)."""
+        """This process's clients only (their moments, for exact resume, and private tokens); spilled states are
+        read back into it, one after another."""
+        trained = [client for client in self.held if client in self.recent or client in self.spilled]
         return {
             "private": {client: state.private for client, state in self.states.items()},
-            "client_states": {client: state.optimizer for client, state in self.states.items()},
+            "client_states": {client: self._optimizer(client) for client in trained},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -127,3 +213,14 @@ class ClientStates:
             "private": dict(state.get("private", {})),
             "client_states": dict(state.get("client_states", {})),
         }
+
+
+def tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in a nested state dict."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0

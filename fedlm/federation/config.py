@@ -34,6 +34,13 @@ class FederationConfig:
             objective, pulling clients towards the round's global encoder. 0: plain local steps.
         client_fraction: the fraction of clients that take part in each round, ``max(1, round(fraction * clients))``
             of them, drawn from ``seed`` and the round index.
+        skip_unsampled: in a simulation from one dataset on fewer processes than clients, a round runs only its
+            sampled clients, spread evenly over the processes, so it costs what they cost. false, or pinned
+            clients (``data.client_files``, a process group per client): every client runs its steps and an
+            unsampled one rolls back. Both give the same result (``fedlm.federation.plan``).
+        client_state_budget_mb: how much memory each process may spend on its clients' optimizer states (Adam's
+            moments, per client); past it the least recently used are kept on disk until their client runs again.
+            null: no limit.
         average: what is averaged: the encoder's ``parameters``, or its output ``table`` (the virtual-token
             embeddings; see ``fedlm.federation.exchange``).
         private_tokens: split prompts: the last this many virtual tokens are private to each client, trained
@@ -60,6 +67,8 @@ class FederationConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     prox_mu: float = 0.0
     client_fraction: float = 1.0
+    skip_unsampled: bool = True
+    client_state_budget_mb: float | None = None
     average: Averaged = "parameters"
     private_tokens: int = 0
     personalize_steps: int = 0
@@ -90,6 +99,10 @@ class FederationConfig:
             )
         if not 0 < self.client_fraction <= 1:
             raise ConfigError(f"federation.client_fraction={self.client_fraction} must be in (0, 1].")
+        if self.client_state_budget_mb is not None and self.client_state_budget_mb < 0:
+            raise ConfigError(
+                f"federation.client_state_budget_mb={self.client_state_budget_mb} must be >= 0 (null: no limit)."
+            )
         if self.average not in ("parameters", "table"):
             raise ConfigError(f"federation.average={self.average!r} is unknown; use 'parameters' or 'table'.")
         if self.private_tokens < 0 or self.personalize_steps < 0:

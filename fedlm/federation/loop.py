@@ -6,11 +6,12 @@ swapped in (``fedlm.federation.clients``); at its last, its vector is set aside.
 round is averaged (``fedlm.federation.aggregate``: pack, one all-reduce, unpack, average) and the server optimizer
 makes the new global encoder. The frozen LM never travels.
 
-Client sampling (``client_fraction < 1``) leaves the batch layout alone: Lightning fixes an epoch's length and its
-end-of-epoch validation at setup, and every rank must reach the round's all-reduce and validation together, so a
-rank cannot run fewer batches in some rounds. An unsampled client therefore still runs its local steps, then rolls
-back: it sends nothing (the average's weights renormalize over the sampled clients) and its optimizer state is
-restored. The price is the unsampled clients' compute; what sampling saves here is their communication.
+Client sampling (``client_fraction < 1``, ``fedlm.federation.plan``): in a simulation from one dataset on fewer
+processes than clients, a round's batches are its sampled clients' only, spread over the processes (Lightning
+rebuilds the batch layout every round), and each client's state moves to the process that runs it. Pinned clients
+(their own files, or their own processes) run every round and an unsampled one rolls back: it sends nothing (the
+average's weights renormalize over the sampled clients) and its optimizer state is restored. Both give the same
+result; the first costs only the sampled clients' steps.
 
 What travels is an ``EncoderExchange`` vector (the encoder's parameters, or its virtual-token table) minus the
 client's private virtual tokens. With ``data.client_holdout``, the end of fit evaluates the global and
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import math
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +41,15 @@ from fedlm.federation.clients import ClientStates, HostedClient, RoundState
 from fedlm.federation.config import FederationConfig, sample_clients
 from fedlm.federation.exchange import EncoderExchange
 from fedlm.federation.personalize import MODELS, personalize, write_personalization
+from fedlm.federation.plan import RoundPlan
 from fedlm.federation.privacy import ClientPrivacy, PrivateAggregation
 from fedlm.federation.robust import poisoned, robust_rule
 from fedlm.federation.secure import SecureAggregator
 from fedlm.federation.server import ServerOptimizer
 from fedlm.federation.topology import Topology
 from fedlm.seeding import derive_seed
+
+LISTED = 8  # hosted clients described one by one in the setup line
 
 
 class FederatedLoop(L.Callback):
@@ -76,7 +82,12 @@ class FederatedLoop(L.Callback):
         self.exchange: EncoderExchange | None = None
         # what lasts across rounds (and goes into checkpoints)
         self.global_params: torch.Tensor | None = None  # the global exchange vector
-        self.clients = ClientStates()
+        budget = config.client_state_budget_mb
+        self.clients = ClientStates(None if budget is None else int(budget * 2**20))
+        self.plan: RoundPlan | None = None
+        self.pinned_batches = 0  # pinned: the batches of a round on every rank (the longest rank's steps)
+        self.units: dict[int, tuple[int, int, float]] = {}  # every runnable client's (examples, steps, weight)
+        self.holders: list[int] | None = None  # spread: which rank holds each client's state now
         self.completed_rounds = 0
         self.round: RoundState | None = None
 
@@ -101,23 +112,71 @@ class FederatedLoop(L.Callback):
             self.secure.setup()  # a collective: key agreement, once per run
         if self.privacy is not None:
             self._describe_privacy()
-        blocks = datamodule.federate(topology, self.config.local_steps, self.config.local_epochs)
-        self.hosted, first = [], 0
-        for block in blocks:
-            weight = float(len(block.indices)) if self.config.weighting == "samples" else 1.0
-            self.hosted.append(HostedClient(block.client, first, first + block.steps - 1, len(block.indices), weight))
-            first += block.steps
-        held = getattr(datamodule, "holdouts", {})
-        described = ", ".join(
-            f"client {c.client}: {c.examples} examples"
-            + (f" (+{len(held[c.client])} held out)" if held.get(c.client) else "")
-            + f", {c.last - c.first + 1} steps/round"
-            for c in self.hosted
+        c = self.config
+        skips = (
+            c.skip_unsampled
+            and c.client_fraction < 1
+            and topology.world_size < topology.num_clients
+            and datamodule.simulated
         )
-        print(
-            f"[fedlm] rank {topology.rank}/{topology.world_size}: {self.config.clients} clients, "
-            f"{topology.ranks_per_client} rank(s) per client, hosting {described}",
-            flush=True,
+        runnable = list(range(c.clients)) if skips else topology.hosted_clients
+        blocks = datamodule.federate(topology, c.local_steps, c.local_epochs, runnable, self._round_layout)
+        self.units = {
+            b.client: (len(b.indices), b.steps, float(len(b.indices)) if c.weighting == "samples" else 1.0)
+            for b in blocks
+        }
+        steps = {client: unit[1] for client, unit in self.units.items()}
+        self.plan = RoundPlan(c.clients, c.client_fraction, c.seed, topology.world_size, steps, skips)
+        if skips:
+            # the round's batches are its sampled clients', whose steps can change from round to round: Lightning
+            # must rebuild the train loader, and count its batches again, at every round
+            trainer.reload_dataloaders_every_n_epochs = 1
+            if self.holders is None:  # not restored: each rank starts holding the clients it would host pinned
+                self.holders = [topology.client_ranks(client)[0] for client in range(c.clients)]
+        else:
+            self.hosted = self._layout(runnable)
+            own = sum(steps.values())
+            self.pinned_batches = checks.extremes_over_ranks(own)[1] if topology.world_size > 1 else own
+        print(f"[fedlm] rank {topology.rank}/{topology.world_size}: {self._describe(runnable, datamodule)}", flush=True)
+
+    def _round_layout(self, round_index: int) -> tuple[list[int], int]:
+        """This rank's clients in a round and how many batches every rank runs in it (the longest rank's steps; the
+        data module fills the rest with idle steps)."""
+        if not self.plan.skips:
+            return [h.client for h in self.hosted], self.pinned_batches
+        runners = self.plan.runners(round_index)
+        loads = [sum(self.units[client][1] for client in clients) for clients in runners]
+        return runners[self.topology.rank], max(loads)
+
+    def _layout(self, clients: list[int]) -> list[HostedClient]:
+        """The clients' batches in a round, one block after another, as the data module lays them out."""
+        hosted, first = [], 0
+        for client in clients:
+            examples, steps, weight = self.units[client]
+            hosted.append(HostedClient(client, first, first + steps - 1, examples, weight))
+            first += steps
+        return hosted
+
+    def _describe(self, runnable: list[int], datamodule: Any) -> str:
+        c, topology = self.config, self.topology
+        held = getattr(datamodule, "holdouts", {})
+        if self.plan.skips:
+            examples = [self.units[k][0] for k in runnable]
+            steps = [self.units[k][1] for k in runnable]
+            return (
+                f"{c.clients} clients of {min(examples)}-{max(examples)} examples ({min(steps)}-{max(steps)} "
+                f"steps/round), {c.sampled_per_round} sampled per round and spread over {topology.world_size} "
+                "process(es); the others do not run"
+            )
+        described = ", ".join(
+            f"client {k}: {self.units[k][0]} examples"
+            + (f" (+{len(held[k])} held out)" if held.get(k) else "")
+            + f", {self.units[k][1]} steps/round"
+            for k in runnable[:LISTED]
+        )
+        more = f", and {len(runnable) - LISTED} more" if len(runnable) > LISTED else ""
+        return f"{c.clients} clients, {topology.ranks_per_client} rank(s) per client, hosting {described}{more}" + (
+            "; unsampled clients run, then roll back" if c.client_fraction < 1 else ""
         )
 
     def _describe_privacy(self) -> None:
@@ -141,23 +200,61 @@ class FederatedLoop(L.Callback):
         self.exchange = EncoderExchange(pl_module.encoder, c.average, c.private_tokens)
         self.global_params = self.exchange.read()  # on resume: the checkpoint's global model
         initial_private = self.global_params[~self.exchange.shared]
-        self.clients.start([h.client for h in self.hosted], trainer, initial_private, self.completed_rounds > 0)
+        rank, skips, budget = self.topology.rank, self.plan.skips, self.config.client_state_budget_mb
+        held = [k for k, holder in enumerate(self.holders) if holder == rank] if skips else list(self.units)
+        spill = None
+        if budget is not None:
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            spill = Path(tempfile.mkdtemp(prefix=f".client-states-rank{rank}-", dir=root))
+        if not skips and self.holders is not None and self.topology.world_size > 1:
+            raise ConfigError(
+                "the checkpoint's clients were spread over the processes round by round (federation.skip_unsampled "
+                "with client sampling), this run pins them: resume with the checkpoint's federation settings."
+            )
+        # in place: one client that runs every batch of the round (idle steps would step its lr scheduler)
+        in_place = not skips and len(held) == 1 and self.pinned_batches == self.units[held[0]][1]
+        self.clients.start(held, trainer, initial_private, self.completed_rounds > 0, in_place, spill)
 
     # -- within a round ------------------------------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        c, index = self.config, trainer.current_epoch
-        self.round = RoundState(index, sample_clients(c.clients, c.client_fraction, c.seed, index))
+        index = trainer.current_epoch
+        self.round = RoundState(index, self.plan.sampled(index))
+        if self.plan.skips:
+            self._move_states(self.plan.runners(index))
+        clients, self.round.batches = self._round_layout(index)
+        self.hosted = self._layout(clients)
         self.round.losses = {h.client: [] for h in self.hosted}
+
+    def _move_states(self, runners: list[list[int]]) -> None:
+        """Spread clients: each rank hands the states it holds of clients another rank runs this round to that
+        rank (in one process, nothing moves)."""
+        runner = {client: rank for rank, clients in enumerate(runners) for client in clients}
+        rank = self.topology.rank
+        if self.topology.world_size > 1:
+            start = time.perf_counter()
+            leaving = self.clients.take([k for k in self.clients.held if runner.get(k, rank) != rank])
+            gathered: list[Any] = [None] * self.topology.world_size
+            dist.all_gather_object(gathered, leaving)
+            for sender, states in enumerate(gathered):
+                if sender != rank:
+                    self.clients.give({k: state for k, state in states.items() if runner[k] == rank})
+            self.round.comm_seconds += time.perf_counter() - start
+        for client, holder in runner.items():
+            self.holders[client] = holder
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self.round.idle = not self.hosted or batch_idx > self.hosted[-1].last
         for hosted in self.hosted:
             if batch_idx == hosted.first:
                 self._begin_client(trainer, hosted.client)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.round.idle:
+            return
         if self.client_group is not None:
             self._reduce_client_gradients(pl_module)
         if self.config.prox_mu > 0:
@@ -173,8 +270,9 @@ class FederatedLoop(L.Callback):
                     self._end_client(trainer, hosted.client)
                 break
         # Average here, at the round's last batch, not in on_train_epoch_end: Lightning's end-of-epoch validation
-        # and checkpointing run before the callbacks' epoch-end hooks, and must see the new global encoder.
-        if batch_idx == self.hosted[-1].last:
+        # and checkpointing run before the callbacks' epoch-end hooks, and must see the new global encoder. Every
+        # rank runs the same number of batches (idle steps after its own clients'), so they all get here together.
+        if batch_idx == self.round.batches - 1:
             self._end_round(pl_module)
 
     def _begin_client(self, trainer: L.Trainer, client: int) -> None:
@@ -231,21 +329,27 @@ class FederatedLoop(L.Callback):
         r, clients, shared = self.round, self.config.clients, self.exchange.shared
         size, lead, figures = int(shared.sum()), self.topology.is_client_lead, self.rule.shares_client_figures
         global_shared, poison = self.global_params[shared], self.config.poison
-        own = {client: vector[shared] for client, vector in r.vectors.items()} if lead else {}
+        everything = bool(shared.all())  # then no copy: a boolean index would copy every client's vector
+        own = {client: vector if everything else vector[shared] for client, vector in r.vectors.items()} if lead else {}
         for client in set(own) & set(poison.clients):  # a simulated attack: what this client sends instead
             own[client] = poisoned(own[client], global_shared, poison.scale)
         weights = {h.client: h.weight for h in self.hosted}
-        contributions = []
-        for client in r.vectors:
-            losses, summand, weight, count = r.losses[client], None, 0.0, 0.0
-            failed = lead and client in r.failed
-            if client in own and not failed:  # only a client's lead rank sends its vector
-                summand, weight, count = self.rule.summand(client, own[client], weights[client], global_shared, r.index)
-            loss = sum(losses) if figures else None
-            contributions.append(Contribution(client, len(losses), loss, summand, weight, count, failed))
+
+        def contributions() -> Iterator[Contribution]:
+            """One client at a time, so that only one float64 summand is alive while the payload is packed."""
+            for client in r.vectors:
+                losses, summand, weight, count = r.losses[client], None, 0.0, 0.0
+                failed = lead and client in r.failed
+                if client in own and not failed:  # only a client's lead rank sends its vector
+                    summand, weight, count = self.rule.summand(
+                        client, own[client], weights[client], global_shared, r.index
+                    )
+                loss = sum(losses) if figures else None
+                yield Contribution(client, len(losses), loss, summand, weight, count, failed)
+
         samples = {h.client: h.examples for h in self.hosted} if lead else {}
         width = self.rule.width(size)
-        totals = unpack(self._sum(pack(contributions, samples, width, clients)), width, clients)
+        totals = unpack(self._sum(pack(contributions(), samples, width, clients)), width, clients)
         checks.check_all_finite(totals.failed, r.index)
 
         self.global_params[shared] = self.server.step(global_shared, self.rule.average(totals, global_shared))
@@ -294,12 +398,10 @@ class FederatedLoop(L.Callback):
         if not getattr(trainer.datamodule, "client_holdout", 0) or self.completed_rounds < self.config.rounds:
             return
         models = {}
-        for hosted in self.hosted if self.topology.is_client_lead else []:
-            models[hosted.client] = {"global": self.global_params}
+        for client in self.clients.held if self.topology.is_client_lead else []:
+            models[client] = {"global": self.global_params}
             if self.config.private_tokens > 0:
-                models[hosted.client]["private"] = self.clients.model(
-                    hosted.client, self.global_params, self.exchange.shared
-                )
+                models[client]["private"] = self.clients.model(client, self.global_params, self.exchange.shared)
         c = self.config
         results = personalize(
             trainer, pl_module, self.exchange, models, c.personalize_steps, c.seed, self.topology.world_size
@@ -320,6 +422,10 @@ class FederatedLoop(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.clients.close()
+
     # -- checkpoints hold the round index, the global encoder, the server's and the hosted clients' state ----
 
     def state_dict(self) -> dict[str, Any]:
@@ -329,6 +435,7 @@ class FederatedLoop(L.Callback):
             "server": self.server.state_dict(),
             "average": self.config.average,
             "dp": self.privacy.state_dict() if self.privacy else None,
+            "holders": self.holders,
             **self.clients.state_dict(),
         }
 
@@ -346,6 +453,7 @@ class FederatedLoop(L.Callback):
             )
         self.completed_rounds = state_dict["completed_rounds"]
         self.global_params = state_dict["global_params"]
+        self.holders = state_dict.get("holders")
         self.clients.load_state_dict(state_dict)
         if self.privacy is not None:
             self.privacy.load_state_dict(state_dict["dp"])

@@ -3,9 +3,12 @@ logged metrics and one log line. Pure: the loop hands the figures in and logs wh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+PER_CLIENT_LIMIT = 32  # up to this many clients, each gets its own metrics and log-line entry
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,11 @@ def metrics(report: RoundReport) -> dict[str, float]:
     }
     if report.privacy is not None:
         logged["dp/epsilon"], logged["dp/epsilon_peer"], logged["dp/clip_norm"] = report.privacy
+    if len(report.losses) > PER_CLIENT_LIMIT:  # thousands of clients: the round's sampled ones, summarized
+        losses, distances = known(report.losses), known(report.distances)
+        logged["clients/train_loss_mean"] = sum(losses) / len(losses) if losses else math.nan
+        logged["clients/divergence_max"] = max(distances, default=math.nan)
+        return logged
     for client, loss in enumerate(report.losses):
         logged[f"client{client}/train_loss"] = loss
         logged[f"client{client}/divergence"] = report.distances[client]
@@ -55,10 +63,19 @@ def metrics(report: RoundReport) -> dict[str, float]:
     return logged
 
 
+def known(values: list[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
 def log_line(report: RoundReport, rounds: int) -> str:
-    losses = " ".join(f"{loss:.3f}" for loss in report.losses)
+    if len(report.losses) > PER_CLIENT_LIMIT:
+        losses = known(report.losses)
+        summary = f"{min(losses):.3f}-{max(losses):.3f}, mean {sum(losses) / len(losses):.3f}" if losses else "n/a"
+        losses_text = f"sampled clients' train loss {summary}"
+    else:
+        losses_text = "client train loss " + " ".join(f"{loss:.3f}" for loss in report.losses)
     line = (
-        f"[fedlm] round {report.round}/{rounds}: client train loss {losses} | compute {report.compute_seconds:.1f}s "
+        f"[fedlm] round {report.round}/{rounds}: {losses_text} | compute {report.compute_seconds:.2f}s "
         f"comm {report.comm_seconds:.3f}s | {sum(report.client_bytes) / 1e6:.2f} MB exchanged"
     )
     if report.privacy is not None:

@@ -84,6 +84,9 @@ class PTuningModule(L.LightningModule):
             same backbone read them instead of running the LM over their sentences again (about 1.4 MiB a sentence for
             SmolLM2 in fp32). Entries are keyed by the backbone's weights, dtype and the torch build and thread count,
             so a run gives the same bits with or without them. They are derived from the data: keep them private.
+        cache_budget_mb: how much memory the prefix cache may hold (null: no limit). Past it the least recently used
+            entries are dropped, and read back from ``cache_dir`` or computed again when a sentence comes back: the
+            same bits, so only the time changes.
         compile: ``torch.compile`` the frozen transformer body (dynamic shapes). The first steps pay for the
             compilation; later ones gain a little on CPU (``results/speed.md``).
         calibrate: label calibration (``accuracy`` or ``macro_f1``; null: none). After every validation one additive
@@ -111,6 +114,7 @@ class PTuningModule(L.LightningModule):
         cache_prefix: bool = False,
         cache_dtype: Dtype = "fp32",
         cache_dir: str | None = None,
+        cache_budget_mb: float | None = None,
         compile: bool = False,
         calibrate: Objective | None = None,
         dp_sgd: DPSGDConfig | None = None,
@@ -140,6 +144,7 @@ class PTuningModule(L.LightningModule):
                 "cache_prefix": cache_prefix,
                 "cache_dtype": cache_dtype,
                 "cache_dir": cache_dir,
+                "cache_budget_mb": cache_budget_mb,
                 "compile": compile,
                 "calibrate": calibrate,
                 "dp_sgd": asdict(dp_sgd) if dp_sgd else None,
@@ -197,11 +202,17 @@ class PTuningModule(L.LightningModule):
             raise ConfigError(
                 f"model.cache_dir={cache_dir!r} stores the prefix cache, which is off; set model.cache_prefix=true."
             )
+        if cache_budget_mb is not None and (not cache_prefix or cache_budget_mb < 0):
+            raise ConfigError(
+                f"model.cache_budget_mb={cache_budget_mb} bounds the prefix cache: it must be >= 0, with "
+                "model.cache_prefix=true."
+            )
         # Deep slots that come first still follow the tokenizer's special prefix (e.g. BOS), whose key/values are
         # constants like any cached text's: caching them keeps one path for both placements.
         cached = cache_prefix or (encoder.deep and bool(self.template.prefix_ids))
+        budget = None if cache_budget_mb is None else int(cache_budget_mb * 2**20)
         self.prefix_cache = (
-            PrefixCache(self.backbone, cache_dtype, self.template.fixed_head(), cache_dir) if cached else None
+            PrefixCache(self.backbone, cache_dtype, self.template.fixed_head(), cache_dir, budget) if cached else None
         )
         embeddings = self.backbone.get_input_embeddings().weight
         tokenize = lambda text: loaded.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
@@ -356,6 +367,11 @@ class PTuningModule(L.LightningModule):
         return self.backbone.get_output_embeddings()(hidden[rows, aligned["prompt_length"] - 1]).float()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if len(batch["label"]) == 0:
+            # An idle step: this rank's clients are done for the round, but Lightning needs every rank to run the
+            # same steps (it cannot skip one in distributed training). A loss tied to no parameter: no gradient,
+            # so the optimizer leaves every parameter and its state alone.
+            return torch.zeros((), requires_grad=True)
         loss = self.train_loss(batch) if self.dp_sgd is None else self.dp_sgd_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss

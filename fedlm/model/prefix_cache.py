@@ -12,6 +12,9 @@ row's prefix length plus its offset), so rotary and absolute position embeddings
 A fixed head that every prefix starts with (an instruction before the sentence) is stored once: each entry then
 holds only the rest, computed with the head's key/values as its past, and ``past`` lays head and rest side by side.
 
+With a byte budget the least recently used entries are dropped past it (``PrefixCache.budget_bytes``); a dropped
+entry is read back from the store, or computed again, bit for bit the same.
+
 With a ``PrefixStore`` the entries also live on disk, so that the runs of a search or an experiment (each its own
 process) compute each sentence's key/values once between them instead of once each.
 """
@@ -22,6 +25,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -130,7 +134,12 @@ class PrefixCache:
     """
 
     def __init__(
-        self, model: PreTrainedModel, dtype: Dtype = "fp32", head: tuple[int, ...] = (), store: str | Path | None = None
+        self,
+        model: PreTrainedModel,
+        dtype: Dtype = "fp32",
+        head: tuple[int, ...] = (),
+        store: str | Path | None = None,
+        budget_bytes: int | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"model.cache_dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
@@ -141,8 +150,9 @@ class PrefixCache:
             )
         self.model = model
         self.dtype = DTYPES[dtype]
-        self.entries: dict[tuple[int, ...], torch.Tensor] = {}
+        self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # least recently used first
         self.nbytes = 0
+        self.budget_bytes = budget_bytes
         self.head = tuple(head)
         self.head_entry: torch.Tensor | None = None
         self.store = PrefixStore(store, backbone_fingerprint(model, self.dtype)) if store is not None else None
@@ -173,12 +183,22 @@ class PrefixCache:
         dtype, left-padded with zeros, and its (rows, longest) mask: one padding call for the batch."""
         self._fill([prefix for prefix in dict.fromkeys(prefixes) if prefix not in self.entries])
         whole = [self._whole(prefix).permute(3, 0, 1, 2, 4) for prefix in prefixes]  # (length, layers, 2, heads, dim)
+        self._evict(prefixes)
         padded = pad_sequence(whole, batch_first=True, padding_side="left")  # (rows, longest, layers, 2, heads, dim)
         stacked = padded.permute(2, 3, 0, 4, 1, 5).to(self.model.dtype).contiguous()
         lengths = torch.tensor([len(prefix) for prefix in prefixes], device=self.model.device)
         longest = stacked.shape[4]
         mask = (torch.arange(longest, device=lengths.device) >= longest - lengths[:, None]).long()
         return stacked, mask
+
+    def _evict(self, used: list[tuple[int, ...]]) -> None:
+        """Mark the batch's entries recently used, then drop the least recently used past the budget (this batch's
+        key/values are already gathered)."""
+        for prefix in used:
+            self.entries.move_to_end(prefix)
+        while self.budget_bytes is not None and self.nbytes > self.budget_bytes and self.entries:
+            _, entry = self.entries.popitem(last=False)
+            self.nbytes -= entry.numel() * entry.element_size()
 
     def _whole(self, prefix: tuple[int, ...]) -> torch.Tensor:
         """A prefix's key/values over all of its tokens: its entry, after the head's if it starts with it."""
