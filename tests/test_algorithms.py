@@ -120,17 +120,6 @@ def test_client_sampling_is_seeded_per_round_and_never_empty() -> None:
 
 
 @pytest.mark.multiprocess
-def test_sampled_clients_alone_make_the_average(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
-    federation = {**FEDERATION, "clients": 4, "client_fraction": 0.5}
-    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation)
-    result, (record,) = run_ranks(tmp_path, config, 1)
-    assert result.returncode == 0, result.stderr[-3000:]
-    replay([record], ServerConfig(), sampled_each_round=2)
-    sampled = [sorted(r["client_params"]) for r in record["rounds"]]
-    assert sampled == [sample_clients(4, 0.5, FEDERATION["seed"], r) for r in range(3)]
-
-
-@pytest.mark.multiprocess
 def test_fedadam_with_client_sampling_on_two_ranks_matches_one_process(
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
 ) -> None:
