@@ -149,11 +149,9 @@ class ClientStates:
         """Hand these clients' whole states over (to the rank that runs them next); this rank holds them no more."""
         out = {}
         for client in clients:
-            optimizer = self._optimizer(client) if client in self.recent or client in self.spilled else None
+            optimizer = self._optimizer(client) if self._trained(client) else None
             out[client] = ClientState(self.states.pop(client).private, optimizer)
-            self.recent.pop(client, None)
-            if client in self.spilled:
-                self.spilled.pop(client).unlink()
+            self._forget(client)
         return out
 
     def give(self, states: dict[int, ClientState]) -> None:
@@ -166,6 +164,16 @@ class ClientStates:
         """What the held optimizer states take in memory."""
         return sum(self.recent.values())
 
+    def _trained(self, client: int) -> bool:
+        """Whether the client has an optimizer state of its own, in memory or on disk."""
+        return client in self.recent or client in self.spilled
+
+    def _forget(self, client: int) -> None:
+        """Drop where the client's optimizer state was kept: its memory entry and its file."""
+        self.recent.pop(client, None)
+        if client in self.spilled:
+            self.spilled.pop(client).unlink()
+
     def _optimizer(self, client: int) -> dict[str, Any]:
         """The client's optimizer state, from memory, from disk, or fresh."""
         if client in self.recent:
@@ -176,11 +184,9 @@ class ClientStates:
         return self.fresh
 
     def _keep(self, client: int, optimizer: dict[str, Any]) -> None:
+        self._forget(client)
         self.states[client].optimizer = optimizer
-        self.recent[client] = tensor_bytes(optimizer)
-        self.recent.move_to_end(client)
-        if client in self.spilled:
-            self.spilled.pop(client).unlink()
+        self.recent[client] = tensor_bytes(optimizer)  # the most recently used, last
         while self.budget_bytes is not None and self.memory_bytes() > self.budget_bytes and self.recent:
             self._spill(next(iter(self.recent)))
 
@@ -202,7 +208,7 @@ class ClientStates:
     def state_dict(self) -> dict[str, Any]:
         """This process's clients only (their moments, for exact resume, and private tokens); spilled states are
         read back into it, one after another."""
-        trained = [client for client in self.held if client in self.recent or client in self.spilled]
+        trained = [client for client in self.held if self._trained(client)]
         return {
             "private": {client: state.private for client, state in self.states.items()},
             "client_states": {client: self._optimizer(client) for client in trained},

@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -52,6 +52,14 @@ from fedlm.seeding import derive_seed
 LISTED = 8  # hosted clients described one by one in the setup line
 
 
+class Unit(NamedTuple):
+    """What the loop needs of a client it may run: from the data module's block and the weighting."""
+
+    examples: int  # training set size
+    steps: int  # local steps per round
+    weight: float  # FedAvg weight
+
+
 class FederatedLoop(L.Callback):
     """Built once per run from the validated config and the launch's topology (``rounds_to_train`` is what the
     trainer's ``max_epochs`` must be)."""
@@ -67,11 +75,11 @@ class FederatedLoop(L.Callback):
             if config.dp
             else None
         )
-        rule = robust_rule(
-            config.robust,
-            config.sampled_per_round,
-            functools.partial(sample_clients, config.clients, config.client_fraction, config.seed),
+        # one drawing of each round's clients, for the plan and the order statistics' rows alike
+        self.sampled = functools.lru_cache(maxsize=1)(
+            functools.partial(sample_clients, config.clients, config.client_fraction, config.seed)
         )
+        rule = robust_rule(config.robust, config.sampled_per_round, self.sampled)
         self.rule: Aggregation = PrivateAggregation(self.privacy, rule) if self.privacy else rule
         self.rounds_to_train = (
             self.privacy.planned_rounds() if self.privacy else config.rounds
@@ -85,8 +93,7 @@ class FederatedLoop(L.Callback):
         budget = config.client_state_budget_mb
         self.clients = ClientStates(None if budget is None else int(budget * 2**20))
         self.plan: RoundPlan | None = None
-        self.pinned_batches = 0  # pinned: the batches of a round on every rank (the longest rank's steps)
-        self.units: dict[int, tuple[int, int, float]] = {}  # every runnable client's (examples, steps, weight)
+        self.units: dict[int, Unit] = {}  # every client this rank may run
         self.holders: list[int] | None = None  # spread: which rank holds each client's state now
         self.completed_rounds = 0
         self.round: RoundState | None = None
@@ -122,11 +129,14 @@ class FederatedLoop(L.Callback):
         runnable = list(range(c.clients)) if skips else topology.hosted_clients
         blocks = datamodule.federate(topology, c.local_steps, c.local_epochs, runnable, self._round_layout)
         self.units = {
-            b.client: (len(b.indices), b.steps, float(len(b.indices)) if c.weighting == "samples" else 1.0)
+            b.client: Unit(len(b.indices), b.steps, float(len(b.indices)) if c.weighting == "samples" else 1.0)
             for b in blocks
         }
-        steps = {client: unit[1] for client, unit in self.units.items()}
-        self.plan = RoundPlan(c.clients, c.client_fraction, c.seed, topology.world_size, steps, skips)
+        steps = {client: unit.steps for client, unit in self.units.items()}
+        pinned = 0 if skips else sum(steps.values())
+        if not skips and topology.world_size > 1:  # every rank runs the longest rank's steps each round
+            pinned = checks.extremes_over_ranks(pinned)[1]
+        self.plan = RoundPlan(self.sampled, topology.world_size, steps, skips, pinned)
         if skips:
             # the round's batches are its sampled clients', whose steps can change from round to round: Lightning
             # must rebuild the train loader, and count its batches again, at every round
@@ -135,43 +145,36 @@ class FederatedLoop(L.Callback):
                 self.holders = [topology.client_ranks(client)[0] for client in range(c.clients)]
         else:
             self.hosted = self._layout(runnable)
-            own = sum(steps.values())
-            self.pinned_batches = checks.extremes_over_ranks(own)[1] if topology.world_size > 1 else own
         print(f"[fedlm] rank {topology.rank}/{topology.world_size}: {self._describe(runnable, datamodule)}", flush=True)
 
     def _round_layout(self, round_index: int) -> tuple[list[int], int]:
-        """This rank's clients in a round and how many batches every rank runs in it (the longest rank's steps; the
-        data module fills the rest with idle steps)."""
-        if not self.plan.skips:
-            return [h.client for h in self.hosted], self.pinned_batches
-        runners = self.plan.runners(round_index)
-        loads = [sum(self.units[client][1] for client in clients) for clients in runners]
-        return runners[self.topology.rank], max(loads)
+        """This rank's clients in a round and every rank's batches in it (what the data module lays out)."""
+        return self.plan.layout(round_index, self.topology.rank)
 
     def _layout(self, clients: list[int]) -> list[HostedClient]:
         """The clients' batches in a round, one block after another, as the data module lays them out."""
         hosted, first = [], 0
         for client in clients:
-            examples, steps, weight = self.units[client]
-            hosted.append(HostedClient(client, first, first + steps - 1, examples, weight))
-            first += steps
+            unit = self.units[client]
+            hosted.append(HostedClient(client, first, first + unit.steps - 1, unit.examples, unit.weight))
+            first += unit.steps
         return hosted
 
     def _describe(self, runnable: list[int], datamodule: Any) -> str:
         c, topology = self.config, self.topology
         held = getattr(datamodule, "holdouts", {})
         if self.plan.skips:
-            examples = [self.units[k][0] for k in runnable]
-            steps = [self.units[k][1] for k in runnable]
+            examples = [self.units[k].examples for k in runnable]
+            steps = [self.units[k].steps for k in runnable]
             return (
                 f"{c.clients} clients of {min(examples)}-{max(examples)} examples ({min(steps)}-{max(steps)} "
                 f"steps/round), {c.sampled_per_round} sampled per round and spread over {topology.world_size} "
                 "process(es); the others do not run"
             )
         described = ", ".join(
-            f"client {k}: {self.units[k][0]} examples"
+            f"client {k}: {self.units[k].examples} examples"
             + (f" (+{len(held[k])} held out)" if held.get(k) else "")
-            + f", {self.units[k][1]} steps/round"
+            + f", {self.units[k].steps} steps/round"
             for k in runnable[:LISTED]
         )
         more = f", and {len(runnable) - LISTED} more" if len(runnable) > LISTED else ""
@@ -202,18 +205,18 @@ class FederatedLoop(L.Callback):
         initial_private = self.global_params[~self.exchange.shared]
         rank, skips, budget = self.topology.rank, self.plan.skips, self.config.client_state_budget_mb
         held = [k for k, holder in enumerate(self.holders) if holder == rank] if skips else list(self.units)
-        spill = None
-        if budget is not None:
-            root = Path(trainer.default_root_dir)
-            root.mkdir(parents=True, exist_ok=True)
-            spill = Path(tempfile.mkdtemp(prefix=f".client-states-rank{rank}-", dir=root))
         if not skips and self.holders is not None and self.topology.world_size > 1:
             raise ConfigError(
                 "the checkpoint's clients were spread over the processes round by round (federation.skip_unsampled "
                 "with client sampling), this run pins them: resume with the checkpoint's federation settings."
             )
+        spill = None
+        if budget is not None:
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            spill = Path(tempfile.mkdtemp(prefix=f".client-states-rank{rank}-", dir=root))
         # in place: one client that runs every batch of the round (idle steps would step its lr scheduler)
-        in_place = not skips and len(held) == 1 and self.pinned_batches == self.units[held[0]][1]
+        in_place = not skips and len(held) == 1 and self.plan.pinned_batches == self.units[held[0]].steps
         self.clients.start(held, trainer, initial_private, self.completed_rounds > 0, in_place, spill)
 
     # -- within a round ------------------------------------------------------------------------------------

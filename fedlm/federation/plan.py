@@ -12,9 +12,8 @@ Two ways to host clients (``RoundPlan.skips``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fedlm.federation.config import sample_clients
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 def spread(clients: list[int], steps: dict[int, int], processes: int) -> list[list[int]]:
@@ -28,20 +27,28 @@ def spread(clients: list[int], steps: dict[int, int], processes: int) -> list[li
     return [sorted(chosen) for chosen in lists]
 
 
-@dataclass(frozen=True)
+@dataclass
 class RoundPlan:
-    """The round's sampled clients and, when they are spread, which process runs each."""
+    """The round's sampled clients, which process runs each, and how many batches every process runs."""
 
-    clients: int
-    fraction: float
-    seed: int
+    sampled: Callable[[int], list[int]]  # round -> its sampled clients, the same on every rank
     processes: int
-    steps: dict[int, int]  # local steps per round of every client this process may run
+    steps: dict[int, int]  # local steps per round of every client this process may run, in its pinned order
     skips: bool  # spread: unsampled clients do not run at all
-
-    def sampled(self, round_index: int) -> list[int]:
-        return sample_clients(self.clients, self.fraction, self.seed, round_index)
+    pinned_batches: int = 0  # pinned: every process's batches per round (the longest process's steps)
+    _last: tuple[int, list[list[int]]] | None = field(default=None, repr=False)  # the latest round's runners
 
     def runners(self, round_index: int) -> list[list[int]]:
-        """The clients each process runs in the round (spread only)."""
-        return spread(self.sampled(round_index), self.steps, self.processes)
+        """The clients each process runs in the round (spread only); asked for by the loop and the data module
+        alike, so the latest round's answer is kept."""
+        if self._last is None or self._last[0] != round_index:
+            self._last = (round_index, spread(self.sampled(round_index), self.steps, self.processes))
+        return self._last[1]
+
+    def layout(self, round_index: int, rank: int) -> tuple[list[int], int]:
+        """``rank``'s clients in the round, in order, and how many batches every process runs in it (the longest
+        process's steps; the data module fills the rest with idle steps)."""
+        if not self.skips:
+            return list(self.steps), self.pinned_batches
+        runners = self.runners(round_index)
+        return runners[rank], max(sum(self.steps[client] for client in clients) for clients in runners)
