@@ -17,6 +17,7 @@ import time
 import lightning as L
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.utils import parameters_to_vector
 
 from fedlm.cli import cli
@@ -73,6 +74,10 @@ def sent_bytes(entry: dict) -> int:
     return sum(len(p) + 8 for p in entry["pickled"])
 
 
+def local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
 class RoundRecorder(L.Callback):
     def __init__(self) -> None:
         self.rounds: list[dict] = []
@@ -104,7 +109,9 @@ class RoundRecorder(L.Callback):
                 "global": (
                     loop.global_params if loop else parameters_to_vector(pl_module.encoder.parameters())
                 ).clone(),
-                "backbone": torch.stack([p.double().sum() for p in pl_module.backbone.parameters()]).sum().item(),
+                # what this rank holds of the frozen LM: its shard of each sharded weight (shard_backbone)
+                "backbone": sum(local(p).double().sum().item() for p in pl_module.backbone.parameters()),
+                "backbone_bytes": sum(local(p).numel() * p.element_size() for p in pl_module.backbone.parameters()),
             }
         )
 

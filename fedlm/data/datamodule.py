@@ -23,7 +23,7 @@ from fedlm.data.partition import (
     iid_partition,
     quantity_partition,
 )
-from fedlm.data.sampler import BatchDraw, ClientBlock, RoundBatchSampler, ShardSampler
+from fedlm.data.sampler import BatchDraw, ClientBlock, RoundBatchSampler, ShardBatches
 from fedlm.data.sources import (
     Agreement,
     DataError,
@@ -353,14 +353,12 @@ class TextClassificationData(L.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         assert self.template is not None
         dataset = self.encoded(split)
-        sampler = ShardSampler(len(dataset), *self.eval_shard) if self.eval_shard else None
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            sampler=sampler,
-            collate_fn=self.template.collate,
-            num_workers=self.num_workers,
-        )
+        if self.eval_shard is None:
+            batching = {"batch_size": self.eval_batch_size, "collate_fn": self.template.collate}
+        else:
+            shards = ShardBatches(len(dataset), *self.eval_shard, self.eval_batch_size)
+            batching = {"batch_sampler": shards, "collate_fn": self._collate}
+        return DataLoader(dataset, num_workers=self.num_workers, **batching)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -12,6 +12,7 @@ examples, of fixed size, independent of every other step. That is the sampling i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -143,14 +144,20 @@ def _permutation(seed: int, client: int, shuffle: int, size: int) -> list[int]:
     return torch.randperm(size, generator=generator).tolist()
 
 
-class ShardSampler(Sampler[int]):
-    """Every ``world``-th example from ``rank``, without the padding DistributedSampler adds (honest metrics)."""
+class ShardBatches(Sampler[list[int]]):
+    """Every ``world``-th example from ``rank``, in batches, without the padding DistributedSampler adds (honest
+    metrics); a rank with fewer examples ends with an empty batch, so that every rank runs the same number of
+    evaluation steps (with a sharded LM each is a collective)."""
 
-    def __init__(self, size: int, rank: int, world: int) -> None:
-        self.indices = list(range(rank, size, world))
+    def __init__(self, size: int, rank: int, world: int, batch_size: int) -> None:
+        indices = list(range(rank, size, world))
+        self.batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        self.steps = math.ceil(math.ceil(size / world) / batch_size)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.steps
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches
+        for _ in range(self.steps - len(self.batches)):
+            yield []

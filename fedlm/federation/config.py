@@ -54,6 +54,9 @@ class FederationConfig:
         robust: how the round's vectors are combined (``RobustConfig``: the mean by default, or the coordinate-wise
             median or trimmed mean, and an optional bound on each client's update norm).
         poison: a simulated attack, for measuring robust rules (``PoisonConfig``; by default no client).
+        shard_backbone: FSDP2-shard the frozen LM's decoder layers over each client's ranks (a process group per
+            client, ``torchrun`` with a multiple of ``clients`` processes), so a client holds one copy of the LM
+            spread over its devices while its encoder still trains data-parallel (``fedlm.federation.sharding``).
         collective_timeout_s: under torchrun, how long a collective waits for a silent peer before failing (a dead
             peer fails it at once); the error, not a hang, lets torchrun restart the group.
     """
@@ -76,6 +79,7 @@ class FederationConfig:
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     poison: PoisonConfig = field(default_factory=PoisonConfig)
+    shard_backbone: bool = False
     collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
@@ -107,6 +111,11 @@ class FederationConfig:
             raise ConfigError(f"federation.average={self.average!r} is unknown; use 'parameters' or 'table'.")
         if self.private_tokens < 0 or self.personalize_steps < 0:
             raise ConfigError("federation.private_tokens and federation.personalize_steps must be >= 0 (0: off).")
+        if self.shard_backbone and self.personalize_steps > 0:
+            raise ConfigError(
+                "federation.personalize_steps evaluates each client on its lead rank alone, but "
+                "federation.shard_backbone spreads the LM over all of the client's ranks; set one of them off."
+            )
         self.server.validate()
         self.secure_aggregation.validate()
         self.robust.validate()

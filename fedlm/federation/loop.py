@@ -46,7 +46,8 @@ from fedlm.federation.privacy import ClientPrivacy, PrivateAggregation
 from fedlm.federation.robust import poisoned, robust_rule
 from fedlm.federation.secure import SecureAggregator
 from fedlm.federation.server import ServerOptimizer
-from fedlm.federation.topology import Topology
+from fedlm.federation.sharding import shard_backbone, sharded_names
+from fedlm.federation.topology import Topology, TopologyError
 from fedlm.seeding import derive_seed
 
 LISTED = 8  # hosted clients described one by one in the setup line
@@ -103,6 +104,11 @@ class FederatedLoop(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         topology, datamodule = self.topology, trainer.datamodule
         topology.check_process_group()
+        if self.client_group is None:
+            self.client_group = topology.client_groups().get(topology.hosted_clients[0])
+        # once: fit's test after it calls setup again on the sharded module
+        if self.config.shard_backbone and not getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None):
+            self._shard(pl_module)
         if stage != "fit":
             datamodule.eval_shard = (topology.rank, topology.world_size) if topology.world_size > 1 else None
             return
@@ -113,7 +119,6 @@ class FederatedLoop(L.Callback):
                 "federation.personalize_steps needs each client's own held-out data to evaluate on: set "
                 "data.init_args.client_holdout (e.g. 0.2), or federation.personalize_steps: 0."
             )
-        self.client_group = topology.client_groups().get(topology.hosted_clients[0])
         if self.config.secure_aggregation.enabled and self.secure is None:
             self.secure = SecureAggregator(self.config.secure_aggregation)
             self.secure.setup()  # a collective: key agreement, once per run
@@ -146,6 +151,26 @@ class FederatedLoop(L.Callback):
         else:
             self.hosted = self._layout(runnable)
         print(f"[fedlm] rank {topology.rank}/{topology.world_size}: {self._describe(runnable, datamodule)}", flush=True)
+
+    def _shard(self, pl_module: L.LightningModule) -> None:
+        """The frozen LM spread over this client's ranks; the prefix cache then fills in lockstep with them."""
+        if self.client_group is None:
+            raise TopologyError(
+                f"federation.shard_backbone spreads the LM over each client's ranks, but this launch gives each of "
+                f"the {self.topology.num_clients} clients one rank (world size {self.topology.world_size}); start "
+                f"a multiple of them, e.g. torchrun --nproc_per_node={2 * self.topology.num_clients}."
+            )
+        held = shard_backbone(pl_module.backbone, self.client_group)
+        # Lightning broadcasts rank 0's weights before a test or validation; each rank's shards are its own
+        pl_module._ddp_params_and_buffers_to_ignore = sharded_names(pl_module)
+        if pl_module.prefix_cache is not None:
+            pl_module.prefix_cache.lockstep = self.client_group
+        print(
+            f"[fedlm] rank {self.topology.rank}: the LM's {held.layers} decoder layers sharded over client "
+            f"{self.topology.hosted_clients[0]}'s {self.topology.ranks_per_client} ranks: this rank holds "
+            f"{held.local:,} of their {held.whole:,} bytes",
+            flush=True,
+        )
 
     def _round_layout(self, round_index: int) -> tuple[list[int], int]:
         """This rank's clients in a round and every rank's batches in it (what the data module lays out)."""

@@ -426,6 +426,9 @@ class PTuningModule(L.LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: dict[str, torch.Tensor], split: str) -> None:
+        if len(batch["label"]) == 0:  # a rank past its share of the evaluation: see idle_forward
+            self.idle_forward()
+            return
         loss, scores = self.loss_and_scores(batch)
         preds, labels = scores.argmax(-1), batch["label"]
         metrics = getattr(self, f"{split}_metrics")
@@ -438,6 +441,18 @@ class PTuningModule(L.LightningModule):
             self.test_calibrated_metrics.update(self.calibrated_scores(scores).argmax(-1), labels)
             self.log_dict(self.test_calibrated_metrics, batch_size=len(labels))
         self.eval_outputs.append(torch.cat([labels[:, None].double(), scores.double()], dim=1).cpu())
+
+    @torch.no_grad()
+    def idle_forward(self) -> None:
+        """What an evaluation batch runs through the frozen LM (a prefix fill and a forward per pass), on one token.
+
+        A rank whose share of the evaluation ended runs these while the others score their last batch: with the LM
+        sharded (``federation.shard_backbone``), every forward is a collective of the client's ranks.
+        """
+        for _ in range(1 if self.template.single_token_answers else 2):  # multi-token answers: gold, then candidates
+            if self.prefix_cache is not None:
+                self.prefix_cache.join_fill()
+            self.backbone.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))
 
     def calibrated_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """The label scores plus the fitted per-class biases (unchanged while there are none)."""

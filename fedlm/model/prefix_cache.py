@@ -29,6 +29,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, PreTrainedModel
 
@@ -156,6 +157,9 @@ class PrefixCache:
         self.head = tuple(head)
         self.head_entry: torch.Tensor | None = None
         self.store = PrefixStore(store, backbone_fingerprint(model, self.dtype)) if store is not None else None
+        # A sharded LM's ranks (fedlm.federation.sharding): each forward is their collective, so every fill runs as
+        # many forwards as the busiest of them does.
+        self.lockstep: dist.ProcessGroup | None = None
         if self.store is not None:
             log.info("Prefix cache on disk: %s", self.store.folder)
 
@@ -216,6 +220,7 @@ class PrefixCache:
         run starts with an empty cache; another rank hosts other clients). Measured on SmolLM2, batching the fill
         saved less than the run-to-run noise of its time (results/reproducibility.md).
         """
+        idle = self._owed_forwards(prefixes) if self.lockstep is not None else 0
         for prefix in prefixes:
             if self.starts_with_head(prefix):
                 if self.head_entry is None:
@@ -228,6 +233,25 @@ class PrefixCache:
                 entry = self._computed(prefix, prefix)
             self.entries[prefix] = entry
             self.nbytes += entry.numel() * entry.element_size()
+        for _ in range(idle):  # one token; what matters is that every sharded layer gathers its weights
+            self.model.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.model.device))
+
+    def join_fill(self) -> None:
+        """Take part in the sharded ranks' fill without a batch (an idle evaluation step)."""
+        self._fill([])
+
+    def _owed_forwards(self, prefixes: list[tuple[int, ...]]) -> int:
+        """The forwards this rank's fill must add to its own to match the busiest rank of its lockstep group, agreed
+        before any of them runs: a rank that asked while another still ran forwards would mismatch collectives."""
+        keys = [(-2, len(self.head), *prefix) if self.starts_with_head(prefix) else prefix for prefix in prefixes]
+        head = self.head_entry is None and any(map(self.starts_with_head, prefixes)) and not self._stored(self.head)
+        own = sum(not self._stored(key) for key in keys) + int(head)
+        most = torch.tensor([own], device=self.model.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.lockstep)
+        return int(most.item()) - own
+
+    def _stored(self, key: tuple[int, ...]) -> bool:
+        return self.store is not None and self.store.path(key).is_file()
 
     def _computed(self, key: tuple[int, ...], sequence: tuple[int, ...], after_head: bool = False) -> torch.Tensor:
         """The entry of ``sequence``: read from the store if it has ``key``, else computed (and then stored)."""
