@@ -30,7 +30,7 @@ declare -A flags=(
   [deep_after_lr1e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.lr 0.01"
   [deep_after_lr3e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.lr 0.03"
   [deep_after_mlp_lr1e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_after_text.yaml --model.encoder.type mlp --model.lr 0.01"
-  [deep_before_lr1e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_before_text.yaml --model.lr 0.01"
+  [deep_before_lr1e-2]="$before $nemo --model.loss label_words --config configs/layouts/deep_before_text.yaml --model.lr 0.01 --model.cache_dir null"  # nothing to cache
 )
 for setting in ${SETTINGS:-base cosine_labelwords cosine_labelwords_lr3e-3 cosine_labelwords_4ep}; do
   [[ -v flags[$setting] ]] || { echo "unknown setting $setting; known: ${!flags[*]}" >&2; exit 2; }
@@ -40,8 +40,8 @@ for setting in ${SETTINGS:-base cosine_labelwords cosine_labelwords_lr3e-3 cosin
     rm -rf "$folder" && mkdir -p "$folder"
     echo "[recipe] $folder: running, log $folder/output.log"
     # shellcheck disable=SC2086
-    .venv/bin/fedlm fit --config configs/fpb_centralized.yaml ${flags[$setting]} --model.calibrate macro_f1 \
-      --model.cache_dir "${PREFIX_CACHE:-runs/prefix_cache}" \
+    .venv/bin/fedlm fit --config configs/fpb_centralized.yaml --model.cache_dir "${PREFIX_CACHE:-runs/prefix_cache}" \
+      ${flags[$setting]} --model.calibrate macro_f1 \
       --seed_everything "$seed" --data.init_args.shuffle_seed "$seed" --test_after_fit false \
       --trainer.default_root_dir "$folder" --trainer.enable_progress_bar false \
       --trainer.logger "{\"class_path\": \"lightning.pytorch.loggers.CSVLogger\", \"init_args\": {\"save_dir\": \"$folder\", \"name\": \"logs\", \"version\": 0}}" \

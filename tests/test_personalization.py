@@ -182,7 +182,7 @@ def test_table_averaging_sends_the_table_and_matches_one_process(
 
 def test_algorithms_report_tables_each_run_per_client(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     from fedlm.cli import cli
-    from fedlm.experiment.algorithms import write
+    from fedlm.experiment.algorithms import write, write_section
 
     for algorithm, extra in (("fedavg", {}), ("split_prompts", {"private_tokens": 1})):
         folder = tmp_path / "runs" / "iid" / algorithm
@@ -205,3 +205,12 @@ def test_algorithms_report_tables_each_run_per_client(tiny_gpt2_dir: str, synthe
     assert "split_prompts (fedavg, 1 private tokens, 2 fine-tuning steps)" in rows[3]
     results = json.loads(next((tmp_path / "runs" / "iid" / "fedavg").rglob("personalization.json")).read_text())
     assert rows[1].split(" | ")[2].strip("*") == f"{results[0]['global']['holdout_acc']:.3f}"  # client 0, global
+    # a later session's runs as one more section: the other sections stay as written, the notes come last
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Setup\n\nhow the runs were made\n")
+    before = write(tmp_path / "runs", tmp_path / "algorithms.md", "the test", notes)
+    merged = write_section(tmp_path / "runs", tmp_path / "algorithms.md", "again", "iid, again", notes)
+    assert merged == write_section(tmp_path / "runs", tmp_path / "algorithms.md", "again", "iid, again", notes)
+    assert merged.startswith(before.split("\n## Setup")[0].rstrip() + "\n\n## iid, again\n")
+    assert merged.endswith("\n## Setup\n\nhow the runs were made") and merged.count("## Setup") == 1
+    assert "runs made by `again`" in merged and (tmp_path / "algorithms_iid_again.png").is_file()

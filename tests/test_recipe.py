@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlm.experiment.recipe import finished_runs, read_search_run, search_table
+from fedlm.experiment.recipe import finished_runs, main, read_search_run, search_table
 
 
 def fake_run(
@@ -53,3 +53,17 @@ def test_runs_score_their_last_validations_and_settings_rank_by_the_mean_over_se
     lines = search_table(runs, 3).splitlines()
     assert lines[2].startswith("| better | 1 | 0.900 | 0.800 | 0.800 -> 0.840 |")
     assert lines[3].startswith("| base | 1 2 | 0.770 (0.720-0.820) |")
+
+
+def test_merge_keeps_the_rows_of_settings_whose_runs_are_gone(tmp_path: Path) -> None:
+    fake_run(tmp_path / "earlier", "base", 1, [0.80])
+    fake_run(tmp_path / "earlier", "gone", 1, [0.85])
+    out = tmp_path / "recipe.md"
+    main([str(tmp_path / "earlier"), "--out", str(out)])
+    fake_run(tmp_path / "now", "base", 1, [0.70])  # rerun: its row replaces the earlier one
+    fake_run(tmp_path / "now", "new", 1, [0.90])
+    main([str(tmp_path / "now"), "--out", str(out), "--merge"])
+    rows = [line.split(" | ")[0:3] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert rows == [["| new", "1", "0.900"], ["| gone", "1", "0.850"], ["| base", "1", "0.700"]]
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "now"), "--out", str(tmp_path / "none.md"), "--merge"])

@@ -127,3 +127,12 @@ def test_one_poisoned_client_of_five_in_a_real_round(
         low, high = honest.min(0).values - 1e-6, honest.max(0).values + 1e-6  # float32 vectors, float64 median
         assert bool(((reached >= low) & (reached <= high)).all())
         assert float((reached - honest_mean).norm()) < spread
+
+
+def test_the_algorithms_report_names_the_rule_and_the_attack() -> None:
+    from fedlm.experiment.algorithms import AlgorithmRun
+
+    federation = {"robust": {"rule": "trimmed_mean", "trim_fraction": 0.25, "norm_bound": 1.0},
+                  "poison": {"clients": [0], "scale": -100.0}}  # fmt: skip
+    run = AlgorithmRun("agreement", "trimmed_mean+poisoned", Path("."), [], 0.0, federation, 0.0, [])
+    assert run.describe() == "fedavg, trimmed mean 0.25, update norm bound 1.0, client 0 sends -100 x its update"

@@ -8,6 +8,8 @@ data, as the run logged them.
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,15 @@ class AlgorithmRun:
             parts.append(f"{f['private_tokens']} private tokens")
         if f.get("average") == "table":
             parts.append("table averaged")
+        robust, poison = f.get("robust") or {}, f.get("poison") or {}
+        if robust.get("rule", "mean") != "mean":
+            trim = f" {robust['trim_fraction']}" if robust["rule"] == "trimmed_mean" else ""
+            parts.append(robust["rule"].replace("_", " ") + trim)
+        if robust.get("norm_bound"):
+            parts.append(f"update norm bound {robust['norm_bound']}")
+        if poison.get("clients"):
+            hostile = ", ".join(map(str, poison["clients"]))
+            parts.append(f"client {hostile} sends {poison['scale']:g} x its update")
         if f.get("personalize_steps"):
             parts.append(f"{f['personalize_steps']} fine-tuning steps")
         return ", ".join(parts)
@@ -131,6 +142,17 @@ def plot(runs: list[AlgorithmRun], path: Path) -> None:
     figures.save(fig, path, rect=(0, 0.07, 1, 1))
 
 
+def section(title: str, runs: list[AlgorithmRun], out: Path, made: str | None = None) -> list[str]:
+    """One partition's section: its clients' data, the table, and its plot (written beside ``out``)."""
+    lines = [f"## {title}", ""] + ([made, ""] if made else [])
+    lines += ["Clients (training / held-out split of each, as the run logged them):", ""]
+    lines += [f"- {line}" for line in runs[0].data_lines] + ["", table(runs)]
+    figure = out.parent / f"{out.stem}_{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(runs, figure)
+    return lines + ["", f"![{title}: held-out accuracy per client]({figure.name})"]
+
+
 def write(root: Path, out: Path, command: str, notes: Path | None = None) -> str:
     runs = read_runs(root)
     text = [
@@ -141,17 +163,26 @@ def write(root: Path, out: Path, command: str, notes: Path | None = None) -> str
         "the shared test set; bold: the better model for that client on its held-out data (ties go to the simpler).",
     ]
     for partition in dict.fromkeys(run.partition for run in runs):
-        group = [run for run in runs if run.partition == partition]
-        text += ["", f"## {partition}", "", "Clients (training / held-out split of each, as the run logged them):", ""]
-        text += [f"- {line}" for line in group[0].data_lines] + [""]
-        text += [table(group)]
-        figure = out.parent / f"{out.stem}_{partition}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        plot(group, figure)
-        text += ["", f"![{partition}: held-out accuracy per client]({figure.name})"]
+        text += ["", *section(partition, [run for run in runs if run.partition == partition], out)]
     text += markdown.appendix(notes)
     markdown.write(out, text)
     return "\n".join(text)
+
+
+def write_section(root: Path, out: Path, command: str, title: str, notes: Path | None = None) -> str:
+    """The runs under ``root`` as one section ``title`` of the report ``out``, replacing it or added after the
+    others, which stay as they were written (their runs may be gone); the notes' sections are written anew last."""
+    runs = read_runs(root)
+    if len({run.partition for run in runs}) != 1:
+        raise SystemExit(f"--section {title!r}: the runs under {root} span partitions; give one partition's runs")
+    rebuild = f"{markdown.command_line(PROG, root, out, notes)} --section {shlex.quote(title)}"
+    made = f"Built from `{root}` by `{rebuild}`; runs made by `{command}`."
+    old = out.read_text() if out.is_file() else ""
+    appended = {heading for heading, _ in markdown.sections(notes.read_text())} - {""} if notes else set()
+    body = "\n".join(line for heading, part in markdown.sections(old) if heading not in appended for line in part)
+    kept = markdown.put_section(body, title, section(title, runs, out, made)) + markdown.appendix(notes)
+    markdown.write(out, kept)
+    return "\n".join(kept)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,8 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--command", default="bash scripts/algorithms.sh", help="how the runs were made, for the record"
     )
+    parser.add_argument(
+        "--section", default=None, help="write the runs as this one section of --out, keeping its other sections"
+    )
     args = markdown.parse(parser, argv)
-    print(write(args.runs, args.out, args.command, args.notes))
+    if args.section is None:
+        print(write(args.runs, args.out, args.command, args.notes))
+    else:
+        print(write_section(args.runs, args.out, args.command, args.section, args.notes))
 
 
 if __name__ == "__main__":

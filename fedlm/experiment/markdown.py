@@ -14,6 +14,44 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join([first, "|" + "---|" * len(header), *rest])
 
 
+def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows' cells of the first table in ``text`` as ``table`` wrote them: what a report keeps
+    of rows made in an earlier session, whose runs are gone."""
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("| ")), None)
+    if first is None:
+        raise ValueError("no Markdown table to merge into")
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    header, *rows = [line[2:-2].split(" | ") for line in lines[first:end] if line.startswith("| ")]
+    return header, rows
+
+
+def sections(text: str) -> list[tuple[str, list[str]]]:
+    """``text`` cut at its ``## `` headings: (heading, its lines, the heading's own first), in order; the lines
+    before the first heading come under the heading ``""``."""
+    cut: list[tuple[str, list[str]]] = [("", [])]
+    for line in text.splitlines():
+        if line.startswith("## "):
+            cut.append((line.removeprefix("## "), []))
+        cut[-1][1].append(line)
+    return cut
+
+
+def put_section(text: str, title: str, lines: list[str]) -> list[str]:
+    """``text``'s lines with its section ``title`` replaced by ``lines`` (which start with its heading), or with
+    ``lines`` added at the end when it has no such section."""
+    cut = sections(text)
+    if any(heading == title for heading, _ in cut):
+        cut = [(heading, lines if heading == title else part) for heading, part in cut]
+    else:
+        cut.append((title, lines))
+    joined: list[str] = []
+    for _, part in cut:  # one blank line between sections, whatever each ended with
+        part = "\n".join(part).strip("\n").splitlines()
+        joined += ([""] if joined and part else []) + part
+    return joined
+
+
 def appendix(notes: Path | None) -> list[str]:
     """A hand-written Markdown file (the reading a computed table cannot give) as lines after a blank one; none
     without a file."""

@@ -85,11 +85,26 @@ def search_table(runs: list[SearchRun], last: int) -> str:
     return markdown.table(header, rows)
 
 
+def merge(table: str, earlier: str) -> str:
+    """``table`` with the rows of ``earlier``'s table whose setting it lacks (runs of another session, gone now, kept
+    as they were written), ranked together by mean validation accuracy."""
+    header, rows = markdown.table_rows(table)
+    earlier_header, earlier_rows = markdown.table_rows(earlier)
+    if earlier_header != header:
+        raise ConfigError(f"--merge: the table to merge into has the columns {earlier_header}, not {header}")
+    have = {row[0] for row in rows}
+    rows += [row for row in earlier_rows if row[0] not in have]
+    return markdown.table(header, sorted(rows, key=lambda row: -float(row[2].split()[0])))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = markdown.parser(PROG, __doc__, runs="the folder scripts/recipe.sh wrote (runs/recipe)")
     parser.add_argument("--out", type=Path, default=None, help="write the table (and --notes) here, else print it")
     parser.add_argument("--last", type=int, default=3, help="validations averaged at the end of each run")
+    parser.add_argument("--merge", action="store_true", help="keep --out's rows of settings that RUNS lacks")
     args = markdown.parse(parser, argv)
+    if args.merge and (args.out is None or not args.out.is_file()):
+        parser.error("--merge keeps the rows of an existing --out; give one")
     paths, unfinished = finished_runs(args.runs)
     for path in unfinished:
         print(f"[recipe] {path.parents[2]}: not finished, left out", file=sys.stderr)
@@ -98,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             f"no runs under {args.runs} ({RUN_METRICS}); make them with bash scripts/recipe.sh {args.runs}"
         )
     table = search_table([read_search_run(path, args.last) for path in paths], args.last)
+    if args.merge:
+        table = merge(table, args.out.read_text())
     if args.out is None:
         print(table)
         return
