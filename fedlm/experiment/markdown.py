@@ -27,8 +27,8 @@ def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
 
 
 def sections(text: str) -> list[tuple[str, list[str]]]:
-    """``text`` cut at its ``## `` headings: (heading, its lines, the heading's own first), in order; the lines
-    before the first heading come under the heading ``""``."""
+    """``text`` cut at its ``## `` headings: (heading, its lines, starting with the heading line), in order; the
+    lines before the first heading come under the heading ``""``."""
     cut: list[tuple[str, list[str]]] = [("", [])]
     for line in text.splitlines():
         if line.startswith("## "):

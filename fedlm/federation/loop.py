@@ -46,7 +46,7 @@ from fedlm.federation.privacy import ClientPrivacy, PrivateAggregation
 from fedlm.federation.robust import poisoned, robust_rule
 from fedlm.federation.secure import SecureAggregator
 from fedlm.federation.server import ServerOptimizer
-from fedlm.federation.sharding import shard_backbone, sharded_names
+from fedlm.federation.sharding import ShardedBytes, shard_backbone, sharded_names
 from fedlm.federation.topology import Topology, TopologyError
 from fedlm.seeding import derive_seed
 
@@ -87,6 +87,7 @@ class FederatedLoop(L.Callback):
         )  # DP: refuses overspending
         self.secure: SecureAggregator | None = None
         self.client_group: dist.ProcessGroup | None = None
+        self.sharded: ShardedBytes | None = None  # what this rank holds of the LM, once shard_backbone has run
         self.hosted: list[HostedClient] = []
         self.exchange: EncoderExchange | None = None
         # what lasts across rounds (and goes into checkpoints)
@@ -106,8 +107,7 @@ class FederatedLoop(L.Callback):
         topology.check_process_group()
         if self.client_group is None:
             self.client_group = topology.client_groups().get(topology.hosted_clients[0])
-        # once: fit's test after it calls setup again on the sharded module
-        if self.config.shard_backbone and not getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None):
+        if self.config.shard_backbone and self.sharded is None:  # once: fit's test calls setup again
             self._shard(pl_module)
         if stage != "fit":
             datamodule.eval_shard = (topology.rank, topology.world_size) if topology.world_size > 1 else None
@@ -160,7 +160,7 @@ class FederatedLoop(L.Callback):
                 f"the {self.topology.num_clients} clients one rank (world size {self.topology.world_size}); start "
                 f"a multiple of them, e.g. torchrun --nproc_per_node={2 * self.topology.num_clients}."
             )
-        held = shard_backbone(pl_module.backbone, self.client_group)
+        held = self.sharded = shard_backbone(pl_module.backbone, self.client_group)
         # Lightning broadcasts rank 0's weights before a test or validation; each rank's shards are its own
         pl_module._ddp_params_and_buffers_to_ignore = sharded_names(pl_module)
         if pl_module.prefix_cache is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
@@ -60,13 +60,12 @@ def local_bytes(module: nn.Module) -> tuple[int, int]:
 
 
 def shard_backbone(model: PreTrainedModel, group: dist.ProcessGroup) -> ShardedBytes:
-    """Shard ``model``'s decoder layers over ``group`` (once: a second call, e.g. fit's test, finds them sharded)."""
+    """Shard ``model``'s decoder layers over ``group``."""
     layers = decoder_layers(model)
-    if not isinstance(layers[0], FSDPModule):
-        mesh = DeviceMesh.from_group(group, model.device.type)
-        for layer in layers:
-            # explicit, so that each layer, a root of its own, still frees its gathered weights after its forward
-            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    mesh = DeviceMesh.from_group(group, model.device.type)
+    for layer in layers:
+        # explicit, so that each layer, a root of its own, still frees its gathered weights after its forward
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     held = [local_bytes(layer) for layer in layers]
     return ShardedBytes(len(layers), sum(local for local, _ in held), sum(whole for _, whole in held))
 

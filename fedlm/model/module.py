@@ -18,7 +18,7 @@ from fedlm.errors import ConfigError, FedlmError
 from fedlm.model.backbone import DEFAULT_BACKBONE, Dtype, load_backbone
 from fedlm.model.calibration import OBJECTIVES, Objective, fit_label_biases, split_half
 from fedlm.model.dp_sgd import DPSGDConfig, private_gradients
-from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
+from fedlm.model.prefix_cache import PrefixCache, idle_forward, split_at_first_virtual
 from fedlm.model.prompt_encoder import PromptEncoder, PromptEncoderConfig, initial_table
 from fedlm.model.schedule import Schedule, lr_factor
 from fedlm.model.slots import SlotPast, SlotShape, initial_slots, run_after_slots, slot_key_values, slot_shape
@@ -426,8 +426,8 @@ class PTuningModule(L.LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: dict[str, torch.Tensor], split: str) -> None:
-        if len(batch["label"]) == 0:  # a rank past its share of the evaluation: see idle_forward
-            self.idle_forward()
+        if len(batch["label"]) == 0:  # a rank past its share of the evaluation
+            self.idle_evaluation()
             return
         loss, scores = self.loss_and_scores(batch)
         preds, labels = scores.argmax(-1), batch["label"]
@@ -443,7 +443,7 @@ class PTuningModule(L.LightningModule):
         self.eval_outputs.append(torch.cat([labels[:, None].double(), scores.double()], dim=1).cpu())
 
     @torch.no_grad()
-    def idle_forward(self) -> None:
+    def idle_evaluation(self) -> None:
         """What an evaluation batch runs through the frozen LM (a prefix fill and a forward per pass), on one token.
 
         A rank whose share of the evaluation ended runs these while the others score their last batch: with the LM
@@ -452,7 +452,7 @@ class PTuningModule(L.LightningModule):
         for _ in range(1 if self.template.single_token_answers else 2):  # multi-token answers: gold, then candidates
             if self.prefix_cache is not None:
                 self.prefix_cache.join_fill()
-            self.backbone.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))
+            idle_forward(self.backbone)
 
     def calibrated_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """The label scores plus the fitted per-class biases (unchanged while there are none)."""

@@ -125,6 +125,12 @@ class PrefixStore:
         self.writes += 1
 
 
+def idle_forward(model: PreTrainedModel) -> None:
+    """One token through the frozen LM, its output unused: what matters is that every sharded layer gathers its
+    weights, as the busier ranks' forwards do (``fedlm.federation.sharding``)."""
+    model.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=model.device))
+
+
 class PrefixCache:
     """The frozen LM's key/values of each distinct prefix, content-addressed by the prefix token ids.
 
@@ -233,8 +239,8 @@ class PrefixCache:
                 entry = self._computed(prefix, prefix)
             self.entries[prefix] = entry
             self.nbytes += entry.numel() * entry.element_size()
-        for _ in range(idle):  # one token; what matters is that every sharded layer gathers its weights
-            self.model.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.model.device))
+        for _ in range(idle):
+            idle_forward(self.model)
 
     def join_fill(self) -> None:
         """Take part in the sharded ranks' fill without a batch (an idle evaluation step)."""
