@@ -137,9 +137,9 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
 ) -> None:
     config = TriadConfig(
-        **tiny_configs(tmp_path, tiny_gpt2_dir, synthetic_fpb), seeds=[1, 2], output=str(tmp_path / "triad")
+        **tiny_configs(tmp_path, tiny_gpt2_dir, synthetic_fpb), seeds=[1, 2], output=str(tmp_path / "triad"), threads=1
     )
-    readme = run_experiment(config)
+    readme = run_experiment(replace(config, jobs=2))  # two runs at a time, one thread each
 
     rows = group(find_runs([tmp_path / "triad"]))
     assert list(rows) == ["centralized", "federated", "client 0 alone", "client 1 alone", "zero-shot"]
@@ -171,7 +171,10 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(
     ]:
         assert (readme.parent / f"{png}.png").stat().st_size > 10_000
 
-    # Resume: finished runs are kept; a run without test metrics is redone, alone.
+    command = json.loads((tmp_path / "triad" / "seed1" / "federated" / "command.json").read_text())
+    assert command[:2] == ["env", "OMP_NUM_THREADS=1"]
+
+    # Resume: finished runs are kept; a run without test metrics is redone, alone (one job: the same bits).
     kept = tmp_path / "triad" / "seed1" / "centralized" / "logs" / "version_0" / "test_metrics.json"
     redo = tmp_path / "triad" / "seed2" / "local1" / "logs" / "version_0" / "test_metrics.json"
     before = kept.stat().st_mtime_ns
