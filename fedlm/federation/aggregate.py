@@ -67,11 +67,17 @@ def payload_layout(size: int, clients: int) -> dict[str, slice]:
     return layout
 
 
-def pack(contributions: Iterable[Contribution], samples: dict[int, int], size: int, clients: int) -> torch.Tensor:
+def pack(
+    contributions: Iterable[Contribution],
+    samples: dict[int, int],
+    size: int,
+    clients: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """One rank's payload: its contributions summed in order (float64), and ``samples`` (its clients' training set
-    sizes, sent by their lead ranks)."""
+    sizes, sent by their lead ranks). On ``device``, the summands' (every rank passes the same: it is all-reduced)."""
     layout = payload_layout(size, clients)
-    payload = torch.zeros(layout["failed"].stop, dtype=torch.float64)
+    payload = torch.zeros(layout["failed"].stop, dtype=torch.float64, device=device)
     part = {name: payload[where] for name, where in layout.items()}
     for c in contributions:
         if c.failed:
@@ -145,7 +151,7 @@ def fedavg(totals: Totals) -> torch.Tensor:
 def divergence(vectors: dict[int, torch.Tensor], global_shared: torch.Tensor, clients: int) -> torch.Tensor:
     """How far each client's vector ended from the new global one (0 for clients not in ``vectors``); all 0 after
     local training means the clients' gradients were synchronized."""
-    distances = torch.zeros(clients, dtype=torch.float64)
+    distances = torch.zeros(clients, dtype=torch.float64, device=global_shared.device)
     for client, vector in vectors.items():
         distances[client] = (vector - global_shared).double().norm()
     return distances

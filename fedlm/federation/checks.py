@@ -43,7 +43,7 @@ def check_resumed_together(completed_rounds: int) -> None:
 
 def check_ranks_agree(global_params: torch.Tensor, round_index: int) -> None:
     """Every rank must now hold bitwise the same global encoder."""
-    digest = hashlib.sha256(global_params.numpy().tobytes()).digest()
+    digest = hashlib.sha256(global_params.cpu().numpy().tobytes()).digest()
     low, high = extremes_over_ranks(int.from_bytes(digest[:7], "little"))  # 56 bits: fits int64
     if low != high:
         raise RanksDisagreeError(

@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 
 from fedlm.errors import ConfigError
 
@@ -63,6 +64,13 @@ def optimizer_state(trainer: L.Trainer) -> dict[str, Any]:
         "optimizers": [opt.state_dict() for opt in trainer.optimizers],
         "schedulers": [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs],
     }
+
+
+def cpu_copy(state: Any) -> Any:
+    """A copy of a nested state with every tensor in CPU memory. Client states wait there, off the device, and from
+    there travel to other ranks (``all_gather_object`` would unpickle a CUDA tensor on its sender's GPU), to disk and
+    into checkpoints; the optimizer's ``load_state_dict`` moves them back to its parameters' device."""
+    return apply_to_collection(copy.deepcopy(state), torch.Tensor, lambda tensor: tensor.cpu())
 
 
 def load_optimizer_state(trainer: L.Trainer, state: dict[str, Any]) -> None:
@@ -109,11 +117,11 @@ class ClientStates:
                 f"the checkpoint holds no private tokens for client(s) {missing}: it was written by a process that "
                 "did not host them. Resume with the same number of processes, from the checkpoint folder of each."
             )
-        self.fresh, self.in_place, self.spill_dir = copy.deepcopy(optimizer_state(trainer)), in_place, spill_dir
+        self.fresh, self.in_place, self.spill_dir = cpu_copy(optimizer_state(trainer)), in_place, spill_dir
         for client in clients:
-            self.states[client] = ClientState(private[client] if client in private else initial_private.clone())
+            self.states[client] = ClientState(cpu_copy(private[client] if client in private else initial_private))
             if client in optimizers and not in_place:
-                self._keep(client, optimizers[client])
+                self._keep(client, cpu_copy(optimizers[client]))
 
     @property
     def held(self) -> list[int]:
@@ -122,7 +130,7 @@ class ClientStates:
     def model(self, client: int, global_params: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         """The global exchange vector with this client's private tokens in place."""
         vector = global_params.clone()
-        vector[~shared] = self.states[client].private
+        vector[~shared] = self.states[client].private.to(vector.device)
         return vector
 
     def swap_in(self, client: int, trainer: L.Trainer, sampled: bool) -> None:
@@ -130,7 +138,7 @@ class ClientStates:
         if not self.in_place:
             load_optimizer_state(trainer, self._optimizer(client))
         elif not sampled:
-            self.states[client].optimizer = copy.deepcopy(optimizer_state(trainer))
+            self.states[client].optimizer = cpu_copy(optimizer_state(trainer))
 
     def swap_out(self, client: int, trainer: L.Trainer, sampled: bool, private: torch.Tensor | None) -> None:
         """Keep what the client's steps changed; an unsampled client rolls back, as if it had not trained. A failed
@@ -141,9 +149,9 @@ class ClientStates:
             return
         if private is None:
             return
-        self.states[client].private = private
+        self.states[client].private = private.cpu()
         if not self.in_place:
-            self._keep(client, copy.deepcopy(optimizer_state(trainer)))
+            self._keep(client, cpu_copy(optimizer_state(trainer)))
 
     def take(self, clients: list[int]) -> dict[int, ClientState]:
         """Hand these clients' whole states over (to the rank that runs them next); this rank holds them no more."""

@@ -108,7 +108,7 @@ class FederatedLoop(L.Callback):
         if self.client_group is None:
             self.client_group = topology.client_groups().get(topology.hosted_clients[0])
         if self.config.shard_backbone and self.sharded is None:  # once: fit's test calls setup again
-            self._shard(pl_module)
+            self._shard(trainer, pl_module)
         if stage != "fit":
             datamodule.eval_shard = (topology.rank, topology.world_size) if topology.world_size > 1 else None
             return
@@ -152,7 +152,7 @@ class FederatedLoop(L.Callback):
             self.hosted = self._layout(runnable)
         print(f"[fedlm] rank {topology.rank}/{topology.world_size}: {self._describe(runnable, datamodule)}", flush=True)
 
-    def _shard(self, pl_module: L.LightningModule) -> None:
+    def _shard(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The frozen LM spread over this client's ranks; the prefix cache then fills in lockstep with them."""
         if self.client_group is None:
             raise TopologyError(
@@ -160,7 +160,8 @@ class FederatedLoop(L.Callback):
                 f"the {self.topology.num_clients} clients one rank (world size {self.topology.world_size}); start "
                 f"a multiple of them, e.g. torchrun --nproc_per_node={2 * self.topology.num_clients}."
             )
-        held = self.sharded = shard_backbone(pl_module.backbone, self.client_group)
+        device_type = trainer.strategy.root_device.type
+        held = self.sharded = shard_backbone(pl_module.backbone, self.client_group, device_type)
         # Lightning broadcasts rank 0's weights before a test or validation; each rank's shards are its own
         pl_module._ddp_params_and_buffers_to_ignore = sharded_names(pl_module)
         if pl_module.prefix_cache is not None:
@@ -377,7 +378,8 @@ class FederatedLoop(L.Callback):
 
         samples = {h.client: h.examples for h in self.hosted} if lead else {}
         width = self.rule.width(size)
-        totals = unpack(self._sum(pack(contributions(), samples, width, clients)), width, clients)
+        payload = pack(contributions(), samples, width, clients, global_shared.device)
+        totals = unpack(self._sum(payload), width, clients)
         checks.check_all_finite(totals.failed, r.index)
 
         self.global_params[shared] = self.server.step(global_shared, self.rule.average(totals, global_shared))

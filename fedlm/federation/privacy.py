@@ -164,7 +164,9 @@ class ClientPrivacy:
             secrets.randbits(63) if seed is None else derive_seed("dp-noise", seed, client, round_index)
         )
         share = self.update_noise * self.clip_norm / math.sqrt(self.sampled_per_round)
-        noised = clipped.double() + torch.randn(delta.shape, generator=generator, dtype=torch.float64) * share
+        # drawn on the CPU (the generator's device) and moved: the same noise whatever device the update is on
+        noise = torch.randn(delta.shape, generator=generator, dtype=torch.float64).to(clipped.device)
+        noised = clipped.double() + noise * share
         if not self.config.adaptive_clipping:
             return noised, 0.0  # the count is not needed, so it is not sent
         under = (1.0 if norm <= self.clip_norm else 0.0) - 0.5  # centred, so one client moves the count by 1/2

@@ -128,7 +128,7 @@ class TrimmedMean:
     def summand(
         self, client: int, vector: torch.Tensor, weight: float, global_shared: torch.Tensor, round_index: int
     ) -> tuple[torch.Tensor, float, float]:
-        stack = torch.zeros(self.rows, vector.numel(), dtype=torch.float64)
+        stack = torch.zeros(self.rows, vector.numel(), dtype=torch.float64, device=vector.device)
         stack[self.sampled(round_index).index(client)] = vector.double()
         return stack.flatten(), 1.0, 0.0
 

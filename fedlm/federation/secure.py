@@ -116,7 +116,8 @@ class SecureAggregator:
             self.pair_keys[other] = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
 
     def sum(self, tensor: torch.Tensor, round_index: int) -> torch.Tensor:
-        """The sum over the group's ranks of ``tensor`` (a CPU float vector), as float64 rounded to fixed point.
+        """The sum over the group's ranks of ``tensor`` (a float vector), as float64 rounded to fixed point, on
+        ``tensor``'s device. The masking and the all-reduce run on the CPU on every rank (gloo, whatever the device).
 
         Exact: the result is the sum of each rank's ``round(x * 2**fractional_bits)``, divided by the scale, and so
         is identical on every rank and independent of the masks. With one process it is the rounded ``tensor``.
@@ -132,7 +133,7 @@ class SecureAggregator:
         if self.world_size > 1:
             encoded += self._mask(encoded.numel(), round_index, call)  # int64: wraps modulo 2**64
             dist.all_reduce(encoded, group=self.group)
-        return self._decode(encoded).view(tensor.shape)
+        return self._decode(encoded).view(tensor.shape).to(tensor.device)
 
     # -- fixed point, with the control slots at the end ------------------------------------------------------
 

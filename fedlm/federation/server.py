@@ -76,6 +76,8 @@ class ServerOptimizer:
         if self.m is None:
             self.m = torch.zeros_like(delta)
             self.v = torch.full_like(delta, c.tau**2)
+        # restored from a checkpoint, which is loaded on the CPU (fedlm.checkpointing): to the encoder's device
+        self.m, self.v = self.m.to(delta.device), self.v.to(delta.device)
         if c.optimizer == "fedavgm":
             self.m.mul_(c.momentum).add_(delta)
             return (x - c.lr * self.m).float()

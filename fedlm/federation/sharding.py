@@ -59,10 +59,12 @@ def local_bytes(module: nn.Module) -> tuple[int, int]:
     return local, whole
 
 
-def shard_backbone(model: PreTrainedModel, group: dist.ProcessGroup) -> ShardedBytes:
-    """Shard ``model``'s decoder layers over ``group``."""
+def shard_backbone(model: PreTrainedModel, group: dist.ProcessGroup, device_type: str) -> ShardedBytes:
+    """Shard ``model``'s decoder layers over ``group``, on ``device_type`` (the trainer's device: Lightning moves the
+    module there only after the callbacks' setup, so ``model`` may still be on the CPU; fully_shard moves the layers
+    to the mesh's device, the current CUDA device on GPUs)."""
     layers = decoder_layers(model)
-    mesh = DeviceMesh.from_group(group, model.device.type)
+    mesh = DeviceMesh.from_group(group, device_type)
     for layer in layers:
         # explicit, so that each layer, a root of its own, still frees its gathered weights after its forward
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)

@@ -31,6 +31,13 @@ class ClientStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.topology = topology
 
+    def _get_process_group_backend(self) -> str:
+        """On GPUs, NCCL for the device tensors and gloo beside it for the CPU ones (object collectives, client
+        state kept off the device): the client groups inherit both, so no collective needs its tensors moved."""
+        if self._process_group_backend is None and self.root_device.type == "cuda":
+            return "cpu:gloo,cuda:nccl"
+        return super()._get_process_group_backend()
+
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper: gradient reduction is FederatedLoop's job, per client."""
 

@@ -371,7 +371,7 @@ class PTuningModule(L.LightningModule):
             # An idle step: this rank's clients are done for the round, but Lightning needs every rank to run the
             # same steps (it cannot skip one in distributed training). A loss tied to no parameter: no gradient,
             # so the optimizer leaves every parameter and its state alone.
-            return torch.zeros((), requires_grad=True)
+            return torch.zeros((), device=self.device, requires_grad=True)
         loss = self.train_loss(batch) if self.dp_sgd is None else self.dp_sgd_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss

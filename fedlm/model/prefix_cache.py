@@ -84,6 +84,11 @@ def backbone_fingerprint(model: PreTrainedModel, dtype: torch.dtype) -> str:
     return digest.hexdigest()[:16]
 
 
+def device_kind(device: torch.device) -> str:
+    """What an entry's bits depend on besides the fingerprint, off the CPU: the GPU model, whose kernels differ."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 class PrefixStore:
     """Cache entries on disk, one file each, in a folder of their own per backbone fingerprint.
 
@@ -162,7 +167,11 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self.head = tuple(head)
         self.head_entry: torch.Tensor | None = None
-        self.store = PrefixStore(store, backbone_fingerprint(model, self.dtype)) if store is not None else None
+        # of the whole LM where it is built (before any sharding): the store's folder, with the device's kind once
+        # the LM has moved (_follow_device)
+        self.fingerprint = backbone_fingerprint(model, self.dtype)
+        self.device = model.device
+        self.store = PrefixStore(store, self.fingerprint) if store is not None else None
         # A sharded LM's ranks (fedlm.federation.sharding): each forward is their collective, so every fill runs as
         # many forwards as the busiest of them does.
         self.lockstep: dist.ProcessGroup | None = None
@@ -191,6 +200,7 @@ class PrefixCache:
     def stacked(self, prefixes: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' prefix key/values as one (layers, 2, rows, heads, longest, head dim) tensor in the model's
         dtype, left-padded with zeros, and its (rows, longest) mask: one padding call for the batch."""
+        self._follow_device()
         self._fill([prefix for prefix in dict.fromkeys(prefixes) if prefix not in self.entries])
         whole = [self._whole(prefix).permute(3, 0, 1, 2, 4) for prefix in prefixes]  # (length, layers, 2, heads, dim)
         self._evict(prefixes)
@@ -242,8 +252,20 @@ class PrefixCache:
         for _ in range(idle):
             idle_forward(self.model)
 
+    def _follow_device(self) -> None:
+        """Entries hold the bits of the device that computed them, and Lightning moves the LM to its device after
+        this cache is built: on another device the cache starts over, with a store of that device's entries."""
+        device = self.model.device
+        if device == self.device:
+            return
+        self.device = device
+        self.clear()
+        if self.store is not None:
+            self.store = PrefixStore(self.store.folder.parent, f"{self.fingerprint}-{device_kind(device)}")
+
     def join_fill(self) -> None:
         """Take part in the sharded ranks' fill without a batch (an idle evaluation step)."""
+        self._follow_device()
         self._fill([])
 
     def _owed_forwards(self, prefixes: list[tuple[int, ...]]) -> int:
