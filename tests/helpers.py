@@ -31,6 +31,10 @@ REPO = TESTS.parent
 # -- run configs --------------------------------------------------------------------------------------------------
 
 FEDERATION = {"clients": 2, "rounds": 3, "local_steps": 3, "weighting": "samples", "seed": 5}
+# deep slots after the cached sentence: the prefix cache fills, and the slots reach every layer
+DEEP_CACHED = {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", "cache_prefix": True,
+               "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8, "deep": True,
+                           "init_text": "Classify the sentiment"}}  # fmt: skip
 
 
 def write_yaml(path: Path, config: dict) -> Path:

@@ -12,16 +12,13 @@ import pytest
 import torch
 import yaml
 from conftest import build_tiny
-from helpers import FEDERATION, run_ranks, write_config, write_yaml
+from helpers import DEEP_CACHED, FEDERATION, run_ranks, write_config, write_yaml
 
 pytestmark = [
     pytest.mark.device,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-DEEP_CACHED = {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", "cache_prefix": True,
-               "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8, "deep": True,
-                           "init_text": "Classify the sentiment"}}  # fmt: skip
 CACHED = {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", "cache_prefix": True}
 FEATURES = {  # name: (federation fields over FEDERATION, model fields)
     "fedavg": ({}, {}),

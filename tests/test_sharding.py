@@ -6,18 +6,13 @@ import pytest
 import torch
 import yaml
 from conftest import build_tiny
-from helpers import FEDERATION, run_ranks, write_config, write_yaml
+from helpers import DEEP_CACHED, FEDERATION, run_ranks, write_config, write_yaml
 from transformers import AutoModelForCausalLM
 
 from fedlm.data.sampler import ShardBatches
 from fedlm.errors import ConfigError
 from fedlm.federation import FederationConfig
 from fedlm.federation.sharding import decoder_layers, local_bytes
-
-# deep slots after the cached sentence: the prefix cache fills, and the slots reach every sharded layer
-DEEP_CACHED = {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", "cache_prefix": True,
-               "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8, "deep": True,
-                           "init_text": "Classify the sentiment"}}  # fmt: skip
 
 
 def test_evaluation_shards_end_together_and_keep_every_example_once() -> None:
