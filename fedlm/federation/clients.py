@@ -69,8 +69,9 @@ def optimizer_state(trainer: L.Trainer) -> dict[str, Any]:
 def cpu_copy(state: Any) -> Any:
     """A copy of a nested state with every tensor in CPU memory. Client states wait there, off the device, and from
     there travel to other ranks (``all_gather_object`` would unpickle a CUDA tensor on its sender's GPU), to disk and
-    into checkpoints; the optimizer's ``load_state_dict`` moves them back to its parameters' device."""
-    return apply_to_collection(copy.deepcopy(state), torch.Tensor, lambda tensor: tensor.cpu())
+    into checkpoints; the optimizer's ``load_state_dict`` moves them back to its parameters' device. Each tensor is
+    copied straight into CPU memory (the containers are rebuilt), so a GPU state is never duplicated on the GPU."""
+    return apply_to_collection(state, torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True))
 
 
 def load_optimizer_state(trainer: L.Trainer, state: dict[str, Any]) -> None:
