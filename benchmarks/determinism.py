@@ -73,7 +73,7 @@ def main() -> None:
     def train(steps: int) -> None:
         for batch in islice(cycle(batches), steps):
             optimizer.zero_grad(set_to_none=True)
-            module.train_loss(batch).backward()
+            module.task.train_loss(module.lm, batch).backward()
             optimizer.step()
 
     def fill(batched: bool) -> None:

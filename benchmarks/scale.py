@@ -44,8 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--cache-dir", default=None, help="model.cache_dir for SmolLM2 (e.g. runs/prefix_cache)")
-    parser.add_argument("--cache-budget-mb", type=float, default=None, help="model.cache_budget_mb of every run")
+    parser.add_argument("--cache-dir", default=None, help="model.cache.dir for SmolLM2 (e.g. runs/prefix_cache)")
+    parser.add_argument("--cache-budget-mb", type=float, default=None, help="model.cache.budget_mb of every run")
     parser.add_argument("--state-budget-mb", type=float, default=None, help="federation.client_state_budget_mb")
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "RANKS"), help=argparse.SUPPRESS)  # internal
     return parser.parse_args()
@@ -73,16 +73,16 @@ def run_config(args: argparse.Namespace, backbone: str, clients: int, sampled: i
     shipped = yaml.safe_load((REPO / "configs" / "fpb_federated.yaml").read_text())
     model = {**shipped["model"], "backbone": backbone}
     if args.model == "tiny":  # shallow and uncached: a step costs the same whichever sentences it sees
-        model = {**model, "cache_prefix": False, "encoder": {**model["encoder"], "deep": False, "init_text": None}}
+        model = {**model, "cache": {"prefix": False}, "encoder": {**model["encoder"], "deep": False, "init_text": None}}
     elif args.cache_dir:
-        model["cache_dir"] = args.cache_dir
+        model["cache"] = {**model["cache"], "dir": args.cache_dir}
     if args.cache_budget_mb is not None:
-        model["cache_budget_mb"] = args.cache_budget_mb
+        model["cache"] = {**model["cache"], "budget_mb": args.cache_budget_mb}
     data = shipped["data"]
     data["init_args"] = {**data["init_args"], "path": args.fpb_dir, "batch_size": args.batch_size}
     return {
         "seed_everything": 1234,
-        "model": {**model, "warmup_steps": 0},
+        "model": {**model, "optimizer": {**model["optimizer"], "warmup_steps": 0}},
         "data": data,
         "federation": {
             "clients": clients, "rounds": args.rounds, "local_steps": args.local_steps, "weighting": "samples",

@@ -42,11 +42,14 @@ from typing import Any
 import torch
 from peft import PromptEncoderConfig, get_peft_model
 
+from fedlm.data.records import Record
 from fedlm.data.sampler import ClientBlock, RoundBatchSampler
-from fedlm.data.sources import Example, phrasebank_file, read_phrasebank, split_examples
-from fedlm.model import PromptTemplate, PTuningModule, load_backbone
+from fedlm.data.sources import phrasebank_file, read_phrasebank, split_examples
+from fedlm.model import load_backbone
 from fedlm.model.backbone import DEFAULT_BACKBONE
-from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, IGNORE_INDEX
+from fedlm.model.template import FPB_TEMPLATE, IGNORE_INDEX
+from fedlm.ptuning import CacheConfig, PTuningModule
+from fedlm.tasks import ClassificationTask, TaskConfig
 
 CACHED_TEMPLATE = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
 METHODS = {
@@ -95,28 +98,29 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def training_examples(args: argparse.Namespace) -> list[Example]:
+def training_examples(args: argparse.Namespace) -> list[Record]:
     examples = split_examples(read_phrasebank(phrasebank_file(args.fpb_dir, "all")), 0.8, args.seed)["train"]
     return examples[: args.examples]
 
 
-def batch_plan(args: argparse.Namespace, examples: list[Example]) -> list[list[int]]:
+def batch_plan(args: argparse.Namespace, examples: list[Record]) -> list[list[int]]:
     """One pass in fedlm's seeded batch order (length-bucketed if asked): every method gets these batches."""
-    template = PromptTemplate(
-        FPB_TEMPLATE, load_backbone(args.backbone).tokenizer, args.virtual_tokens, FPB_LABEL_WORDS
+    task = ClassificationTask(
+        TaskConfig(template=FPB_TEMPLATE), load_backbone(args.backbone).tokenizer, args.virtual_tokens
     )
-    lengths = [len(template.encode(e.text, e.label).input_ids) for e in examples]
+    lengths = [len(task.encode(e.fields).input_ids) for e in examples]
     block = ClientBlock(0, tuple(range(len(examples))), len(examples) // args.batch_size)
     return list(
         RoundBatchSampler([block], args.batch_size, args.seed, lengths=lengths, bucket_batches=args.bucket_batches)
     )
 
 
-def peft_batch(template: PromptTemplate, examples: list[Example]) -> Batch:
+def peft_batch(task: ClassificationTask, examples: list[Record]) -> Batch:
     """The prefix template's tokens without the virtual slots (PEFT inserts its own), labels on the answer only."""
+    template = task.template
     rows = []
     for example in examples:
-        encoded = template.encode(example.text, example.label)
+        encoded = task.encode(example.fields)
         ids = [t for t, v in zip(encoded.input_ids, encoded.virtual_index) if v < 0]
         answer = encoded.prompt_length - template.total_virtual_tokens
         rows.append((ids, [IGNORE_INDEX] * answer + ids[answer:]))
@@ -136,7 +140,7 @@ def peft_batch(template: PromptTemplate, examples: list[Example]) -> Batch:
 LossFn = Callable[[Batch], torch.Tensor]
 
 
-def peft_setup(args: argparse.Namespace, groups: list[list[Example]]) -> tuple[LossFn, list[Batch], list[torch.Tensor]]:
+def peft_setup(args: argparse.Namespace, groups: list[list[Record]]) -> tuple[LossFn, list[Batch], list[torch.Tensor]]:
     loaded = load_backbone(args.backbone, args.dtype)
     if args.compile:
         loaded.model.base_model.compile(dynamic=True)
@@ -148,15 +152,13 @@ def peft_setup(args: argparse.Namespace, groups: list[list[Example]]) -> tuple[L
     )
     model = get_peft_model(loaded.model, config).to(args.device)
     model.eval()  # the frozen LM without dropout, as in fedlm; PEFT's encoder has no dropout either
-    template = PromptTemplate(FPB_TEMPLATE, loaded.tokenizer, args.virtual_tokens, FPB_LABEL_WORDS)
-    batches = [peft_batch(template, group) for group in groups]
+    task = ClassificationTask(TaskConfig(template=FPB_TEMPLATE), loaded.tokenizer, args.virtual_tokens)
+    batches = [peft_batch(task, group) for group in groups]
     params = [p for p in model.parameters() if p.requires_grad]
     return lambda batch: model(**batch).loss, batches, params
 
 
-def fedlm_setup(
-    args: argparse.Namespace, groups: list[list[Example]], method: str
-) -> tuple[PTuningModule, list[Batch]]:
+def fedlm_setup(args: argparse.Namespace, groups: list[list[Record]], method: str) -> tuple[PTuningModule, list[Batch]]:
     """The module with PEFT's encoder shape (an MLP of three linear layers) or deep slots, and the collated
     batches."""
     cached, deep = method in CACHED, method.startswith("fedlm-deep")
@@ -172,15 +174,14 @@ def fedlm_setup(
     module = PTuningModule(
         backbone=args.backbone,
         dtype=args.dtype,
-        template=args.cached_template if cached else FPB_TEMPLATE,
+        task=TaskConfig(template=args.cached_template if cached else FPB_TEMPLATE),
         encoder=encoder,
-        cache_prefix=cached,
-        cache_dtype=args.cache_dtype,
+        cache=CacheConfig(prefix=cached, dtype=args.cache_dtype),
     )
     if args.compile:
         module.backbone.base_model.compile(dynamic=True)
-    encode = module.template.encode
-    batches = [module.template.collate([encode(e.text, e.label) for e in group]) for group in groups]
+    task = module.task
+    batches = [task.template.collate([task.encode(e.fields) for e in group]) for group in groups]
     return module.to(args.device).train(), batches
 
 

@@ -33,12 +33,17 @@ COMMAND = "python scripts/options_doc.py"
 
 # (heading: where the options go in a config, the class by its public name). Order is the page's order.
 SECTIONS = [
-    ("model", "fedlm.model.PTuningModule"),
+    ("model", "fedlm.ptuning.PTuningModule"),
+    ("model.task", "fedlm.tasks.config.TaskConfig"),
+    ("model.task.decoding", "fedlm.model.decoding.DecodingConfig"),
     ("model.encoder", "fedlm.model.PromptEncoderConfig"),
-    ("model.dp_sgd", "fedlm.model.dp_sgd.DPSGDConfig"),
-    ("data.init_args (every data module)", "fedlm.data.TextClassificationData"),
+    ("model.cache", "fedlm.ptuning.config.CacheConfig"),
+    ("model.optimizer", "fedlm.ptuning.config.OptimizerConfig"),
+    ("model.dp_sgd", "fedlm.ptuning.dp_sgd.DPSGDConfig"),
+    ("data.init_args (every data module)", "fedlm.data.TaskData"),
     ("data.init_args (FinancialPhraseBank)", "fedlm.data.FinancialPhraseBank"),
-    ("data.init_args (TextClassificationFiles)", "fedlm.data.TextClassificationFiles"),
+    ("data.init_args (RecordFiles)", "fedlm.data.RecordFiles"),
+    ("data.init_args (WordNet)", "fedlm.data.wordnet.WordNet"),
     ("data.init_args.partition", "fedlm.data.partition.PartitionConfig"),
     ("federation", "fedlm.federation.FederationConfig"),
     ("federation.server", "fedlm.federation.ServerConfig"),

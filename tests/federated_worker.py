@@ -173,7 +173,7 @@ def training_examples(datamodule: L.LightningDataModule) -> dict[int, dict]:
             runs.append([piece for piece, is_real in pieces if is_real[0]])
         clients[block.client] = {
             "token_runs": runs,
-            "texts": [datamodule.train_examples[i].text for i in block.indices],
+            "texts": [datamodule.train_examples[i].fields["sentence"] for i in block.indices],
             "labels": torch.tensor([e.label for e in examples]),
         }
     return clients

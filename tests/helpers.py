@@ -23,7 +23,7 @@ from fedlm.cli import cli
 from fedlm.cli.predict import predict_main
 from fedlm.cli.split_data import split_data_main
 from fedlm.federation import ServerConfig, ServerOptimizer
-from fedlm.model import PTuningModule
+from fedlm.ptuning import PTuningModule
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -32,9 +32,30 @@ REPO = TESTS.parent
 
 FEDERATION = {"clients": 2, "rounds": 3, "local_steps": 3, "weighting": "samples", "seed": 5}
 # deep slots after the cached sentence: the prefix cache fills, and the slots reach every layer
-DEEP_CACHED = {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", "cache_prefix": True,
+DEEP_CACHED = {"task": {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"}, "cache": {"prefix": True},
                "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8, "deep": True,
                            "init_text": "Classify the sentiment"}}  # fmt: skip
+# model options the tests name flat, and the section of model: each belongs to
+SECTIONS = {"template": ("task", "template"), "label_words": ("task", "label_words"), "loss": ("task", "loss"),
+            "max_length": ("task", "max_length"), "calibrate": ("task", "calibrate"),
+            "cache_prefix": ("cache", "prefix"), "cache_dtype": ("cache", "dtype"), "cache_dir": ("cache", "dir"),
+            "cache_budget_mb": ("cache", "budget_mb"), "lr": ("optimizer", "lr"),
+            "weight_decay": ("optimizer", "weight_decay"), "warmup_steps": ("optimizer", "warmup_steps"),
+            "lr_schedule": ("optimizer", "lr_schedule"), "final_lr_fraction": ("optimizer", "final_lr_fraction")}  # fmt: skip
+
+
+def sectioned(model: dict) -> dict:
+    """``model`` options with the flat names moved into their sections (``lr`` -> ``optimizer.lr``), sections merged."""
+    out: dict = {}
+    for key, value in model.items():
+        section, name = SECTIONS.get(key, (None, key))
+        if section is None and isinstance(value, dict) and key in ("task", "cache", "optimizer"):
+            out[key] = {**out.get(key, {}), **value}
+        elif section is None:
+            out[key] = value
+        else:
+            out[section] = {**out.get(section, {}), name: value}
+    return out
 
 
 def write_yaml(path: Path, config: dict) -> Path:
@@ -58,7 +79,11 @@ def write_config(tmp_path: Path, backbone: str, fpb: Path, federation: dict | No
             "default_root_dir": str(tmp_path),
             **trainer,
         },
-        "model": {"backbone": backbone, "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8}, "lr": 0.05},
+        "model": {
+            "backbone": backbone,
+            "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8},
+            "optimizer": {"lr": 0.05},
+        },  # fmt: skip
         "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 4}},
         "federation": federation,
     }
@@ -90,7 +115,11 @@ def write_checkpointed_config(tmp_path: Path, backbone: str, fpb: Path) -> Path:
                 }
             ],
         },
-        "model": {"backbone": backbone, "encoder": {"type": "lstm", "virtual_tokens": 3, "hidden_size": 8}, "lr": 0.01},
+        "model": {
+            "backbone": backbone,
+            "encoder": {"type": "lstm", "virtual_tokens": 3, "hidden_size": 8},
+            "optimizer": {"lr": 0.01},
+        },  # fmt: skip
         "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 8}},
     }
     return write_yaml(tmp_path / "tiny.yaml", config)
@@ -210,7 +239,7 @@ def tiny_module(backbone: str, **kwargs) -> PTuningModule:
     """A seeded module with a small MLP encoder (or ``encoder``) on ``backbone``."""
     torch.manual_seed(0)
     encoder = kwargs.pop("encoder", {"type": "mlp", "virtual_tokens": 3, "hidden_size": 16})
-    return PTuningModule(backbone=backbone, encoder=encoder, lr=1e-2, **kwargs)
+    return PTuningModule(backbone=backbone, encoder=encoder, **sectioned({"lr": 1e-2, **kwargs}))
 
 
 def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
@@ -230,7 +259,8 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
 
 def batch_of(module: PTuningModule, sentences: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """``sentences`` encoded and collated by ``module``'s template, as the datamodule would batch them."""
-    return module.template.collate([module.template.encode(s, label) for s, label in sentences])
+    task = module.task
+    return task.template.collate([task.encode({"sentence": s, "label": label}) for s, label in sentences])
 
 
 def single_token_words(module: PTuningModule) -> dict[str, str]:

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlm.model import BackboneNotFoundError, PTuningModule, load_backbone
+from fedlm.model import BackboneNotFoundError, load_backbone
 from fedlm.model.backbone import WHEEL_GGUF
+from fedlm.ptuning import PTuningModule
 
 
 def test_local_directory_loads_frozen_in_eval_mode(tiny_model_dir: str) -> None:
@@ -18,8 +19,8 @@ def test_bf16_backbone_with_fp32_encoder(tiny_model_dir: str) -> None:
     module = PTuningModule(backbone=tiny_model_dir, dtype="bf16", encoder={"virtual_tokens": 2, "hidden_size": 8})
     assert module.backbone.get_input_embeddings().weight.dtype == torch.bfloat16
     assert module.encoder.input_table.dtype == torch.float32
-    batch = module.template.collate([module.template.encode("profit rose .", "positive")])
-    loss, scores = module.loss_and_scores(batch)
+    batch = module.task.template.collate([module.task.encode({"sentence": "profit rose .", "label": "positive"})])
+    loss, scores = module.task.loss_and_scores(module.lm, batch)
     loss.backward()
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
     assert module.encoder.input_table.grad is not None

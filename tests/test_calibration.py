@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import write_config
 
-from fedlm.model.calibration import fit_label_biases, objective_of, split_half
+from fedlm.tasks.calibration import fit_label_biases, objective_of, split_half
 
 
 def shifted_scores(n: int = 90, shift: float = 2.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,15 +77,15 @@ def test_a_calibrated_fit_stores_its_biases_and_the_export_predicts_the_calibrat
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
 ) -> None:
     from fedlm.cli import cli
-    from fedlm.model.export import TrainedPrompt
+    from fedlm.ptuning.export import TrainedPrompt
 
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, None, max_epochs=2, limit_val_batches=1.0)
-    run = cli(["fit", "--config", str(config), "--model.calibrate", "accuracy", "--test_after_fit", "true"])
+    run = cli(["fit", "--config", str(config), "--model.task.calibrate", "accuracy", "--test_after_fit", "true"])
     module = run.model
-    assert bool(module.label_bias.any())  # the tiny model's raw scores favour one class: the biases moved
+    assert bool(module.task.label_bias.any())  # the tiny model's raw scores favour one class: the biases moved
     metrics = json.loads((tmp_path / "test_metrics.json").read_text())
     predictions = json.loads((tmp_path / "test_predictions.json").read_text())
-    assert metrics["calibration"]["label_bias"] == dict(zip(module.template.label_names, module.label_bias.tolist()))
+    assert metrics["calibration"]["label_bias"] == dict(zip(module.task.label_names, module.task.label_bias.tolist()))
     calibrated = predictions["predicted_calibrated"]
     assert calibrated != predictions["predicted"]  # so that an export that dropped the biases would be caught
     accuracy = sum(p == y for p, y in zip(calibrated, predictions["label"])) / len(calibrated)
@@ -93,16 +93,16 @@ def test_a_calibrated_fit_stores_its_biases_and_the_export_predicts_the_calibrat
 
     path = tmp_path / "final.ckpt"
     run.trainer.save_checkpoint(path)
-    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["label_bias"], module.label_bias)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["task.label_bias"], module.task.label_bias)
     exported = tmp_path / "export"
     exported.mkdir()
     prompt = TrainedPrompt.from_checkpoint(path)
     prompt.save(exported)
     predictor = TrainedPrompt.load(exported).module()
-    assert torch.equal(predictor.label_bias, module.label_bias)
-    template = predictor.template
+    assert torch.equal(predictor.task.label_bias, module.task.label_bias)
+    task = predictor.task
     test = run.datamodule.splits["test"]
-    batch = template.collate([template.encode(example.text, example.label) for example in test])
+    batch = task.template.collate([task.encode(record.fields) for record in test])
     with torch.inference_mode():
         labels = predictor.predict_step(batch, 0)["label"]
-    assert [template.label_names.index(label) for label in labels] == calibrated
+    assert [task.label_names.index(label) for label in labels] == calibrated

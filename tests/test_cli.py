@@ -73,9 +73,9 @@ def test_configs_compose_later_files_win(
 ) -> None:
     base = write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb)
     override = tmp_path / "override.yaml"
-    override.write_text(yaml.safe_dump({"model": {"lr": 0.5, "encoder": {"type": "embedding"}}}))
+    override.write_text(yaml.safe_dump({"model": {"optimizer": {"lr": 0.5}, "encoder": {"type": "embedding"}}}))
     printed = printed_config(capsys, "fit", "--config", str(base), "--config", str(override))
-    assert printed["model"]["lr"] == 0.5
+    assert printed["model"]["optimizer"]["lr"] == 0.5
     assert printed["model"]["encoder"]["type"] == "embedding"
     assert printed["model"]["encoder"]["virtual_tokens"] == 3  # kept from the base file
     assert printed["data"]["init_args"]["batch_size"] == 8
@@ -85,14 +85,14 @@ def test_configs_compose_later_files_win(
 def test_shipped_configs_parse(name: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     printed = printed_config(capsys, "fit", "--config", f"configs/{name}.yaml")
-    assert printed["model"]["template"] == "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
-    assert printed["model"]["cache_prefix"] is True and printed["model"]["encoder"]["deep"] is True
+    assert printed["model"]["task"]["template"] == "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
+    assert printed["model"]["cache"]["prefix"] is True and printed["model"]["encoder"]["deep"] is True
     assert printed["data"]["class_path"] == "fedlm.data.FinancialPhraseBank"
     assert printed["test_checkpoint"] == "last"
     shallow = printed_config(
         capsys, "fit", "--config", f"configs/{name}.yaml", "--config", "configs/layouts/shallow_cached.yaml"
     )
-    assert shallow["model"]["encoder"]["deep"] is False and shallow["model"]["lr"] == 0.001
+    assert shallow["model"]["encoder"]["deep"] is False and shallow["model"]["optimizer"]["lr"] == 0.001
 
 
 def test_the_blog_protocol_gives_every_run_kind_the_same_passes(
@@ -109,7 +109,8 @@ def test_the_blog_protocol_gives_every_run_kind_the_same_passes(
     for name in ("centralized", "local0", "local2"):
         assert printed[name]["trainer"]["max_epochs"] == 50
     assert printed["local2"]["data"]["init_args"]["local_client"] == 2
-    assert printed["centralized"]["model"] == printed["federated"]["model"] | {"warmup_steps": 513}
+    federated = printed["federated"]["model"]
+    assert printed["centralized"]["model"] == federated | {"optimizer": federated["optimizer"] | {"warmup_steps": 513}}
 
 
 def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
@@ -129,8 +130,8 @@ def test_fedlm_errors_print_one_line_and_exit_2(
 ) -> None:
     monkeypatch.delenv("FEDLM_TRACEBACK", raising=False)
     config = str(write_checkpointed_config(tmp_path, tiny_gpt2_dir, synthetic_fpb))
-    code, err = run_main(monkeypatch, capsys, "fit", "--config", config, "--model.warmup_steps", "-1")
-    assert code == 2 and "fedlm: error: model.warmup_steps=-1 must be >= 0.\n" in err
+    code, err = run_main(monkeypatch, capsys, "fit", "--config", config, "--model.optimizer.warmup_steps", "-1")
+    assert code == 2 and "fedlm: error: model.optimizer.warmup_steps=-1 must be >= 0.\n" in err
     assert err.splitlines()[-1] == "fedlm: (set FEDLM_TRACEBACK=1 to see the traceback)"
 
     code, err = run_main(

@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 from conftest import REAL_FPB, train_tokenizer
 
-from fedlm.data import DataError, FinancialPhraseBank, TextClassificationFiles
+from fedlm.data import DataError, FinancialPhraseBank, RecordFiles
 from fedlm.data.sources import read_phrasebank, split_examples
-from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, PromptTemplate
+from fedlm.tasks import ClassificationTask, TaskConfig
 
-TEMPLATE = PromptTemplate(FPB_TEMPLATE, train_tokenizer(), 3, FPB_LABEL_WORDS)
+TASK = ClassificationTask(TaskConfig(), train_tokenizer(), 3)  # Financial PhraseBank's template and label words
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -24,9 +24,9 @@ def test_phrasebank_lines_parse_in_both_encodings(tmp_path: Path, encoding: str)
         encoding,
     )
     examples = read_phrasebank(file)
-    assert [(e.text, e.label) for e in examples] == [
-        ("Profit rose to EUR 5 mn ; margin 3 % @ both", "positive"),
-        ("A café opened .", "neutral"),
+    assert [e.fields for e in examples] == [
+        {"sentence": "Profit rose to EUR 5 mn ; margin 3 % @ both", "label": "positive"},
+        {"sentence": "A café opened .", "label": "neutral"},
     ]
     assert examples[1].origin == f"{file}:3"
 
@@ -76,7 +76,7 @@ def test_nemo_split_of_the_real_all_agree_file_is_1811_226_227() -> None:
     again = FinancialPhraseBank(path=str(REAL_FPB))
     again.setup("fit")
     assert data.splits == again.splits
-    texts = {split: {e.text for e in examples} for split, examples in data.splits.items()}
+    texts = {split: {e.fields["sentence"] for e in examples} for split, examples in data.splits.items()}
     assert sum(len(v) for v in texts.values()) >= 2264 - 10  # a few duplicate sentences exist in the file
 
 
@@ -91,40 +91,52 @@ def test_split_is_seeded_and_complete(synthetic_fpb: Path) -> None:
 def test_dataloader_pads_dynamically(synthetic_fpb: Path) -> None:
     data = FinancialPhraseBank(path=str(synthetic_fpb), batch_size=4)
     data.setup("fit")
-    data.connect(TEMPLATE)
+    data.connect(TASK)
     lengths = [batch["input_ids"].shape[1] for batch in data.val_dataloader()]
     longest = [max(int(m.sum()) for m in batch["attention_mask"]) for batch in data.val_dataloader()]
     assert lengths == longest  # each batch is padded to its own longest example, not a global length
 
 
-def test_jsonl_and_csv_tables_with_custom_fields(tmp_path: Path) -> None:
-    rows = [{"headline": f"profit rose {i} .", "tone": ["positive", "negative", "neutral"][i % 3]} for i in range(30)]
+def test_record_files_read_jsonl_and_csv_through_a_fields_mapping(tmp_path: Path) -> None:
+    """The reader itself is tested in test_records.py; here: the datamodule maps columns to the template's fields."""
+    rows = [
+        {"id": str(i), "headline": f"profit rose {i} .", "tone": ["positive", "negative", "neutral"][i % 3]}
+        for i in range(30)
+    ]
     jsonl = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows))
-    csv = write(tmp_path / "d.csv", "headline,tone\n" + "\n".join(f'"{r["headline"]}",{r["tone"]}' for r in rows))
+    csv = write(
+        tmp_path / "d.csv", "id,headline,tone\n" + "\n".join(f'{r["id"]},"{r["headline"]}",{r["tone"]}' for r in rows)
+    )
+    expected = {(r["headline"], r["tone"]) for r in rows}
     for file in (jsonl, csv):
-        data = TextClassificationFiles(train_file=str(file), text_field="headline", label_field="tone")
+        data = RecordFiles(train_file=str(file), fields={"sentence": "headline", "label": "tone"})
         data.setup("fit")
         assert [len(data.splits[s]) for s in ("train", "val", "test")] == [24, 3, 3]
-        data.connect(TEMPLATE)
-        assert len(data.encoded("train")) == 24
+        records = [e for split in data.splits.values() for e in split]
+        assert {tuple(e.fields) for e in records} == {("sentence", "label")}  # only the mapped columns, renamed
+        assert {(e.fields["sentence"], e.fields["label"]) for e in records} == expected
+        data.connect(TASK)
+        encoded = data.encoded("train").examples
+        assert len(encoded) == 24 and [e.index for e in encoded] == list(range(24))
+        assert [e.label for e in encoded] == [TASK.label_ids[e.fields["label"]] for e in data.splits["train"]]
 
 
-def test_table_errors_name_the_field_and_line(tmp_path: Path) -> None:
-    file = write(tmp_path / "d.jsonl", '{"text": "a", "label": "neutral"}\n{"text": "b"}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: no value for field 'label'"):
-        TextClassificationFiles(train_file=str(file)).setup("fit")
+def test_record_files_take_validation_and_test_files_together(tmp_path: Path) -> None:
+    file = write(tmp_path / "d.jsonl", '{"sentence": "a", "label": "neutral"}\n')
     with pytest.raises(DataError, match="val_file and data.test_file both"):
-        TextClassificationFiles(train_file=str(file), val_file=str(file))
+        RecordFiles(train_file=str(file), val_file=str(file))
 
 
-def test_label_outside_the_label_words_names_its_line(tmp_path: Path) -> None:
+def test_label_outside_the_label_words_names_its_file_and_line(tmp_path: Path) -> None:
+    labels = ["neutral"] * 9 + ["bullish"]
     file = write(
-        tmp_path / "d.jsonl", "\n".join(f'{{"text": "x", "label": "{lab}"}}' for lab in ["neutral"] * 9 + ["bullish"])
+        tmp_path / "d.jsonl", "\n".join(json.dumps({"text": f"x {i}", "tone": lab}) for i, lab in enumerate(labels))
     )
-    data = TextClassificationFiles(train_file=str(file), val_file=str(file), test_file=str(file))
+    mapping = {"sentence": "text", "label": "tone"}
+    data = RecordFiles(train_file=str(file), val_file=str(file), test_file=str(file), fields=mapping)
     data.setup("fit")
-    data.connect(TEMPLATE)
-    with pytest.raises(DataError, match=r"d\.jsonl:10: label 'bullish' is not in model.label_words"):
+    data.connect(TASK)
+    with pytest.raises(DataError, match=r"d\.jsonl:10: label 'bullish' is not in model.task.label_words"):
         data.encoded("train")
 
 
@@ -161,11 +173,11 @@ def test_incoherent_phrasebank_sources_are_refused_with_the_fix(kwargs: dict, me
 def test_evaluation_files_without_a_training_source_test_but_do_not_fit(tmp_path: Path) -> None:
     lines = "\n".join(f"sentence {i} .@{['negative', 'neutral', 'positive'][i % 3]}" for i in range(6))
     val, test = write(tmp_path / "val.txt", lines), write(tmp_path / "test.txt", lines)
-    rows = "\n".join(json.dumps({"text": f"sentence {i} .", "label": "neutral"}) for i in range(6))
+    rows = "\n".join(json.dumps({"sentence": f"sentence {i} .", "label": "neutral"}) for i in range(6))
     table = {split: str(write(tmp_path / f"{split}.jsonl", rows)) for split in ("val", "test")}
     for make in (
         lambda: FinancialPhraseBank(val_file=str(val), test_file=str(test)),
-        lambda: TextClassificationFiles(val_file=table["val"], test_file=table["test"]),
+        lambda: RecordFiles(val_file=table["val"], test_file=table["test"]),
     ):
         make().setup("test")  # zero-shot: the evaluation files are all it needs
         with pytest.raises(
@@ -175,4 +187,4 @@ def test_evaluation_files_without_a_training_source_test_but_do_not_fit(tmp_path
     with pytest.raises(DataError, match=f"data.test_file: {tmp_path}/missing.txt does not exist"):
         FinancialPhraseBank(val_file=str(val), test_file=str(tmp_path / "missing.txt")).setup("test")
     with pytest.raises(DataError, match="give data.train_file .*, or data.val_file and data.test_file"):
-        TextClassificationFiles()
+        RecordFiles()

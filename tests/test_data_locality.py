@@ -22,15 +22,15 @@ from helpers import (
     write_config,
 )
 
-from fedlm.data import DataError, FinancialPhraseBank
+from fedlm.data import DataError, FinancialPhraseBank, Record
 from fedlm.data.sources import read_phrasebank
 from fedlm.federation import Topology
 
 SPLIT_FILES = ["site0.txt", "site1.txt", "test.txt", "train.txt", "val.txt"]
 
 
-def texts(examples: list) -> list[tuple[str, str]]:
-    return [(e.text, e.label) for e in examples]
+def texts(examples: list[Record]) -> list[tuple[str, str]]:
+    return [(e.fields["sentence"], e.fields["label"]) for e in examples]
 
 
 # -- the split command ---------------------------------------------------------------------------------------

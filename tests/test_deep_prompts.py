@@ -32,10 +32,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Mist
 from fedlm.cli import cli
 from fedlm.cli.export import export_main
 from fedlm.federation import ServerConfig
-from fedlm.model import PTuningModule
-from fedlm.model.module import check_deep_template
 from fedlm.model.slots import slot_key_values
 from fedlm.model.template import PromptTemplate
+from fedlm.ptuning import PTuningModule
+from fedlm.ptuning.module import check_deep_template
 
 HEADLINES = [sentence for sentence, _ in synthetic_sentences(6, seed=4)]
 TOKENIZER = train_tokenizer()
@@ -79,15 +79,15 @@ def reference(module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
         out = module.backbone.base_model(
             inputs_embeds=module.backbone.get_input_embeddings()(ids),
             attention_mask=torch.ones_like(ids),
-            past_key_values=SlotsAtPositions(slots, start, module.backbone.config),
+            cache=SlotsAtPositions(slots, start, module.backbone.config),
             use_cache=True,
         )
         hidden = out.last_hidden_state
-        token_log_probs.append(module.answer_log_probs(hidden, one["targets"])[0])
-        log_probs = torch.log_softmax(module.last_prompt_logits(hidden, one), dim=-1)
-        scores.append(log_probs[:, [answer[0] for answer in module.template.answers]])
+        token_log_probs.append(module.lm.answer_log_probs(hidden, one["targets"])[0])
+        log_probs = torch.log_softmax(module.lm.last_prompt_logits(hidden, one), dim=-1)
+        scores.append(log_probs[:, [answer[0] for answer in module.task.answers]])
     scores = torch.cat(scores)
-    if module.loss == "label_words":
+    if module.task.config.loss == "label_words":
         return torch.nn.functional.cross_entropy(scores, batch["label"]), scores
     return -torch.cat(token_log_probs).mean(), scores
 
@@ -123,7 +123,7 @@ def test_the_fast_path_equals_the_whole_sequence_with_slots_in_every_layer(
         assert len({int((row >= 0).int().argmax()) for row in batch["virtual_index"]}) > 1  # left-padded prefixes
     else:
         assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # right-padded suffixes
-    loss_fast, scores_fast = module.loss_and_scores(batch)
+    loss_fast, scores_fast = module.task.loss_and_scores(module.lm, batch)
     loss_ref, scores_ref = reference(module, batch)
     tolerance = TOLERANCE[dtype]
     torch.testing.assert_close(scores_fast, scores_ref, **tolerance)
@@ -146,15 +146,15 @@ def test_deep_slots_start_as_the_init_texts_key_values_and_run_only_what_follows
     first_layer_keys = cache.layers[0].keys[0]  # (heads, tokens, head dim)
     slots = slot_key_values(module.encoder().detach(), shape)
     torch.testing.assert_close(slots[0, 0, 0, :, : len(ids)], first_layer_keys[:, : min(4, len(ids))])
-    _, rest = module.hidden_states(batch_of(module, MIXED))  # what runs: " sentiment:" and the answer, no more
+    _, rest = module.lm.hidden_states(batch_of(module, MIXED))  # what runs: " sentiment:" and the answer, no more
     after = module.tokenizer(" sentiment:", add_special_tokens=False).input_ids
-    assert rest["input_ids"].shape[1] == len(after) + max(map(len, module.template.answers))
+    assert rest["input_ids"].shape[1] == len(after) + max(map(len, module.task.answers))
 
 
 def test_deep_prompts_refuse_what_cannot_work(tiny_model_dir: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model.encoder.init_text"):
         tiny_module(tiny_model_dir, encoder={**DEEP, "init_text": None}, template=BEFORE_TEXT)
-    with pytest.raises(ValueError, match="set model.cache_prefix=true"):
+    with pytest.raises(ValueError, match="set model.cache.prefix=true"):
         tiny_module(tiny_model_dir, encoder=DEEP, template=AFTER_TEXT)
     with pytest.raises(ValueError, match="nothing after it"):
         tiny_module(tiny_model_dir, encoder=DEEP, template="{sentence} sentiment: <|VIRTUAL_PROMPT_0|>{label}")
@@ -177,7 +177,7 @@ def deep_checkpoints(tiny_gpt2_dir: str, tmp_path_factory: pytest.TempPathFactor
         config = write_checkpointed_config(folder, tiny_gpt2_dir, write_synthetic_fpb(folder))
         encoder = ["--model.encoder.type", "embedding", "--model.encoder.virtual_tokens", "4"]
         deep = ["--model.encoder.deep", "true", "--model.encoder.init_text", "the company held"]
-        layout = ["--model.template", template, "--model.cache_prefix", str(placement == "after_text").lower()]
+        layout = ["--model.task.template", template, "--model.cache.prefix", str(placement == "after_text").lower()]
         cli(["fit", "--config", str(config), "--trainer.limit_train_batches", "3", *encoder, *deep, *layout])
         checkpoints[placement] = folder / "ckpt" / "best.ckpt"
     return checkpoints
@@ -197,14 +197,16 @@ def test_an_export_of_deep_slots_predicts_what_the_trained_module_predicts(
     out = tmp_path / "export"
     export_main([str(deep_checkpoints[placement]), "--out", str(out)])
     settings = json.loads((out / "prompt.json").read_text())
-    assert settings["deep"] is True and settings["version"] == 2
+    assert settings["deep"] is True and settings["version"] == 3
     trained = PTuningModule.load_from_checkpoint(deep_checkpoints[placement]).eval()
     assert load_file(out / "prompt.safetensors")["virtual_tokens"].shape == (4, trained.slot_shape.width)
     rows = predicted(out, headlines, tmp_path)
     assert rows == predicted(deep_checkpoints[placement], headlines, tmp_path)
-    batch = trained.template.collate([trained.template.encode(sentence, "neutral") for sentence in HEADLINES])
+    batch = trained.task.template.collate(
+        [trained.task.encode({"sentence": sentence, "label": "neutral"}) for sentence in HEADLINES]
+    )
     with torch.inference_mode():
-        expected = trained.loss_and_scores(batch)[1].softmax(-1)
+        expected = trained.task.loss_and_scores(trained.lm, batch)[1].softmax(-1)
     torch.testing.assert_close(probabilities(rows), expected, atol=1e-6, rtol=0)
     assert (out / "peft").is_dir() == (placement == "before_text")  # PEFT's prefix tuning puts slots first
 
@@ -216,7 +218,7 @@ def test_peft_prefix_tuning_reproduces_deep_slots_placed_first(
     export_main([str(deep_checkpoints["before_text"]), "--out", str(out), "--peft", "require"])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), out / "peft").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    label_words = json.loads((out / "prompt.json").read_text())["label_words"]
+    label_words = json.loads((out / "prompt.json").read_text())["task"]["label_words"]
     through_peft = peft_probabilities(model, tokenizer, label_words, HEADLINES)
     through_fedlm = probabilities(predicted(out, headlines, tmp_path))
     torch.testing.assert_close(through_peft, through_fedlm, atol=1e-5, rtol=0)
@@ -232,7 +234,7 @@ def test_peft_prefix_tuning_reproduces_deep_slots_placed_first(
 
 SLOTS_AFTER_TEXT = (
     "--model.encoder.deep", "true", "--model.encoder.init_text", "the company held",
-    "--model.template", AFTER_TEXT, "--model.cache_prefix", "true",
+    "--model.task.template", AFTER_TEXT, "--model.cache.prefix", "true",
 )  # fmt: skip
 
 
@@ -279,5 +281,5 @@ def test_the_layout_configs_compose_with_every_fpb_config(layout: str, capsys: p
         configs = ("--config", f"{REPO}/configs/{base}.yaml", "--config", f"{REPO}/configs/layouts/{layout}.yaml")
         model = printed_config(capsys, "fit", *configs)["model"]
         assert model["encoder"]["deep"] is True and model["encoder"]["init_text"]
-        assert model["cache_prefix"] == (layout == "deep_after_text")
-        check_deep_template(PromptTemplate(model["template"], TOKENIZER, 10, model["label_words"]), "", True)
+        assert model["cache"]["prefix"] == (layout == "deep_after_text")
+        check_deep_template(PromptTemplate(model["task"]["template"], TOKENIZER, 10), "", True)

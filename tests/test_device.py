@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import build_tiny
-from helpers import DEEP_CACHED, FEDERATION, run_ranks, write_config, write_yaml
+from helpers import DEEP_CACHED, FEDERATION, run_ranks, sectioned, write_config, write_yaml
 
 pytestmark = [
     pytest.mark.device,
@@ -37,7 +37,7 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 def configured(tmp_path: Path, backbone: str, fpb: Path, federation: dict, model: dict) -> Path:
     config = write_config(tmp_path, backbone, fpb, {**FEDERATION, **federation}, limit_val_batches=0)
     settings = yaml.safe_load(config.read_text())
-    settings["model"].update(model)
+    settings["model"] = sectioned({**settings["model"], **model})
     return write_yaml(config, settings)
 
 
@@ -66,7 +66,7 @@ def test_a_simulated_federation_on_the_gpu_trains_as_on_the_cpu(
 def test_bf16_on_the_gpu_trains_and_stays_near_fp32(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     config = configured(tmp_path, tiny_gpt2_dir, synthetic_fpb, {}, CACHED)
     fp32 = global_rounds(config, "--trainer.accelerator", "cuda")
-    bf16_lm = ("--model.dtype", "bf16", "--model.cache_dtype", "bf16")
+    bf16_lm = ("--model.dtype", "bf16", "--model.cache.dtype", "bf16")
     bf16 = global_rounds(config, "--trainer.accelerator", "cuda", *bf16_lm)
     assert all(torch.isfinite(g).all() for g in bf16)
     moved = (fp32[-1] - fp32[0]).norm()

@@ -100,7 +100,11 @@ def tiny_configs(tmp_path: Path, backbone: str, fpb: Path) -> dict[str, str]:
             "max_epochs": 2,
             "log_every_n_steps": 1,
         },  # fmt: skip
-        "model": {"backbone": backbone, "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8}, "lr": 0.05},
+        "model": {
+            "backbone": backbone,
+            "encoder": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8},
+            "optimizer": {"lr": 0.05},
+        },  # fmt: skip
         "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 8}},
     }
     configs = {
@@ -163,6 +167,8 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(
     text = readme.read_text()
     assert "| federated | 2 |" in text and "Federated within 1 point of centralized or above it" in text
     assert "bootstrap over seeds and sentences" in text and "95% CI over seeds and sentences" in text
+    # the setup table reads the model's task, cache and optimizer sections of each run's saved config
+    assert "(cache.prefix: False) | mlp, 3 virtual tokens | 0.05 | 0 | 8 |" in text
     for png in [
         "val_loss_centralized_vs_federated",
         "val_loss_local_vs_federated",

@@ -3,6 +3,7 @@ in fedlm and through PEFT."""
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,9 @@ from fedlm.checkpointing import UnsafeCheckpointError
 from fedlm.cli import cli, main
 from fedlm.cli.export import export_main, run_checkpoint
 from fedlm.cli.predict import predict_main
-from fedlm.model import CheckpointMismatchError, PTuningModule
-from fedlm.model.export import PeftLayoutError, PromptFormatError, TrainedPrompt, peft_mismatch
-from fedlm.model.template import FPB_LABEL_WORDS, FPB_TEMPLATE, PromptTemplate
+from fedlm.model.template import FPB_TEMPLATE, PromptTemplate
+from fedlm.ptuning import CheckpointMismatchError, PTuningModule
+from fedlm.ptuning.export import PeftLayoutError, PromptFormatError, TrainedPrompt, peft_mismatch
 
 MID_TEMPLATE = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"  # the shipped configs'
 SENTENCES = [sentence for sentence, _ in synthetic_sentences(9, seed=3)]
@@ -47,14 +48,15 @@ def embedding_checkpoint(tiny_gpt2_dir: str, tmp_path_factory: pytest.TempPathFa
     """Plain prompt tuning: rows as different from each other as the LM's own token embeddings (an LSTM's are
     nearly alike in a tiny random model), so that a table exported in the wrong row order would show."""
     folder = tmp_path_factory.mktemp("embedding")
-    return fit(tiny_gpt2_dir, folder, "--model.encoder.type", "embedding", "--model.lr", "0.005")
+    return fit(tiny_gpt2_dir, folder, "--model.encoder.type", "embedding", "--model.optimizer.lr", "0.005")
 
 
 @pytest.fixture(scope="module")
 def mid_checkpoint(checkpoint: Path) -> Path:
     """The same prompt under the shipped configs' template (text first, prefix cache on)."""
     saved = torch.load(checkpoint, weights_only=True)
-    saved["hyper_parameters"].update(template=MID_TEMPLATE, cache_prefix=True)
+    saved["hyper_parameters"]["task"]["template"] = MID_TEMPLATE
+    saved["hyper_parameters"]["cache"]["prefix"] = True
     path = checkpoint.with_name("mid.ckpt")
     torch.save(saved, path)
     return path
@@ -73,17 +75,19 @@ def test_the_table_alone_predicts_what_the_trained_module_predicts(
 ) -> None:
     path = request.getfixturevalue(name)
     rows = predicted(path, headlines, tmp_path)
-    assert [row["sentence"] for row in rows] == SENTENCES  # blank lines skipped
+    assert [row["input"] for row in rows] == SENTENCES  # blank lines skipped
     assert [row["line"] for row in rows] == [1, 2, 3, 4, *range(7, 12)]
 
     trained = PTuningModule.load_from_checkpoint(path).eval()  # its LSTM encoder; mid: with the prefix cache
+    assert trained.task.config.template == (MID_TEMPLATE if name == "mid_checkpoint" else FPB_TEMPLATE)
+    assert (trained.prefix_cache is not None) == (name == "mid_checkpoint")
     assert not torch.allclose(trained.encoder.inference_table, trained.encoder.input_table)
-    template = trained.template
-    batch = template.collate([template.encode(sentence, "neutral") for sentence in SENTENCES])
+    task = trained.task
+    batch = task.template.collate([task.encode({"sentence": sentence, "label": "neutral"}) for sentence in SENTENCES])
     with torch.inference_mode():
-        expected = trained.loss_and_scores(batch)[1].softmax(-1)
+        expected = task.loss_and_scores(trained.lm, batch)[1].softmax(-1)
     torch.testing.assert_close(probabilities(rows), expected, atol=1e-6, rtol=0)
-    assert [row["label"] for row in rows] == [template.label_names[i] for i in expected.argmax(-1).tolist()]
+    assert [row["label"] for row in rows] == [task.label_names[i] for i in expected.argmax(-1).tolist()]
 
 
 def test_peft_adapter_predicts_what_fedlm_predicts(
@@ -98,7 +102,7 @@ def test_peft_adapter_predicts_what_fedlm_predicts(
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     model = PeftModel.from_pretrained(base, out / "peft").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    label_words = json.loads((out / "prompt.json").read_text())["label_words"]
+    label_words = json.loads((out / "prompt.json").read_text())["task"]["label_words"]
     through_peft, through_fedlm = peft_probabilities(model, tokenizer, label_words, SENTENCES), probabilities(rows)
     difference = (through_peft - through_fedlm).abs().max()
     print(f"PEFT vs fedlm predict: max abs difference of probabilities {difference:.1e}")
@@ -120,10 +124,13 @@ def test_a_text_first_template_exports_the_table_but_no_peft_adapter(
     export_main([str(mid_checkpoint), "--out", str(out), "--force"])
     printed = capsys.readouterr().out
     assert "no PEFT adapter written: the template does not start with its only block" in printed
-    assert "--model.template '<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}' --model.cache_prefix false" in printed
+    assert (
+        "--model.task.template '<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}' --model.cache.prefix false"
+        in printed
+    )
     assert sorted(p.name for p in out.iterdir()) == ["prompt.json", "prompt.safetensors"]  # the stale adapter is gone
     settings = json.loads((out / "prompt.json").read_text())
-    assert settings["template"] == MID_TEMPLATE and settings["virtual_tokens"] == 3
+    assert settings["task"]["template"] == MID_TEMPLATE and settings["virtual_tokens"] == 3
     with pytest.raises(PeftLayoutError, match="--peft require"):
         export_main([str(mid_checkpoint), "--out", str(tmp_path / "strict"), "--peft", "require"])
 
@@ -131,21 +138,59 @@ def test_a_text_first_template_exports_the_table_but_no_peft_adapter(
 def test_stdin_tsv_and_batch_sizes(
     checkpoint: Path, headlines: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr("fedlm.cli.predict.PROGRESS_EVERY", 4)  # batches between progress lines
+    monkeypatch.setattr("fedlm.cli.predict.PROGRESS_AFTER", 4)  # batches: longer inputs show a progress bar
     reference = predicted(checkpoint, headlines, tmp_path, "--batch-size", "1")
-    assert "scored 4/9 sentences" in capsys.readouterr().err
+    assert re.search(r"\| 9/9 \[.*input/s", capsys.readouterr().err)  # 9 batches: the bar, on stderr
     in_sevens = predicted(checkpoint, headlines, tmp_path, "--batch-size", "7")
+    assert "9/9" not in capsys.readouterr().err  # 2 batches: none
     torch.testing.assert_close(probabilities(in_sevens), probabilities(reference))
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(headlines.read_text()))
     predict_main([str(checkpoint)])
     header, *lines = capsys.readouterr().out.splitlines()
-    assert header == "label\tnegative\tneutral\tpositive\tsentence"
+    assert header == "label\tnegative\tneutral\tpositive\tinput"
     cells = [line.split("\t") for line in lines]
     assert [row[0] for row in cells] == [row["label"] for row in reference]
     assert [row[4] for row in cells] == SENTENCES
     printed = torch.tensor([[float(p) for p in row[1:4]] for row in cells])
     torch.testing.assert_close(printed, probabilities(reference), atol=1e-4, rtol=0)  # printed with 4 decimals
+
+
+def test_json_object_lines_predict_what_their_text_predicts(
+    checkpoint: Path, headlines: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    records = [json.dumps({"sentence": sentence}) for sentence in SENTENCES]
+    inputs = tmp_path / "headlines.jsonl"
+    inputs.write_text("\n".join([*records[:4], "", *records[4:]]) + "\n")
+    rows = predicted(checkpoint, inputs, tmp_path)
+    assert [row["input"] for row in rows] == records and [row["line"] for row in rows] == [1, 2, 3, 4, *range(6, 11)]
+    reference = predicted(checkpoint, headlines, tmp_path)
+    assert [row["label"] for row in rows] == [row["label"] for row in reference]
+    torch.testing.assert_close(probabilities(rows), probabilities(reference), atol=0, rtol=0)
+
+    inputs.write_text(f"{records[0]}\n{json.dumps({'text': SENTENCES[1]})}\n")
+    with pytest.raises(SystemExit):
+        predict_main([str(checkpoint), str(inputs)])
+    assert "INPUT line 2: no field 'sentence'" in capsys.readouterr().err
+    inputs.write_text('{"sentence": "unterminated\n')
+    with pytest.raises(SystemExit):
+        predict_main([str(checkpoint), str(inputs)])
+    assert "INPUT line 1: not valid JSON" in capsys.readouterr().err
+
+
+def test_a_prompt_exported_before_the_task_section_predicts_the_same(
+    checkpoint: Path, headlines: Path, tmp_path: Path
+) -> None:
+    """A version 2 folder (template, label words and max_length at the top), as the last version before the task
+    section exported it: what an older checkpoint's users are told to make."""
+    export_main([str(checkpoint), "--out", str(tmp_path / "export")])
+    settings = json.loads((tmp_path / "export" / "prompt.json").read_text())
+    task = settings.pop("task")
+    settings.update(version=2, template=task["template"], label_words=task["label_words"], max_length=512)
+    (tmp_path / "export" / "prompt.json").write_text(json.dumps(settings))
+    old = TrainedPrompt.load(tmp_path / "export")
+    assert old.task == {"template": FPB_TEMPLATE, "label_words": task["label_words"], "max_length": 512}
+    assert predicted(tmp_path / "export", headlines, tmp_path) == predicted(checkpoint, headlines, tmp_path)
 
 
 def test_backbone_override_finds_moved_files_and_refuses_another_model(
@@ -176,9 +221,9 @@ def test_unsafe_foreign_and_incomplete_inputs_are_refused(
 
     export_main([str(checkpoint), "--out", str(tmp_path / "export")])
     settings = json.loads((tmp_path / "export" / "prompt.json").read_text())
-    del settings["label_words"]
+    del settings["task"]["label_words"]
     (tmp_path / "export" / "prompt.json").write_text(json.dumps(settings))
-    with pytest.raises(PromptFormatError, match=r"lacks \['label_words'\]; re-export"):
+    with pytest.raises(PromptFormatError, match=r"lacks \['task.label_words'\]; re-export"):
         predict_main([str(tmp_path / "export"), str(headlines)])
 
     with pytest.raises(SystemExit):
@@ -231,17 +276,17 @@ def test_python_m_fedlm_predict_pipes_stdin_to_stdout(checkpoint: Path, headline
         check=True,
     )
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [row["sentence"] for row in rows] == SENTENCES
+    assert [row["input"] for row in rows] == SENTENCES
 
 
 def test_peft_is_written_only_for_one_virtual_block_first_and_no_special_prefix() -> None:
     tokenizer = train_tokenizer()
-    assert peft_mismatch(PromptTemplate(FPB_TEMPLATE, tokenizer, 3, FPB_LABEL_WORDS)) is None
+    assert peft_mismatch(PromptTemplate(FPB_TEMPLATE, tokenizer, 3)) is None
     two_blocks = "<|VIRTUAL_PROMPT_0|> {sentence} <|VIRTUAL_PROMPT_1|> sentiment:{label}"
     for template, blocks in [(MID_TEMPLATE, 3), (two_blocks, [2, 1])]:
-        reason = peft_mismatch(PromptTemplate(template, tokenizer, blocks, FPB_LABEL_WORDS))
+        reason = peft_mismatch(PromptTemplate(template, tokenizer, blocks))
         assert "does not start with its only block" in reason
     # A Llama-style tokenizer puts BOS first, before fedlm's virtual tokens; PEFT would put it after them.
     bos_first = processors.TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 1)])
     tokenizer.backend_tokenizer.post_processor = bos_first
-    assert "special tokens [1]" in peft_mismatch(PromptTemplate(FPB_TEMPLATE, tokenizer, 3, FPB_LABEL_WORDS))
+    assert "special tokens [1]" in peft_mismatch(PromptTemplate(FPB_TEMPLATE, tokenizer, 3))

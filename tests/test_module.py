@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from helpers import SENTENCES, batch_of, single_token_words, tiny_module, trainer
 
 from fedlm.data import FinancialPhraseBank
-from fedlm.model import CheckpointMismatchError, PTuningModule
 from fedlm.model.template import EncodedExample
+from fedlm.ptuning import CheckpointMismatchError, OldCheckpointError, PTuningModule
+from fedlm.ptuning.export import TrainedPrompt
 
 
 def test_backbone_is_frozen_in_eval_mode_and_unchanged_by_training(
@@ -27,7 +28,7 @@ def test_backbone_is_frozen_in_eval_mode_and_unchanged_by_training(
 def test_virtual_rows_replace_the_placeholder_embeddings(tiny_model_dir: str) -> None:
     module = tiny_module(tiny_model_dir).eval()
     batch = batch_of(module, SENTENCES)
-    embeds = module.input_embeddings(batch)
+    embeds = module.lm.input_embeddings(batch)
     table = module.encoder()
     tokens = module.backbone.get_input_embeddings()(batch["input_ids"])
     for row in range(2):
@@ -43,8 +44,8 @@ def reference_scores(module: PTuningModule, batch: dict[str, torch.Tensor]) -> t
     for row in range(len(batch["label"])):
         n = int(batch["prompt_length"][row])
         scores = []
-        for answer in module.template.answers:
-            single = module.template.collate(
+        for answer in module.task.answers:
+            single = module.task.template.collate(
                 [
                     EncodedExample(
                         batch["input_ids"][row, :n].tolist() + answer,
@@ -54,7 +55,7 @@ def reference_scores(module: PTuningModule, batch: dict[str, torch.Tensor]) -> t
                     )
                 ]
             )
-            logits = module.backbone(inputs_embeds=module.input_embeddings(single)).logits[0].float()
+            logits = module.backbone(inputs_embeds=module.lm.input_embeddings(single)).logits[0].float()
             log_probs = F.log_softmax(logits, -1)
             scores.append(sum(log_probs[n - 1 + i, t] for i, t in enumerate(answer)))
         rows.append(torch.stack(scores))
@@ -66,19 +67,19 @@ def test_label_scores_equal_the_full_model_forward(tiny_model_dir: str, words: s
     module = tiny_module(tiny_model_dir)
     if words == "single-token":
         module = tiny_module(tiny_model_dir, label_words=single_token_words(module))
-        assert module.template.single_token_answers
+        assert module.task.single_token_answers
     else:
-        assert not module.template.single_token_answers
+        assert not module.task.single_token_answers
     module.eval()
     batch = batch_of(
         module, SENTENCES + [("the board met in Helsinki for the period according to the report .", "neutral")]
     )
     with torch.no_grad():
-        loss, scores = module.loss_and_scores(batch)
+        loss, scores = module.task.loss_and_scores(module.lm, batch)
         expected = reference_scores(module, batch)
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
     gold = expected[torch.arange(3), batch["label"]]
-    answer_tokens = torch.tensor([len(module.template.answers[i]) for i in batch["label"]])
+    answer_tokens = torch.tensor([len(module.task.answers[i]) for i in batch["label"]])
     torch.testing.assert_close(loss, -(gold.sum() / answer_tokens.sum()), atol=1e-4, rtol=1e-4)
 
 
@@ -86,7 +87,7 @@ def test_scoring_picks_the_label_a_hand_built_model_prefers(tiny_gpt2_dir: str) 
     module = tiny_module(tiny_gpt2_dir)
     words = single_token_words(module)
     module = tiny_module(tiny_gpt2_dir, label_words=words).eval()
-    positive = module.template.answers[module.template.label_ids["positive"]][0]
+    positive = module.task.answers[module.task.label_ids["positive"]][0]
     with torch.no_grad():
         # Final layer norm outputs a constant vector aligned with the " positive" token's (tied) embedding.
         wte = module.backbone.transformer.wte.weight
@@ -143,6 +144,39 @@ def test_checkpoint_for_another_encoder_shape_is_refused(
         trainer(tmp_path).test(other, FinancialPhraseBank(path=str(synthetic_fpb)), ckpt_path=tmp_path / "a.ckpt")
 
 
+def flat_hyperparameters(sectioned: dict) -> dict:
+    """The hyperparameters as fedlm wrote them before model.task, model.cache and model.optimizer: one flat dict."""
+    flat = {k: v for k, v in sectioned.items() if k not in ("task", "cache", "optimizer")}
+    task = sectioned["task"]
+    flat.update({name: task[name] for name in ("template", "label_words", "loss", "max_length", "calibrate")})
+    flat.update({f"cache_{name}": value for name, value in sectioned["cache"].items()})
+    flat.update(sectioned["optimizer"])
+    return flat
+
+
+def test_a_checkpoint_from_before_the_sections_is_refused_with_what_to_do(
+    tiny_model_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    data = FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8)
+    fit = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    fit.fit(tiny_module(tiny_model_dir), data)
+    fit.save_checkpoint(tmp_path / "new.ckpt")
+    saved = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    saved["hyper_parameters"] = flat_hyperparameters(saved["hyper_parameters"])
+    saved["state_dict"]["label_bias"] = saved["state_dict"].pop("task.label_bias")  # its name then
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+
+    refusal = r"old\.ckpt is a fedlm checkpoint from before the model\.task, model\.cache and model\.optimizer"
+    with pytest.raises(OldCheckpointError, match=r"before the model\.task.*Re-train .*export it with the older"):
+        PTuningModule.load_from_checkpoint(old, weights_only=True)
+    with pytest.raises(OldCheckpointError, match="before the model.task, model.cache and model.optimizer sections"):
+        trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(tiny_module(tiny_model_dir), data, ckpt_path=old)
+    with pytest.raises(OldCheckpointError, match=refusal):
+        TrainedPrompt.from_checkpoint(old)
+    assert isinstance(PTuningModule.load_from_checkpoint(tmp_path / "new.ckpt", weights_only=True), PTuningModule)
+
+
 def test_validate_before_fit_then_validate_during_fit(tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path) -> None:
     """Metric state made under validate's inference mode must not break fit's no-grad validation."""
     module = tiny_module(tiny_gpt2_dir)
@@ -168,7 +202,7 @@ def test_validation_during_fit_sees_the_trained_encoder(
     with torch.no_grad():
         assert torch.equal(module.encoder(), module.encoder.compute())
         batch = next(iter(run.datamodule.val_dataloader()))
-        loss, _ = module.loss_and_scores(batch)
+        loss, _ = module.task.loss_and_scores(module.lm, batch)
     torch.testing.assert_close(run.callback_metrics["val/loss"], loss)
 
 
@@ -197,8 +231,8 @@ def test_the_label_words_loss_is_the_cross_entropy_over_the_class_scores(
         tiny_model_dir, label_words=words, loss="label_words", template=template, cache_prefix=cache_prefix
     )
     batch = batch_of(module, SENTENCES)
-    evaluated, scores = module.loss_and_scores(batch)  # log-probabilities of the label words
-    loss = module.train_loss(batch)
+    evaluated, scores = module.task.loss_and_scores(module.lm, batch)  # log-probabilities of the label words
+    loss = module.task.train_loss(module.lm, batch)
     torch.testing.assert_close(loss, F.cross_entropy(scores, batch["label"]), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(evaluated, loss, atol=1e-6, rtol=1e-6)  # val/loss is the loss that is trained
     loss.backward()
@@ -206,5 +240,5 @@ def test_the_label_words_loss_is_the_cross_entropy_over_the_class_scores(
 
 
 def test_the_label_words_loss_needs_one_token_words(tiny_gpt2_dir: str) -> None:
-    with pytest.raises(ValueError, match="model.loss=label_words scores each class by its label word's one token"):
+    with pytest.raises(ValueError, match="model.task.loss=label_words scores each class by its label word's one token"):
         tiny_module(tiny_gpt2_dir, loss="label_words")  # the tiny tokenizer splits " negative"

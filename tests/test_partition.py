@@ -7,7 +7,7 @@ import pytest
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 
-from fedlm.data import DataError, FinancialPhraseBank, TextClassificationData, TextClassificationFiles
+from fedlm.data import DataError, FinancialPhraseBank, Record, RecordFiles, TaskData
 from fedlm.data.partition import agreement_partition, dirichlet_partition, iid_partition, quantity_partition
 from fedlm.data.sources import PHRASEBANK_FILES
 from fedlm.federation.topology import Topology
@@ -45,6 +45,10 @@ def nested_fpb(tmp_path: Path) -> Path:
 
 def level_of(text: str) -> str:
     return text.split()[1]
+
+
+def sentence(record: Record) -> str:
+    return record.fields["sentence"]
 
 
 def total_variation(part: list[int]) -> float:
@@ -98,17 +102,17 @@ def test_a_client_without_examples_is_refused(partition: Callable[[], object], m
 def test_agreement_clients_hold_their_exact_level_once_and_no_validation_or_test_sentence(nested_fpb: Path) -> None:
     data = FinancialPhraseBank(path=str(nested_fpb), partition={"kind": "agreement"})
     data.setup("fit")
-    held_out = {e.text for split in ("val", "test") for e in data.splits[split]}
+    held_out = {sentence(e) for split in ("val", "test") for e in data.splits[split]}
     assert len(held_out) == 8 and {level_of(text) for text in held_out} == {"all"}
     blocks = data.federate(Topology(4, 1, 0), local_steps=1, local_epochs=None)
     clients = [[data.train_examples[i] for i in block.indices] for block in blocks]
     for level, examples in zip(PHRASEBANK_FILES, clients):
-        texts = [e.text for e in examples]
+        texts = [sentence(e) for e in examples]
         assert {level_of(text) for text in texts} == {level}
         assert len(texts) == len(set(texts)) == LEVEL_SIZES[level] - (8 if level == "all" else 0)
         assert not held_out & set(texts)
         assert all(PHRASEBANK_FILES[level] in e.origin for e in examples)  # read from its own level's file
-    assert sorted(e.text for e in data.train_examples) == sorted(e.text for e in data.splits["train"])
+    assert sorted(map(sentence, data.train_examples)) == sorted(map(sentence, data.splits["train"]))
 
 
 def test_agreement_levels_choose_the_clients(nested_fpb: Path) -> None:
@@ -123,7 +127,9 @@ def test_agreement_levels_choose_the_clients(nested_fpb: Path) -> None:
     ("make", "message"),
     [
         (lambda d: FinancialPhraseBank(path=d, agreement="75", partition={"kind": "agreement"}), "data.agreement: all"),
-        (lambda d: TextClassificationFiles(train_file=d, partition={"kind": "agreement"}), "not available for Text"),
+        (lambda d: RecordFiles(train_file=d, partition={"kind": "agreement"}), "not available for RecordFiles"),
+        (lambda d: TaskData(partition={"kind": "agreement"}), "'agreement' is not available for TaskData"),
+        (lambda d: FinancialPhraseBank(path=d, partition={"kind": "lexfile"}), "not available for FinancialPhrase"),
         (lambda d: FinancialPhraseBank(client_files=[d], partition={"kind": "quantity"}), "data.client_files gives"),
         (lambda d: FinancialPhraseBank(partition={"kind": "dirichlet", "alpha": 0.0}), "data.partition.alpha=0.0"),
         (lambda d: FinancialPhraseBank(partition={"kind": "quantity", "exponent": -1}), "data.partition.exponent=-1"),
@@ -149,18 +155,35 @@ def test_dirichlet_from_the_config_gives_its_clients_and_logs_them(
         alpha: 0.3
     """
     parser = LightningArgumentParser()
-    parser.add_lightning_class_args(TextClassificationData, "data", subclass_mode=True)  # as LightningCLI does
+    parser.add_lightning_class_args(TaskData, "data", subclass_mode=True)  # as LightningCLI does
     data = parser.instantiate_classes(parser.parse_object({"data": yaml.safe_load(config)})).data
     assert (data.partition.kind, data.partition.alpha, data.partition.exponent) == ("dirichlet", 0.3, 1.0)
     data.setup("fit")
     with caplog.at_level(logging.INFO):
         blocks = data.federate(Topology(3, 1, 0), local_steps=1, local_epochs=None)
-    expected = dirichlet_partition([e.label for e in data.splits["train"]], 3, 0.3, seed=7)
+    expected = dirichlet_partition([e.fields["label"] for e in data.splits["train"]], 3, 0.3, seed=7)
     assert [len(block.indices) for block in blocks] == [len(part) for part in expected]
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[fedlm data] client")]
-    counts = [Counter(data.splits["train"][i].label for i in part) for part in expected]
+    counts = [Counter(data.splits["train"][i].fields["label"] for i in part) for part in expected]
     assert logged == [
         f"[fedlm data] client {k}: {len(part)} examples, negative {c['negative']} / neutral {c['neutral']} / "
         f"positive {c['positive']}"
         for k, (part, c) in enumerate(zip(expected, counts))
     ]
+
+
+def test_records_without_labels_are_partitioned_and_logged_by_size_but_refuse_label_skew(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    file = tmp_path / "qa.jsonl"
+    file.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(40)))
+    data = RecordFiles(train_file=str(file), partition={"kind": "dirichlet"})  # data.label_field: label, absent
+    data.setup("fit")
+    with pytest.raises(DataError, match=r"data.label_field='label', but .*qa\.jsonl:\d+ has no one value in it"):
+        data.client_partition(2)
+    data = RecordFiles(train_file=str(file))
+    data.setup("fit")
+    with caplog.at_level(logging.INFO):
+        data.client_partition(2)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[fedlm data] client")]
+    assert logged == ["[fedlm data] client 0: 16 examples", "[fedlm data] client 1: 16 examples"]

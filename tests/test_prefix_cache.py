@@ -7,8 +7,8 @@ import torch
 from helpers import batch_of, single_token_words, tiny_module, trainer
 
 from fedlm.data import FinancialPhraseBank
-from fedlm.model import PTuningModule
 from fedlm.model.prefix_cache import PrefixCache, split_at_first_virtual
+from fedlm.ptuning import PTuningModule
 
 CACHED_TEMPLATE = "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"
 # Prefixes of different lengths (one repeated), and gold answers of different lengths with multi-token words.
@@ -36,7 +36,7 @@ def pair(backbone: str, words: str, **cached: object) -> tuple[PTuningModule, PT
     plain = sharpen_attention(tiny_module(backbone, template=CACHED_TEMPLATE, label_words=label_words))
     fast = tiny_module(backbone, template=CACHED_TEMPLATE, label_words=label_words, cache_prefix=True, **cached)
     sharpen_attention(fast)
-    assert plain.template.single_token_answers == (words == "single-token")
+    assert plain.task.single_token_answers == (words == "single-token")
     assert all(torch.equal(a, b) for a, b in zip(plain.encoder.parameters(), fast.encoder.parameters()))
     return plain, fast
 
@@ -45,7 +45,7 @@ def mixed_batch(module: PTuningModule) -> dict[str, torch.Tensor]:
     batch = batch_of(module, MIXED)
     prefixes, suffix = split_at_first_virtual(batch)
     assert len(set(prefixes)) == 3 and len({len(p) for p in prefixes}) > 1  # prefix lengths differ
-    if not module.template.single_token_answers:
+    if not module.task.single_token_answers:
         assert len(set(suffix["attention_mask"].sum(1).tolist())) > 1  # suffix lengths differ
     return batch
 
@@ -55,8 +55,8 @@ def test_cached_loss_and_scores_equal_the_uncached_path(tiny_model_dir: str, wor
     plain, fast = (m.eval() for m in pair(tiny_model_dir, words))
     batch = mixed_batch(plain)
     with torch.no_grad():
-        expected_loss, expected_scores = plain.loss_and_scores(batch)
-        loss, scores = fast.loss_and_scores(batch)
+        expected_loss, expected_scores = plain.task.loss_and_scores(plain.lm, batch)
+        loss, scores = fast.task.loss_and_scores(fast.lm, batch)
     torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-4)
     assert len(fast.prefix_cache) == 3  # one entry per distinct prefix
@@ -66,9 +66,11 @@ def test_cached_loss_and_scores_equal_the_uncached_path(tiny_model_dir: str, wor
 def test_encoder_gradients_equal_the_uncached_path(tiny_model_dir: str, words: str) -> None:
     plain, fast = (m.train() for m in pair(tiny_model_dir, words))
     batch = mixed_batch(plain)
-    torch.testing.assert_close(fast.train_loss(batch), plain.train_loss(batch), atol=1e-4, rtol=1e-4)
-    expected = torch.autograd.grad(plain.train_loss(batch), list(plain.encoder.parameters()))
-    grads = torch.autograd.grad(fast.train_loss(batch), list(fast.encoder.parameters()))
+    torch.testing.assert_close(
+        fast.task.train_loss(fast.lm, batch), plain.task.train_loss(plain.lm, batch), atol=1e-4, rtol=1e-4
+    )
+    expected = torch.autograd.grad(plain.task.train_loss(plain.lm, batch), list(plain.encoder.parameters()))
+    grads = torch.autograd.grad(fast.task.train_loss(fast.lm, batch), list(fast.encoder.parameters()))
     assert all(g.abs().sum() > 0 for g in grads)
     for grad, want in zip(grads, expected):
         torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-3)
@@ -79,10 +81,10 @@ def test_a_second_pass_reuses_the_cache(tiny_model_dir: str) -> None:
     module = tiny_module(tiny_model_dir, template=CACHED_TEMPLATE, cache_prefix=True).eval()
     batch = mixed_batch(module)
     with torch.no_grad():
-        first = module.loss_and_scores(batch)
+        first = module.task.loss_and_scores(module.lm, batch)
         entries = dict(module.prefix_cache.entries)
         size = module.prefix_cache.nbytes
-        second = module.loss_and_scores(batch)
+        second = module.task.loss_and_scores(module.lm, batch)
     assert module.prefix_cache.entries.keys() == entries.keys()
     assert all(module.prefix_cache.entries[k] is v for k, v in entries.items())  # not recomputed
     head = module.prefix_cache.head_entry
@@ -101,12 +103,12 @@ def test_an_instruction_before_the_sentence_is_cached_once_and_stays_exact(tiny_
     fast = sharpen_attention(tiny_module(path, template=template, cache_prefix=True)).eval()
     batch = batch_of(plain, MIXED)
     with torch.no_grad():
-        expected_loss, expected_scores = plain.loss_and_scores(batch)
-        loss, scores = fast.loss_and_scores(batch)
+        expected_loss, expected_scores = plain.task.loss_and_scores(plain.lm, batch)
+        loss, scores = fast.task.loss_and_scores(fast.lm, batch)
     torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-4)
     cache = fast.prefix_cache
-    head = fast.template.fixed_head()
+    head = fast.task.template.fixed_head()
     assert len(head) >= 8 and cache.head == head and cache.head_entry.shape[3] == len(head)
     prefixes = split_at_first_virtual(batch)[0]
     assert all(prefix[: len(head)] == head for prefix in prefixes)
@@ -119,8 +121,8 @@ def test_the_bf16_cache_stays_close_at_half_the_size(tiny_model_dir: str) -> Non
     plain, fast = (m.eval() for m in pair(tiny_model_dir, "multi-token", cache_dtype="bf16"))
     batch = mixed_batch(plain)
     with torch.no_grad():
-        expected_loss, expected_scores = plain.loss_and_scores(batch)
-        loss, scores = fast.loss_and_scores(batch)
+        expected_loss, expected_scores = plain.task.loss_and_scores(plain.lm, batch)
+        loss, scores = fast.task.loss_and_scores(fast.lm, batch)
     assert all(v.dtype == torch.bfloat16 for v in fast.prefix_cache.entries.values())
     assert fast.prefix_cache.nbytes == sum(v.numel() * 2 for v in fast.prefix_cache.entries.values())
     torch.testing.assert_close(scores, expected_scores, atol=5e-3, rtol=5e-3)
@@ -128,12 +130,12 @@ def test_the_bf16_cache_stays_close_at_half_the_size(tiny_model_dir: str) -> Non
 
 
 def test_a_template_without_leading_text_is_refused(tiny_gpt2_dir: str) -> None:
-    with pytest.raises(ValueError, match=r"model\.cache_prefix.*model\.template.*Put text first"):
+    with pytest.raises(ValueError, match=r"model\.cache\.prefix.*model\.task\.template.*Put text first"):
         tiny_module(tiny_gpt2_dir, cache_prefix=True)  # the default template starts with the virtual tokens
 
 
 def test_an_unknown_cache_dtype_is_refused(tiny_gpt2_dir: str) -> None:
-    with pytest.raises(ValueError, match=r"model\.cache_dtype='fp16'"):
+    with pytest.raises(ValueError, match=r"model\.cache\.dtype='fp16'"):
         tiny_module(tiny_gpt2_dir, template=CACHED_TEMPLATE, cache_prefix=True, cache_dtype="fp16")
 
 
@@ -160,10 +162,10 @@ def test_bf16_autocast_trains_through_the_cache_close_to_fp32(
 ) -> None:
     _, fast = pair(tiny_gpt2_dir, "multi-token")
     batch = mixed_batch(fast)
-    exact = fast.train_loss(batch)
+    exact = fast.task.train_loss(fast.lm, batch)
     fast.prefix_cache.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        approx = fast.train_loss(batch)
+        approx = fast.task.train_loss(fast.lm, batch)
     assert approx.dtype == torch.float32  # the log-softmax over the vocabulary stays in fp32
     torch.testing.assert_close(approx, exact, rtol=0.02, atol=0.0)
 
@@ -200,18 +202,18 @@ def test_a_later_process_reads_the_stored_entries_and_computes_the_same_bits(
     store = tmp_path / "prefixes"
     first = tiny_module(tiny_model_dir, template=template, cache_prefix=True, cache_dir=str(store))
     batch = mixed_batch(first)
-    first.train_loss(batch).backward()
+    first.task.train_loss(first.lm, batch).backward()
     written = first.prefix_cache.store.writes
     assert written == len(first.prefix_cache) + (first.prefix_cache.head_entry is not None) > 0
     assert first.prefix_cache.store.hits == 0
 
     second = tiny_module(tiny_model_dir, template=template, cache_prefix=True, cache_dir=str(store))
-    loss = second.train_loss(batch)
+    loss = second.task.train_loss(second.lm, batch)
     loss.backward()
     assert second.prefix_cache.store.hits == written and second.prefix_cache.store.writes == 0
     assert second.prefix_cache.entries.keys() == first.prefix_cache.entries.keys()
     assert all(torch.equal(second.prefix_cache.entries[k], v) for k, v in first.prefix_cache.entries.items())
-    assert torch.equal(loss, first.train_loss(batch))
+    assert torch.equal(loss, first.task.train_loss(first.lm, batch))
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(first.encoder.parameters(), second.encoder.parameters()))
     assert not list(store.rglob(".entry-*"))  # no staging file left behind
 
@@ -232,7 +234,7 @@ def test_stored_entries_are_kept_apart_per_backbone_and_a_colliding_file_is_a_mi
 
 
 def test_a_cache_dir_without_the_cache_is_refused(tiny_gpt2_dir: str, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"model\.cache_dir=.*model\.cache_prefix=true"):
+    with pytest.raises(ValueError, match=r"model\.cache\.dir=.*model\.cache\.prefix=true"):
         tiny_module(tiny_gpt2_dir, cache_dir=str(tmp_path))
 
 
@@ -245,7 +247,7 @@ def test_a_budget_bounds_the_cache_and_a_dropped_entry_comes_back_the_same(tiny_
     for batch in batches:
         plain.zero_grad()
         bounded.zero_grad()
-        expected, loss = plain.train_loss(batch), bounded.train_loss(batch)
+        expected, loss = plain.task.train_loss(plain.lm, batch), bounded.task.train_loss(bounded.lm, batch)
         expected.backward()
         loss.backward()
         assert torch.equal(loss, expected)
@@ -254,5 +256,5 @@ def test_a_budget_bounds_the_cache_and_a_dropped_entry_comes_back_the_same(tiny_
         )
         assert len(bounded.prefix_cache) == 0 and bounded.prefix_cache.nbytes == 0  # all dropped after each batch
     assert len(plain.prefix_cache) == 3
-    with pytest.raises(ValueError, match=r"model\.cache_budget_mb=1.*model\.cache_prefix=true"):
+    with pytest.raises(ValueError, match=r"model\.cache\.budget_mb=1.*model\.cache\.prefix=true"):
         tiny_module(tiny_model_dir, cache_budget_mb=1.0)

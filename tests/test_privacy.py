@@ -415,7 +415,7 @@ def test_dp_sgd_per_example_gradients_are_exact_and_clipped(
         module = tiny_module(tiny_model_dir, **layout, dp_sgd=dp or None)
         module.train()
         batch = batch_of(module, sentences)
-        loss = module.dp_sgd_loss(batch) if dp else module.train_loss(batch)
+        loss = module.dp_sgd_loss(batch) if dp else module.task.train_loss(module.lm, batch)
         loss.backward()
         return loss.detach(), torch.cat([p.grad.reshape(-1) for p in module.encoder.parameters()])
 
@@ -425,7 +425,7 @@ def test_dp_sgd_per_example_gradients_are_exact_and_clipped(
     per_example, losses = [], []
     for sentence in sentences:
         module.encoder.zero_grad()
-        losses.append(module.train_loss(batch_of(module, [sentence])))
+        losses.append(module.task.train_loss(module.lm, batch_of(module, [sentence])))
         losses[-1].backward()
         per_example.append(torch.cat([p.grad.reshape(-1) for p in module.encoder.parameters()]))
     expected = torch.stack(per_example).mean(0)
@@ -439,7 +439,7 @@ def test_dp_sgd_per_example_gradients_are_exact_and_clipped(
 
 
 def test_dp_sgd_noise_has_the_configured_scale() -> None:
-    from fedlm.model.dp_sgd import DPSGDConfig, private_gradients
+    from fedlm.ptuning.dp_sgd import DPSGDConfig, private_gradients
 
     encoder = torch.nn.Linear(1, 4000)
     table = encoder(torch.ones(1, 1)).reshape(-1)

@@ -47,7 +47,14 @@ def test_resume_from_a_round_checkpoint_is_bitwise_the_uninterrupted_run(
     """Three clients in one process (each with its own Adam moments and lr schedule), FedAdam (server state), split
     prompts (private tokens) and encoder dropout (RNG): everything a round checkpoint must carry."""
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, HARD, **checkpointing(tmp_path / "ckpt"))
-    schedule = ("--model.lr_schedule", "cosine", "--model.warmup_steps", "2", "--model.final_lr_fraction", "0.1")
+    schedule = (
+        "--model.optimizer.lr_schedule",
+        "cosine",
+        "--model.optimizer.warmup_steps",
+        "2",
+        "--model.optimizer.final_lr_fraction",
+        "0.1",
+    )
     dropout = ("--model.encoder.dropout", "0.1", *schedule)
     result, (full,) = run_ranks(tmp_path, config, 1, *dropout)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -271,7 +278,7 @@ def test_a_checkpoint_of_another_model_is_refused(
     """Same embedding width (32) but another architecture: the encoder's shapes fit, its meaning would not. (The CLI
     takes model.backbone from the checkpoint's hyperparameters; the Python API takes the module it is given.)"""
     from fedlm.data import FinancialPhraseBank
-    from fedlm.model import CheckpointMismatchError
+    from fedlm.ptuning import CheckpointMismatchError
 
     fit = trainer(tmp_path, max_steps=1, limit_val_batches=0)
     fit.fit(tiny_module(tiny_gpt2_dir), FinancialPhraseBank(path=str(synthetic_fpb), batch_size=8))

@@ -46,10 +46,10 @@ def write_repeated_config(folder: Path, backbone: str, fpb: Path) -> Path:
         },
         "model": {
             "backbone": backbone,
-            "template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}",
-            "cache_prefix": True,
+            "task": {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"},
+            "cache": {"prefix": True},
             "encoder": {"type": "mlp", "virtual_tokens": 10, "hidden_size": 64, "dropout": 0.1},
-            "lr": 0.01,
+            "optimizer": {"lr": 0.01},
         },
         "data": {"class_path": "fedlm.data.FinancialPhraseBank", "init_args": {"path": str(fpb), "batch_size": 8}},
         "federation": {"clients": 2, "rounds": 4, "local_steps": 3, "seed": 3},

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 from helpers import FEDERATION, write_config
 
-from fedlm.model.schedule import lr_factor
+from fedlm.ptuning.schedule import lr_factor
 
 
 def test_warmup_then_cosine_or_linear_decay_to_the_floor() -> None:
@@ -37,7 +37,14 @@ def test_each_simulated_client_follows_the_schedule_over_its_own_steps(
     from fedlm.cli import cli
 
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION, limit_val_batches=0)
-    schedule = ["--model.lr_schedule", "cosine", "--model.warmup_steps", "2", "--model.final_lr_fraction", "0.1"]
+    schedule = [
+        "--model.optimizer.lr_schedule",
+        "cosine",
+        "--model.optimizer.warmup_steps",
+        "2",
+        "--model.optimizer.final_lr_fraction",
+        "0.1",
+    ]
     run = cli(["fit", "--config", str(config), *schedule, "--trainer.callbacks+=test_schedule.LrRecorder"])
     (recorder,) = [c for c in run.trainer.callbacks if isinstance(c, LrRecorder)]
     rounds, steps, clients, lr = FEDERATION["rounds"], FEDERATION["local_steps"], FEDERATION["clients"], 0.05
@@ -59,5 +66,15 @@ def test_a_decaying_schedule_over_clients_of_unequal_steps_is_refused(
     skewed = {"clients": 2, "rounds": 2, "local_epochs": 0.5, "seed": 1}
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, skewed, limit_val_batches=0)
     partition = '{"kind": "quantity", "exponent": 2.0}'
-    with pytest.raises(ValueError, match="model.lr_schedule='cosine' decays over a client's steps"):
-        cli(["fit", "--config", str(config), "--model.lr_schedule", "cosine", "--data.init_args.partition", partition])
+    with pytest.raises(ValueError, match="model.optimizer.lr_schedule='cosine' decays over a client's steps"):
+        cli(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--model.optimizer.lr_schedule",
+                "cosine",
+                "--data.init_args.partition",
+                partition,
+            ]
+        )

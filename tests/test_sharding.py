@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 from conftest import build_tiny
-from helpers import DEEP_CACHED, FEDERATION, run_ranks, write_config, write_yaml
+from helpers import DEEP_CACHED, FEDERATION, run_ranks, sectioned, write_config, write_yaml
 from transformers import AutoModelForCausalLM
 
 from fedlm.data.sampler import ShardBatches
@@ -35,7 +35,7 @@ def test_two_sharded_clients_of_two_ranks_train_as_unsharded_ones_on_half_the_la
     llama = build_tiny("llama", tmp_path / "llama")
     config = write_config(tmp_path, str(llama), synthetic_fpb, FEDERATION, limit_val_batches=1.0)
     settings = yaml.safe_load(config.read_text())
-    settings["model"].update(DEEP_CACHED)
+    settings["model"] = sectioned({**settings["model"], **DEEP_CACHED})
     settings["data"]["init_args"].update(train_fraction=0.78, eval_batch_size=3)
     write_yaml(config, settings)
     # 13 validation and 14 test sentences in batches of 3 over 4 ranks: some ranks idle while others score

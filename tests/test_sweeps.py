@@ -112,7 +112,7 @@ def test_the_torchrun_sweep_runs_two_parameter_sets_into_offline_wandb_runs(
                 "--data.init_args.batch_size", "4", "--federation.rounds", "1", "--federation.local_steps", "1",
                 "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
                 # the tiny tokenizer splits the label words the shipped loss needs whole
-                "--model.loss", "answer_tokens",
+                "--model.task.loss", "answer_tokens",
                 "--trainer.default_root_dir", str(folder), "--trainer.logger", json.dumps(logger)]  # fmt: skip
         line = agent_command(sweep, params, folder)
         assert "torchrun" in line

@@ -1,11 +1,12 @@
 """Tracking: what an offline W&B run and TensorBoard receive from a federated fit, and the round progress bar."""
 
+import time
 from pathlib import Path
 
 import pytest
 import wandb
 from helpers import REPO, write_config
-from wandb_records import read_offline_run
+from wandb_records import OfflineRun, read_offline_run, records
 
 from fedlm.cli import cli
 from fedlm.cli.tracking import save_confusion_png
@@ -23,6 +24,21 @@ def federated_config(tmp_path: Path, backbone: str, fpb: Path, **trainer) -> Pat
         "init_args": {"save_dir": str(tmp_path), "name": "logs"},
     }
     return write_config(tmp_path, backbone, fpb, FEDERATION, logger=logger, **trainer)
+
+
+def finished_offline_run(folder: Path, timeout_s: float = 60.0) -> OfflineRun:
+    """``read_offline_run`` once W&B's writer has finished the file: ``wandb.finish()`` can return before the run's
+    records reach the disk (under load the file was still its bare header), so wait for the run's exit record."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        paths = list(folder.rglob("offline-run-*/run-*.wandb"))
+        try:
+            if len(paths) == 1 and any(r.WhichOneof("record_type") == "exit" for r in records(paths[0])):
+                break
+        except Exception:  # a record cut off mid-write: read again
+            pass
+        time.sleep(0.1)
+    return read_offline_run(folder)
 
 
 @pytest.fixture()
@@ -58,7 +74,7 @@ def test_an_offline_wandb_run_holds_config_round_and_client_metrics_and_the_conf
     assert log_dir == tmp_path / "logs" / "version_0"  # the CSV logger stays first: the run's folder is unchanged
     assert (log_dir / "metrics.csv").is_file() and (log_dir / "test_confusion.png").stat().st_size > 1000
 
-    stored = read_offline_run(tmp_path / "wandb")  # offline: no credentials, and nothing was sent anywhere
+    stored = finished_offline_run(tmp_path / "wandb")  # offline: no credentials, and nothing was sent anywhere
     assert (stored.group, stored.job_type, stored.name) == ("federated", "federated", "federated-seed11")
     assert set(stored.tags) == {"federated", "seed11"}
     # the whole resolved config, not only the module's hyperparameters
@@ -110,6 +126,6 @@ def test_an_experiment_logs_each_run_and_the_report_plots_to_wandb(no_wandb_cred
     save_confusion_png([0, 1, 2, 1], [0, 1, 1, 1], ["a", "b", "c"], report / "confusion_matrices.png", "test")
     (report / "README.md").write_text("# report\n")
     log_report_to_wandb(report / "README.md", "fpb")
-    stored = read_offline_run(report)
+    stored = finished_offline_run(report)
     assert (stored.job_type, stored.group, stored.name) == ("report", "report", "report-triad")
     assert stored.logged("report/confusion_matrices/_type") == ["image-file"]

@@ -3,9 +3,10 @@
 CHECKPOINT is a .ckpt, or a run's folder (``runs/x``, ``runs/x/logs`` or one ``version_N``): then the latest version
 that holds a checkpoint, its ``last.ckpt`` (or its only one). A failed run leaves an empty version, which is skipped.
 
-DIR gets ``prompt.safetensors`` (the virtual-token table), ``prompt.json`` (template, label words, backbone) and,
-when the template puts one block of virtual tokens before everything else, ``peft/``: a PEFT prompt-tuning adapter
-(``PeftModel.from_pretrained(base_model, "DIR/peft")``). ``fedlm predict DIR ...`` reads the folder.
+DIR gets ``prompt.safetensors`` (the virtual-token table), ``prompt.json`` (the task: template, label words or
+generation settings; the backbone) and, when the template puts one block of virtual tokens before everything else,
+``peft/``: a PEFT prompt-tuning adapter (``PeftModel.from_pretrained(base_model, "DIR/peft")``). ``fedlm predict DIR
+...`` reads the folder.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import argparse
 import re
 from pathlib import Path
 
-from fedlm.model.export import PEFT_FOLDER, PromptFormatError, TrainedPrompt, write_export
 from fedlm.model.template import VIRTUAL_MARKER
+from fedlm.ptuning.export import PEFT_FOLDER, PromptFormatError, TrainedPrompt, write_export
 
 BACKBONE_HELP = "where the frozen LM is now, when not where the checkpoint's model.backbone says (files move)"
 VERSION = re.compile(r"version_(\d+)")  # Lightning's log folders
@@ -75,11 +76,13 @@ def export_main(argv: list[str] | None = None) -> None:
     no_peft = write_export(prompt, args.out, args.backbone, require_peft=args.peft == "require")
     print(f"[fedlm export] {len(prompt.table)} virtual tokens of {prompt.backbone!r} written to {args.out}")
     if no_peft is None:
-        text = VIRTUAL_MARKER.sub("", prompt.template, count=1).removesuffix("{label}")
+        template = prompt.task["template"]
+        text = VIRTUAL_MARKER.sub("", template[: template.rindex("{")], count=1)  # the answer field ends it
+        classifies = prompt.task.get("kind", "classification") == "classification"
+        use = "score the label words' tokens" if classifies else "generate"
         print(
             f"[fedlm export] PEFT adapter: {args.out / PEFT_FOLDER}. Feed PeftModel the text {text!r} with the "
-            "sentence in place of {sentence} (tokenized without special tokens) and score the label words' "
-            "tokens after it."
+            f"record's fields in place of their {{names}} (tokenized without special tokens) and {use} after it."
         )
     else:
         print(f"[fedlm export] no PEFT adapter written: {no_peft}.")

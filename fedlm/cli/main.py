@@ -40,10 +40,10 @@ from fedlm.cli.tracking import (
     log_figure,
     save_confusion_png,
 )
-from fedlm.data import FinancialPhraseBank, TextClassificationData
+from fedlm.data import FinancialPhraseBank, TaskData
 from fedlm.errors import ConfigError
 from fedlm.federation import ClientStrategy, FederatedLoop, FederationConfig, Topology
-from fedlm.model import PTuningModule
+from fedlm.ptuning import PTuningModule
 
 
 class WithoutAdvertising(logging.Filter):
@@ -143,15 +143,17 @@ class FedLMCLI(LightningCLI):
         return "local" if getattr(self.datamodule, "local_client", None) is not None else "centralized"
 
     def _write_test_outputs(self, metrics: dict[str, Any], checkpoint: str, fit_seconds: float | None) -> None:
-        """test_metrics.json and test_predictions.json in the log folder (the inputs of ``fedlm report``)."""
+        """test_metrics.json and test_predictions.json in the log folder (the inputs of ``fedlm report``), and for
+        classification the test confusion matrix as a PNG."""
         predictions = self.model.test_predictions(len(self.datamodule.encoded("test")))  # a collective
-        labels, preds = predictions["label"], predictions["predicted"]
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if not self.trainer.is_global_zero:
             return
         folder.mkdir(parents=True, exist_ok=True)
+        task = self.model.task
         summary = {
             "kind": self._run_kind(),
+            "task": task.config.kind,
             "seed": self._get(self.config, "seed_everything"),
             "client": getattr(self.datamodule, "local_client", None),
             "checkpoint": checkpoint,
@@ -160,19 +162,24 @@ class FedLMCLI(LightningCLI):
             "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             **{k: float(v) for k, v in metrics.items() if k.startswith("test/")},
         }
-        if self.model.calibrate is not None:
-            biases = dict(zip(self.model.template.label_names, self.model.label_bias.tolist()))
-            summary["calibration"] = {"objective": self.model.calibrate, "label_bias": biases}
+        if task.config.calibrate is not None:
+            biases = dict(zip(task.label_names, task.label_bias.tolist()))
+            summary["calibration"] = {"objective": task.config.calibrate, "label_bias": biases}
         (folder / "test_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        predictions = {"classes": self.model.template.label_names, **predictions}
         (folder / "test_predictions.json").write_text(json.dumps(predictions) + "\n")
-        names = self.model.template.label_names
+        if task.config.kind == "classification":
+            self._write_confusion(folder, metrics, checkpoint, predictions)
+        print(f"[fedlm] test metrics written to {folder / 'test_metrics.json'}", flush=True)
+
+    def _write_confusion(
+        self, folder: Path, metrics: dict[str, Any], checkpoint: str, predictions: dict[str, Any]
+    ) -> None:
+        labels, preds, names = predictions["label"], predictions["predicted"], predictions["classes"]
         accuracy = metrics.get("test/acc")
         title = f"test, {checkpoint}" + (f": accuracy {float(accuracy):.3f}" if accuracy is not None else "")
         figure = save_confusion_png(labels, preds, names, folder / "test_confusion.png", title)
         log_figure(self.trainer.loggers, "test/confusion_png", figure, self.trainer.global_step)
         log_confusion_matrix(self.trainer.loggers, "test/confusion_matrix", labels, preds, names)
-        print(f"[fedlm] test metrics written to {folder / 'test_metrics.json'}", flush=True)
 
     def _loggers(self, configured: Any, root: str) -> list[Logger] | Any:
         """``trainer.logger``'s loggers, plus W&B and TensorBoard when the ``wandb:``/``tensorboard:`` options ask."""
@@ -240,7 +247,7 @@ def cli(args: list[str] | None = None) -> FedLMCLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return FedLMCLI(
         PTuningModule,
-        TextClassificationData,
+        TaskData,
         subclass_mode_data=True,
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},

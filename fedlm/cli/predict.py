@@ -1,10 +1,12 @@
-"""``fedlm predict SOURCE [INPUT]``: the label and class probabilities of each sentence of a file or of stdin.
+"""``fedlm predict SOURCE [INPUT]``: each input's label and class probabilities (classification), or its generated
+answer (generation), from a file or stdin.
 
 SOURCE is a .ckpt written by ``fedlm fit`` or a folder written by ``fedlm export``; only its virtual-token table is
-used, never the encoder. INPUT holds one sentence a line (``-`` or absent: stdin). Blank lines are skipped, not
-scored; JSON lines give each result's input line number. stdout gets the results only (a header, then the label,
-one probability per class and the sentence, tab-separated; or JSON lines), so that it can be piped; progress and
-notes go to stderr.
+used, never the encoder. INPUT holds one input a line (``-`` or absent: stdin): the text of the template's one input
+field, or a JSON object of the fields by name (a ``.jsonl`` file, or any line that starts with ``{``). Blank lines are
+skipped, not scored; JSON lines give each result's input line number. stdout gets the results only (a header, then
+the label, one probability per class and the input, tab-separated; or the generated answer and the input; or JSON
+lines), so that it can be piped; a progress bar and notes go to stderr.
 """
 
 from __future__ import annotations
@@ -15,65 +17,99 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from fedlm.checkpointing import atomic_write
 from fedlm.cli.export import BACKBONE_HELP
-from fedlm.model.export import TrainedPrompt
-from fedlm.model.module import PTuningModule
+from fedlm.errors import FedlmError
+from fedlm.ptuning.export import TrainedPrompt
+from fedlm.ptuning.module import PTuningModule
+from fedlm.tasks import ClassificationTask
 
-PROGRESS_EVERY = 10  # batches between progress lines on stderr; shorter inputs print none
+PROGRESS_AFTER = 4  # batches: shorter inputs show no progress bar
+
+
+class PredictInputError(FedlmError, ValueError):
+    """An input line the task cannot read; the message names the line."""
 
 
 @dataclass(frozen=True)
 class Prediction:
     line: int  # in the input, from 1
-    sentence: str
-    label: str
-    probs: dict[str, float]  # softmax over the label words' log-probabilities
+    text: str  # the input line as given
+    label: str  # classification: the predicted class; generation: the generated answer
+    probs: dict[str, float] | None  # classification: softmax over the label words' log-probabilities
 
 
-def read_sentences(source: str) -> list[tuple[int, str]]:
-    """(line number, sentence) of each non-blank line of the file ``source``, or of stdin for ``-``."""
+def read_inputs(source: str, fields: list[str]) -> list[tuple[int, str, dict[str, Any]]]:
+    """(line number, line, record) of each non-blank line of the file ``source``, or of stdin for ``-``: a JSON object
+    of the fields, or the text of the template's one field."""
     text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    inputs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PredictInputError(f"INPUT line {number}: not valid JSON ({err.msg}).") from None
+        elif len(fields) == 1:
+            record = {fields[0]: line.strip()}
+        else:
+            raise PredictInputError(
+                f"INPUT line {number}: the template reads fields {fields}; give each input as a JSON object of them."
+            )
+        missing = [name for name in fields if name not in record]
+        if missing:
+            raise PredictInputError(f"INPUT line {number}: no field {missing[0]!r} (the template reads {fields}).")
+        inputs.append((number, line.strip(), record))
+    return inputs
 
 
 @torch.inference_mode()
-def classify(module: PTuningModule, sentences: list[str], batch_size: int) -> Iterator[tuple[str, list[float]]]:
-    """Label and class probabilities of each sentence, batch by batch, by the module's own scoring."""
-    template = module.template
-    placeholder = template.label_names[0]  # encode wants a gold label; it only feeds the loss, which is ignored
-    for index, start in enumerate(range(0, len(sentences), batch_size)):
-        examples = [template.encode(sentence, placeholder) for sentence in sentences[start : start + batch_size]]
-        batch = {name: tensor.to(module.device) for name, tensor in template.collate(examples).items()}
-        scored = module.predict_step(batch, index)
-        yield from zip(scored["label"], scored["probs"].tolist())
+def predictions(
+    module: PTuningModule, inputs: list[tuple[int, str, dict[str, Any]]], batch_size: int
+) -> Iterator[Prediction]:
+    """Each input's prediction by the module's own scoring or decoding, batch by batch, with a progress bar on
+    stderr for inputs longer than a few batches."""
+    task = module.task
+    classifies = isinstance(task, ClassificationTask)
+    placeholder = {task.template.answer_field: task.label_names[0]} if classifies else {}  # scoring ignores it
+    bar = tqdm(total=len(inputs), unit="input", file=sys.stderr, disable=len(inputs) <= PROGRESS_AFTER * batch_size)
+    for index, start in enumerate(range(0, len(inputs), batch_size)):
+        chunk = inputs[start : start + batch_size]
+        if classifies:
+            examples = [task.encode({**record, **placeholder}) for _, _, record in chunk]
+        else:
+            examples = [task.encode_prompt(record, start + i) for i, (_, _, record) in enumerate(chunk)]
+        batch = {name: tensor.to(module.device) for name, tensor in task.template.collate(examples).items()}
+        result = module.predict_step(batch, index)
+        if classifies:
+            for (line, text, _), label, probs in zip(chunk, result["label"], result["probs"].tolist()):
+                yield Prediction(line, text, label, dict(zip(task.label_names, probs)))
+        else:
+            for (line, text, _), generated in zip(chunk, result["generated"]):
+                yield Prediction(line, text, generated, None)
+        bar.update(len(chunk))
+    bar.close()
 
 
-def predictions(module: PTuningModule, numbered: list[tuple[int, str]], batch_size: int) -> Iterator[Prediction]:
-    """``classify`` with line numbers and class names, and a progress line on stderr every few batches."""
-    names = module.template.label_names
-    sentences = [sentence for _, sentence in numbered]
-    report_every = PROGRESS_EVERY * batch_size
-    scored = classify(module, sentences, batch_size)
-    for count, ((line, sentence), (label, probs)) in enumerate(zip(numbered, scored), 1):
-        yield Prediction(line, sentence, label, dict(zip(names, probs)))
-        if len(numbered) > report_every and (count % report_every == 0 or count == len(numbered)):
-            print(f"[fedlm predict] scored {count}/{len(numbered)} sentences", file=sys.stderr, flush=True)
-
-
-def tsv_lines(rows: Iterable[Prediction], names: list[str]) -> Iterator[str]:
-    yield "\t".join(["label", *names, "sentence"]) + "\n"
+def tsv_lines(rows: Iterable[Prediction], names: list[str] | None) -> Iterator[str]:
+    """A header, then per input the label and each class's probability (or the generated answer) and the input."""
+    yield "\t".join(["label", *names, "input"] if names else ["generated", "input"]) + "\n"
     for row in rows:
-        probs = [f"{row.probs[name]:.4f}" for name in names]
-        yield "\t".join([row.label, *probs, row.sentence.replace("\t", " ")]) + "\n"
+        probs = [f"{row.probs[name]:.4f}" for name in names] if names else []
+        yield "\t".join([row.label.replace("\t", " ").replace("\n", " "), *probs, row.text.replace("\t", " ")]) + "\n"
 
 
 def jsonl_lines(rows: Iterable[Prediction]) -> Iterator[str]:
     for row in rows:
-        yield json.dumps({"line": row.line, "sentence": row.sentence, "label": row.label, "probs": row.probs}) + "\n"
+        result = {"label": row.label, "probs": row.probs} if row.probs is not None else {"generated": row.label}
+        yield json.dumps({"line": row.line, "input": row.text, **result}) + "\n"
 
 
 def predict_main(argv: list[str] | None = None) -> None:
@@ -83,27 +119,31 @@ def predict_main(argv: list[str] | None = None) -> None:
         epilog="LightningCLI's own predict (a datamodule's split) still runs when given --config or --ckpt_path.",
     )
     parser.add_argument("source", metavar="SOURCE", type=Path, help="a .ckpt from fedlm fit, or a fedlm export folder")
-    parser.add_argument("input", metavar="INPUT", nargs="?", default="-", help="one sentence a line (default -: stdin)")
+    parser.add_argument("input", metavar="INPUT", nargs="?", default="-", help="one input a line (default -: stdin)")
     parser.add_argument("--out", metavar="FILE", type=Path, default=None, help="write the results here, not to stdout")
     parser.add_argument("--format", choices=["tsv", "jsonl"], default=None, help="default: tsv on stdout, else jsonl")
-    parser.add_argument("--batch-size", type=int, default=32, help="sentences scored together (default 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="inputs scored together (default 32)")
     parser.add_argument("--backbone", default=None, help=BACKBONE_HELP)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
     args = parser.parse_args(argv)
     if not args.source.exists():
         parser.error(f"SOURCE {args.source}: no such checkpoint file or export folder.")
     if args.input != "-" and not Path(args.input).is_file():
-        parser.error(f"INPUT {args.input}: no such file; pass a text file with one sentence a line, or - for stdin.")
+        parser.error(f"INPUT {args.input}: no such file; pass a text file with one input a line, or - for stdin.")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size} must be at least 1.")
 
     module = TrainedPrompt.load(args.source).module(args.backbone).to(args.device)
     if args.input == "-" and sys.stdin.isatty():
-        print("[fedlm predict] reading sentences from stdin, one a line; end with Ctrl-D", file=sys.stderr)
-    numbered = read_sentences(args.input)
+        print("[fedlm predict] reading inputs from stdin, one a line; end with Ctrl-D", file=sys.stderr)
+    try:
+        numbered = read_inputs(args.input, module.task.template.fields)
+    except PredictInputError as err:
+        parser.error(str(err))
     rows = predictions(module, numbered, args.batch_size)
     output_format = args.format or ("jsonl" if args.out else "tsv")
-    lines = tsv_lines(rows, module.template.label_names) if output_format == "tsv" else jsonl_lines(rows)
+    names = getattr(module.task, "label_names", None)
+    lines = tsv_lines(rows, names) if output_format == "tsv" else jsonl_lines(rows)
     if args.out is None:
         sys.stdout.writelines(lines)
         sys.stdout.flush()

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from fedlm.checkpointing import atomic_write
-from fedlm.data import DataError, Example, FinancialPhraseBank
+from fedlm.data import DataError, FinancialPhraseBank, Record
 from fedlm.data.partition import PartitionConfig
 from fedlm.data.sources import PHRASEBANK_FILES, PHRASEBANK_LABELS, format_phrasebank
 
@@ -30,14 +30,14 @@ def checkout_holding(folder: Path) -> Path | None:
     return None
 
 
-def site_files(data: FinancialPhraseBank, clients: int) -> dict[str, list[Example]]:
+def site_files(data: FinancialPhraseBank, clients: int) -> dict[str, list[Record]]:
     """What each file holds: the splits and every client's examples, as the partitioned run has them."""
     data.setup("fit")
     files = {"val.txt": data.examples("val"), "test.txt": data.examples("test"), "train.txt": data.examples("train")}
     return files | {f"site{k}.txt": data.client_examples(k, clients) for k in range(clients)}
 
 
-def write_examples(file: Path, examples: list[Example]) -> None:
+def write_examples(file: Path, examples: list[Record]) -> None:
     atomic_write(file, lambda handle: handle.write(format_phrasebank(examples).encode("utf-8")))
 
 
@@ -52,8 +52,8 @@ def partition_config(text: str) -> PartitionConfig:
         ) from None
 
 
-def histogram(examples: list[Example]) -> str:
-    counts = Counter(example.label for example in examples)
+def histogram(examples: list[Record]) -> str:
+    counts = Counter(example.fields["label"] for example in examples)
     return " / ".join(f"{label} {counts[label]}" for label in PHRASEBANK_LABELS)
 
 

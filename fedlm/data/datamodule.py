@@ -1,7 +1,7 @@
-"""LightningDataModules for text classification with the model's prompt template.
+"""LightningDataModules of task records (rows of named fields) for the model's task.
 
-The module owns the tokenizer and template (they depend on the backbone), so a datamodule holds raw
-examples until the model connects its template in ``setup``; each split is then encoded once.
+The module owns the tokenizer and task (they depend on the backbone), so a datamodule holds raw
+records until the model connects its task in ``setup``; each split is then encoded once.
 """
 
 from __future__ import annotations
@@ -23,29 +23,30 @@ from fedlm.data.partition import (
     iid_partition,
     quantity_partition,
 )
+from fedlm.data.records import Record, read_records
 from fedlm.data.sampler import BatchDraw, ClientBlock, RoundBatchSampler, ShardBatches
 from fedlm.data.sources import (
     Agreement,
     DataError,
-    Example,
     existing_file,
     phrasebank_file,
     phrasebank_levels,
     read_phrasebank,
-    read_table,
     split_examples,
 )
-from fedlm.model.template import EncodedExample, PromptTemplate, TemplateError
+from fedlm.model.template import EncodedExample, TemplateError
 from fedlm.seeding import derive_seed
 
 if TYPE_CHECKING:
     from fedlm.federation.topology import Topology
+    from fedlm.tasks import Task
 
 SPLITS_FOR_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
 RoundLayout = Callable[[int], tuple[list[int], int]]  # round -> (this rank's clients, batches every rank runs)
 LISTED_CLIENTS = 16  # clients whose data is described one line each; the rest in one line
+LISTED_LABELS = 10  # the most label values a client's line counts (more: its size alone)
 
 
 class EncodedDataset(Dataset):
@@ -59,8 +60,8 @@ class EncodedDataset(Dataset):
         return self.examples[index]
 
 
-class TextClassificationData(L.LightningDataModule):
-    """Base class: subclasses say where the examples come from (``load_splits``, ``read_file``).
+class TaskData(L.LightningDataModule):
+    """Base class: subclasses say where the records come from (``load_splits``, ``read_file``).
 
     Training batches come from a seeded ``RoundBatchSampler`` in centralized and federated runs alike, so a
     run is reproducible from its seeds and one client holding all data trains exactly like centralized.
@@ -79,6 +80,8 @@ class TextClassificationData(L.LightningDataModule):
             (``val_file``/``test_file`` of the subclasses, so that a site needs no other client's sentences).
         partition: how the training split is divided (``PartitionConfig``: iid by default, dirichlet label skew,
             quantity skew; ``FinancialPhraseBank`` adds agreement levels).
+        label_field: the field whose values a label-skewed partition divides by, and whose counts describe each
+            client's data when it has few values (null: none).
         local_client, local_clients: train without federation on client ``local_client``'s data alone, out of
             ``local_clients`` clients (the local-only baseline: the same shard that client has when federated).
         client_holdout: the fraction of each client's examples it keeps aside as its own held-out set (seeded by
@@ -105,6 +108,7 @@ class TextClassificationData(L.LightningDataModule):
         client_holdout: float = 0.0,
         shuffle_seed: int = 1234,
         bucket_batches: int = 1,
+        label_field: str | None = "label",
     ) -> None:
         super().__init__()
         if (local_client is None) != (local_clients is None) or (
@@ -139,34 +143,35 @@ class TextClassificationData(L.LightningDataModule):
         self.client_files, self.partition_seed, self.partition = client_files, partition_seed, partition
         self.local_client, self.local_clients = local_client, local_clients
         self.client_holdout = client_holdout
-        self.holdouts: dict[int, list[Example]] = {}  # set by federate(): each hosted client's held-out examples
+        self.holdouts: dict[int, list[Record]] = {}  # set by federate(): each hosted client's held-out examples
         self.shuffle_seed, self.bucket_batches = shuffle_seed, bucket_batches
-        self.splits: dict[str, list[Example]] = {}  # "train" may be absent until a run needs it (``examples``)
+        self.splits: dict[str, list[Record]] = {}  # "train" may be absent until a run needs it (``examples``)
         self.files: dict[str, str | None] = {}  # a subclass's train/val/test files, when it reads them separately
         self._partition: list[list[int]] | None = None  # indices into the train split, per client
-        self.template: PromptTemplate | None = None
+        self.label_field = label_field
+        self.task: Task | None = None
         self.batch_draw: BatchDraw = "shuffle"  # set by the model in connect()
         self._encoded: dict[str, EncodedDataset] = {}
         # Set by federate(); the centralized defaults are one client that holds the whole training split.
-        self.train_examples: list[Example] | None = None
+        self.train_examples: list[Record] | None = None
         self.blocks: list[ClientBlock] | None = None
         self.round_plan: RoundLayout | None = None
         self.rank_in_client, self.ranks_per_client = 0, 1
         self.eval_shard: tuple[int, int] | None = None  # (rank, world): each rank evaluates its share
 
-    def load_splits(self) -> dict[str, list[Example]]:
+    def load_splits(self) -> dict[str, list[Record]]:
         """Validation and test, plus the training split when it is cut from the same file (else ``load_train``)."""
         raise NotImplementedError
 
-    def read_file(self, path: str, field: str = "data.client_files") -> list[Example]:
+    def read_file(self, path: str, field: str = "data.client_files") -> list[Record]:
         """Read one file in the dataset's format (``field``: the config field that named it, for errors)."""
         raise NotImplementedError
 
-    def read_evaluation_files(self) -> dict[str, list[Example]]:
+    def read_evaluation_files(self) -> dict[str, list[Record]]:
         """``val_file`` and ``test_file``; the training file waits until a run trains on it (``load_train``)."""
         return {split: self.read_file(self.files[split], f"data.{split}_file") for split in ("val", "test")}
 
-    def load_train(self) -> list[Example]:
+    def load_train(self) -> list[Record]:
         """The training split when ``load_splits`` left it out: ``train_file``, read on first use, so that a
         federated rank with ``client_files`` never opens it."""
         if self.files.get("train") is None:
@@ -177,7 +182,7 @@ class TextClassificationData(L.LightningDataModule):
             )
         return self.read_file(self.files["train"], "data.train_file")
 
-    def examples(self, split: str) -> list[Example]:
+    def examples(self, split: str) -> list[Record]:
         """A split's examples, the training split read on first use (``load_train``)."""
         if split == "train" and "train" not in self.splits:
             self.splits["train"] = self.load_train()
@@ -194,11 +199,11 @@ class TextClassificationData(L.LightningDataModule):
             if not self.examples(split):
                 raise DataError(f"the {split!r} split is empty ({type(self).__name__}); check the data path and sizes.")
 
-    def client_examples(self, client: int, num_clients: int) -> list[Example]:
+    def client_examples(self, client: int, num_clients: int) -> list[Record]:
         """A client's training examples (without its held-out ones)."""
         return self._client_split(client, num_clients)[0]
 
-    def _client_split(self, client: int, num_clients: int) -> tuple[list[Example], list[Example]]:
+    def _client_split(self, client: int, num_clients: int) -> tuple[list[Record], list[Record]]:
         """A client's examples, (training, held-out): ``data.client_holdout`` of them held out, seeded."""
         examples = self._client_all(client, num_clients)
         if self.client_holdout == 0:
@@ -213,7 +218,7 @@ class TextClassificationData(L.LightningDataModule):
         order = torch.randperm(len(examples), generator=generator).tolist()
         return [examples[i] for i in sorted(order[held:])], [examples[i] for i in sorted(order[:held])]
 
-    def _client_all(self, client: int, num_clients: int) -> list[Example]:
+    def _client_all(self, client: int, num_clients: int) -> list[Record]:
         """All of a client's examples: its own file, or its part of the partition of the train split."""
         if self.client_files is not None:
             if len(self.client_files) != num_clients:
@@ -230,15 +235,18 @@ class TextClassificationData(L.LightningDataModule):
         if self._partition is None or len(self._partition) != num_clients:
             self._partition = self.partition_train(num_clients)
             train = self.examples("train")
-            labels = sorted({example.label for example in train})
+            labels = self.labels_of(train)
+            classes = sorted(set(labels)) if labels is not None else []
             rank_zero_info(
                 f"[fedlm data] {len(train)} training examples among {num_clients} clients, partition "
                 f"{self.partition.describe()}, data.partition_seed={self.partition_seed}"
             )
             for k, part in enumerate(self._partition[:LISTED_CLIENTS]):
-                counts = Counter(train[i].label for i in part)
-                histogram = " / ".join(f"{label} {counts[label]}" for label in labels)
-                rank_zero_info(f"[fedlm data] client {k}: {len(part)} examples, {histogram}")
+                line = f"[fedlm data] client {k}: {len(part)} examples"
+                if labels is not None and len(classes) <= LISTED_LABELS:  # a label histogram only where it is short
+                    counts = Counter(labels[i] for i in part)
+                    line += ", " + " / ".join(f"{label} {counts[label]}" for label in classes)
+                rank_zero_info(line)
             rest = [len(part) for part in self._partition[LISTED_CLIENTS:]]
             if rest:
                 rank_zero_info(f"[fedlm data] and {len(rest)} more clients of {min(rest)}-{max(rest)} examples each")
@@ -248,10 +256,33 @@ class TextClassificationData(L.LightningDataModule):
         """Divide the train split by ``data.partition``; subclasses add their own kinds (``partition_kinds``)."""
         train, config, seed = self.examples("train"), self.partition, self.partition_seed
         if config.kind == "dirichlet":
-            return dirichlet_partition([example.label for example in train], num_clients, config.alpha, seed)
+            labels = self.labels_of(train)
+            if labels is None:
+                lacking = (
+                    "it is null"
+                    if self.label_field is None
+                    else f"{self._unlabelled(train).origin} has no one value in it"
+                )
+                raise DataError(
+                    f"data.partition.kind=dirichlet skews the clients' labels, read from data.label_field="
+                    f"{self.label_field!r}, but {lacking}; set data.label_field to a field that holds one value in "
+                    "every record, or use another data.partition.kind."
+                )
+            return dirichlet_partition(labels, num_clients, config.alpha, seed)
         if config.kind == "quantity":
             return quantity_partition(len(train), num_clients, config.exponent, seed)
         return iid_partition(len(train), num_clients, seed)
+
+    def labels_of(self, examples: list[Record]) -> list[str] | None:
+        """Each record's value of ``label_field``; None when there is no label field, or a record lacks a single
+        value there (a generation task's records, say)."""
+        if self.label_field is None or self._unlabelled(examples) is not None:
+            return None
+        return [example.fields[self.label_field] for example in examples]
+
+    def _unlabelled(self, examples: list[Record]) -> Record | None:
+        """The first record without one string value in ``label_field``."""
+        return next((e for e in examples if not isinstance(e.fields.get(self.label_field), str)), None)
 
     @property
     def simulated(self) -> bool:
@@ -299,12 +330,16 @@ class TextClassificationData(L.LightningDataModule):
         train = self.encoded("train").examples
         return EncodedDataset([train[i] for i in block.indices]), self._encode(self.holdouts[client])
 
-    def connect(self, template: PromptTemplate, batch_draw: BatchDraw = "shuffle") -> None:
-        """Called by the model: encode with its tokenizer and template, and draw training batches the way its
+    def connect(self, task: Task, batch_draw: BatchDraw = "shuffle") -> None:
+        """Called by the model: encode with its task (tokenizer and template), and draw training batches the way its
         training needs (DP-SGD: ``independent``, the sampling its accountant composes)."""
-        if template is not self.template:
-            self.template, self._encoded = template, {}
+        if task is not self.task:
+            self.task, self._encoded = task, {}
         self.batch_draw = batch_draw
+
+    def references(self, split: str, task: Task) -> list[list[str]]:
+        """Each of the split's records' accepted answers, in split order (what generated answers are scored by)."""
+        return [task.references(example.fields) for example in self.examples(split)]
 
     def encoded(self, split: str) -> EncodedDataset:
         if split not in self._encoded:
@@ -313,19 +348,19 @@ class TextClassificationData(L.LightningDataModule):
             self._encoded[split] = self._encode(source)
         return self._encoded[split]
 
-    def _encode(self, source: list[Example]) -> EncodedDataset:
-        if self.template is None:
-            raise RuntimeError("the datamodule is not connected to a model template; call connect(model.template).")
+    def _encode(self, source: list[Record]) -> EncodedDataset:
+        if self.task is None:
+            raise RuntimeError("the datamodule is not connected to a model task; call connect(model.task).")
         examples = []
-        for example in source:
+        for index, example in enumerate(source):
             try:
-                examples.append(self.template.encode(example.text, example.label))
+                examples.append(self.task.encode(example.fields, index))
             except TemplateError as err:
                 raise DataError(f"{example.origin}: {err}") from None
         return EncodedDataset(examples)
 
     def train_dataloader(self) -> DataLoader:
-        assert self.template is not None
+        assert self.task is not None
         dataset = self.encoded("train")
         blocks = self.blocks or [ClientBlock(0, tuple(range(len(dataset))), math.ceil(len(dataset) / self.batch_size))]
         pad_to = 0
@@ -348,13 +383,13 @@ class TextClassificationData(L.LightningDataModule):
 
     def _collate(self, examples: list[EncodedExample]) -> dict[str, torch.Tensor]:
         """The template's batch, or for an idle step (no examples) a batch of no rows."""
-        return self.template.collate(examples) if examples else {"label": torch.zeros(0, dtype=torch.long)}
+        return self.task.template.collate(examples) if examples else {"label": torch.zeros(0, dtype=torch.long)}
 
     def _eval_loader(self, split: str) -> DataLoader:
-        assert self.template is not None
+        assert self.task is not None
         dataset = self.encoded(split)
         if self.eval_shard is None:
-            batching = {"batch_size": self.eval_batch_size, "collate_fn": self.template.collate}
+            batching = {"batch_size": self.eval_batch_size, "collate_fn": self.task.template.collate}
         else:
             shards = ShardBatches(len(dataset), *self.eval_shard, self.eval_batch_size)
             batching = {"batch_sampler": shards, "collate_fn": self._collate}
@@ -370,7 +405,7 @@ class TextClassificationData(L.LightningDataModule):
         return self._eval_loader("test")
 
 
-class FinancialPhraseBank(TextClassificationData):
+class FinancialPhraseBank(TaskData):
     """Financial PhraseBank v1.0, split by NeMo's protocol (all-agree: 1811/226/227).
 
     ``partition: {kind: agreement}`` gives one client per annotator-agreement level (``PartitionConfig.levels``):
@@ -390,10 +425,10 @@ class FinancialPhraseBank(TextClassificationData):
         train_file: the pooled training split as such a file, for a run that trains on it (centralized, or
             clients cut by ``partition``); needs ``val_file`` and ``test_file``. Read only when a run needs it:
             a federated run with ``client_files`` never does.
-        **kwargs: batching, client, partition and seed options of ``TextClassificationData``.
+        **kwargs: batching, client, partition and seed options of ``TaskData``.
     """
 
-    partition_kinds = (*TextClassificationData.partition_kinds, "agreement")
+    partition_kinds = (*TaskData.partition_kinds, "agreement")
 
     def __init__(
         self,
@@ -434,7 +469,7 @@ class FinancialPhraseBank(TextClassificationData):
         self.train_fraction, self.split_seed = train_fraction, split_seed
         self.train_levels: list[str] = []  # with the agreement partition: each training sentence's level
 
-    def load_splits(self) -> dict[str, list[Example]]:
+    def load_splits(self) -> dict[str, list[Record]]:
         if self.files["val"] is not None:
             return self.read_evaluation_files()
         if self.client_files is not None:
@@ -446,9 +481,10 @@ class FinancialPhraseBank(TextClassificationData):
         examples = read_phrasebank(phrasebank_file(self.path, self.agreement))
         splits = split_examples(examples, self.train_fraction, self.split_seed)
         if self.partition.kind == "agreement":
-            held_out = {example.text for split in ("val", "test") for example in splits[split]}
+            held_out = {example.fields["sentence"] for split in ("val", "test") for example in splits[split]}
             by_level = phrasebank_levels(self.path)
-            train = [(e, level) for level in self.partition.levels for e in by_level[level] if e.text not in held_out]
+            levels = self.partition.levels
+            train = [(e, level) for level in levels for e in by_level[level] if e.fields["sentence"] not in held_out]
             splits["train"] = [example for example, _ in train]
             self.train_levels = [level for _, level in train]
         return splits
@@ -458,24 +494,25 @@ class FinancialPhraseBank(TextClassificationData):
             return agreement_partition(self.train_levels, self.partition.levels, num_clients)
         return super().partition_train(num_clients)
 
-    def read_file(self, path: str, field: str = "data.client_files") -> list[Example]:
+    def read_file(self, path: str, field: str = "data.client_files") -> list[Record]:
         return read_phrasebank(existing_file(path, field))
 
 
-class TextClassificationFiles(TextClassificationData):
-    """Your own task from ``.jsonl`` or ``.csv`` files.
+class RecordFiles(TaskData):
+    """Your own task from JSONL, CSV or Parquet files (read through Hugging Face ``datasets``), or a hub dataset.
 
     Give ``val_file`` and ``test_file`` both, or neither: then ``train_file`` is split like Financial
     PhraseBank (``train_fraction`` for training, the rest halved into val and test). With both, ``train_file``
     is read only by a run that trains on it, and may be left out when ``client_files`` gives the training data
-    (a site then needs only its own file and the shared evaluation files). Labels must be keys of
-    ``model.label_words``.
+    (a site then needs only its own file and the shared evaluation files).
 
     Args:
-        train_file, val_file, test_file: ``.jsonl`` (one object per line) or ``.csv`` (with a header) files.
-        text_field, label_field: the keys (JSONL) or columns (CSV) that hold each example's text and label.
+        train_file, val_file, test_file: ``.jsonl``, ``.csv`` (with a header) or ``.parquet`` files, or a hub
+            dataset id (its ``train``, ``validation`` and ``test`` splits, where the machine is online).
+        fields: the template's field name -> the column that holds it (null: every column under its own name).
+            A classification task's answer field holds class names, keys of ``model.task.label_words``.
         train_fraction, split_seed: without ``val_file``/``test_file``, the seeded split of ``train_file``.
-        **kwargs: batching, client, partition and seed options of ``TextClassificationData``.
+        **kwargs: batching, client, partition and seed options of ``TaskData``.
     """
 
     def __init__(
@@ -483,8 +520,7 @@ class TextClassificationFiles(TextClassificationData):
         train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
-        text_field: str = "text",
-        label_field: str = "label",
+        fields: dict[str, str] | None = None,
         train_fraction: float = 0.8,
         split_seed: int = 1234,
         **kwargs: Any,
@@ -496,13 +532,14 @@ class TextClassificationFiles(TextClassificationData):
                 "give data.train_file (it is split into train, validation and test), or data.val_file and "
                 "data.test_file (with data.train_file or data.client_files for training)."
             )
-        self.text_field, self.label_field = text_field, label_field
+        self.fields = fields
         self.train_fraction, self.split_seed = train_fraction, split_seed
 
-    def read_file(self, path: str, field: str = "data.client_files") -> list[Example]:
-        return read_table(existing_file(path, field), self.text_field, self.label_field)
+    def read_file(self, path: str, field: str = "data.client_files") -> list[Record]:
+        hub_split = {"data.val_file": "validation", "data.test_file": "test"}.get(field, "train")
+        return read_records(path, self.fields, field, hub_split)
 
-    def load_splits(self) -> dict[str, list[Example]]:
+    def load_splits(self) -> dict[str, list[Record]]:
         if self.files["val"] is None:
             pooled = self.read_file(self.files["train"], "data.train_file")
             return split_examples(pooled, self.train_fraction, self.split_seed)

@@ -15,7 +15,7 @@ import torch
 from fedlm.data.sources import PHRASEBANK_FILES, Agreement, DataError
 from fedlm.seeding import derive_seed
 
-PartitionKind = Literal["iid", "dirichlet", "quantity", "agreement"]
+PartitionKind = Literal["iid", "dirichlet", "quantity", "agreement", "lexfile"]
 DIRICHLET_ATTEMPTS = 100  # redraws before a Dirichlet partition that keeps leaving a client empty is refused
 
 
@@ -25,7 +25,8 @@ class PartitionConfig:
 
     Args:
         kind: ``iid`` (random near-equal shards), ``dirichlet`` (label skew), ``quantity`` (size skew, IID labels)
-            or ``agreement`` (Financial PhraseBank only: one client per annotator-agreement level).
+            or ``agreement`` (Financial PhraseBank only: one client per annotator-agreement level), or ``lexfile``
+            (WordNet only: one client per group of lexicographer files: nouns, verbs, adjectives and adverbs).
         alpha: dirichlet: concentration of each class's split over the clients; smaller is more skewed
             (0.1: most clients hold mostly one or two classes; 100: close to IID).
         exponent: quantity: client k holds a share proportional to (k+1)^-exponent (0: equal sizes).

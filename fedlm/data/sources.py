@@ -1,15 +1,13 @@
-"""Readers for labelled sentences: Financial PhraseBank files and generic JSONL/CSV tables."""
+"""Financial PhraseBank files, and NeMo's seeded split of any list of records."""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fedlm.data.records import Record
 from fedlm.errors import FedlmError
 
 PHRASEBANK_ENV = "FEDLM_FPB_DIR"
@@ -27,18 +25,11 @@ class DataError(FedlmError, ValueError):
     """Bad data or data config; the message names the file and line or the config field."""
 
 
-@dataclass(frozen=True)
-class Example:
-    text: str
-    label: str
-    origin: str  # "file:line", so that later errors can point at the source
-
-
 def read_text(path: Path) -> str:
     """UTF-8 if it decodes, else latin-1 (the encoding Financial PhraseBank v1.0 ships in)."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # less a BOM, which an editor may have added
     except UnicodeDecodeError:
         return raw.decode("latin-1")
 
@@ -69,13 +60,13 @@ def existing_file(path: str, field: str) -> Path:
     return file
 
 
-def format_phrasebank(examples: list[Example]) -> str:
-    """The ``sentence@label`` lines that ``read_phrasebank`` reads back as the same examples."""
-    return "".join(f"{example.text}@{example.label}\n" for example in examples)
+def format_phrasebank(examples: list[Record]) -> str:
+    """The ``sentence@label`` lines that ``read_phrasebank`` reads back as the same records."""
+    return "".join(f"{example.fields['sentence']}@{example.fields['label']}\n" for example in examples)
 
 
-def read_phrasebank(file: Path) -> list[Example]:
-    """Lines of ``sentence@label``; the last '@' separates the label."""
+def read_phrasebank(file: Path) -> list[Record]:
+    """Lines of ``sentence@label`` as records of fields ``sentence`` and ``label``; the last '@' separates the label."""
     examples = []
     for number, line in enumerate(read_text(file).splitlines(), start=1):
         if not line.strip():
@@ -89,13 +80,13 @@ def read_phrasebank(file: Path) -> list[Example]:
             raise DataError(f"{origin}: unknown label {label!r}; expected one of {PHRASEBANK_LABELS}.")
         if not sentence.strip():
             raise DataError(f"{origin}: empty sentence.")
-        examples.append(Example(sentence.strip(), label, origin))
+        examples.append(Record({"sentence": sentence.strip(), "label": label}, origin))
     if not examples:
         raise DataError(f"{file} holds no examples.")
     return examples
 
 
-def phrasebank_levels(path: str | None) -> dict[str, list[Example]]:
+def phrasebank_levels(path: str | None) -> dict[str, list[Record]]:
     """Each sentence once, under its exact agreement level, from the highest level down.
 
     The files are nested (50Agree contains 66Agree contains 75Agree contains AllAgree), so a sentence's level is
@@ -103,48 +94,17 @@ def phrasebank_levels(path: str | None) -> dict[str, list[Example]]:
     (50-65%). A sentence repeated within the files is kept once, from its first line in its highest file.
     """
     seen: set[str] = set()
-    levels: dict[str, list[Example]] = {}
+    levels: dict[str, list[Record]] = {}
     for level in reversed(PHRASEBANK_FILES):
         levels[level] = []
         for example in read_phrasebank(phrasebank_file(path, level)):
-            if example.text not in seen:
-                seen.add(example.text)
+            if example.fields["sentence"] not in seen:
+                seen.add(example.fields["sentence"])
                 levels[level].append(example)
     return levels
 
 
-def read_table(file: Path, text_field: str, label_field: str) -> list[Example]:
-    """A ``.jsonl`` file (one object per line) or a ``.csv`` file with a header row."""
-    if not file.is_file():
-        raise DataError(f"{file} does not exist.")
-    if file.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(read_text(file).splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{file}:{number}: not valid JSON ({err.msg}).") from None
-    elif file.suffix == ".csv":
-        reader = csv.DictReader(read_text(file).splitlines())
-        rows = [(number, row) for number, row in enumerate(reader, start=2)]
-    else:
-        raise DataError(f"{file}: unsupported file type {file.suffix!r}; use .jsonl or .csv.")
-    examples = []
-    for number, row in rows:
-        for field in (text_field, label_field):
-            if not isinstance(row, dict) or row.get(field) in (None, ""):
-                raise DataError(
-                    f"{file}:{number}: no value for field {field!r} (data.text_field={text_field!r}, "
-                    f"data.label_field={label_field!r})."
-                )
-        examples.append(Example(str(row[text_field]).strip(), str(row[label_field]).strip(), f"{file}:{number}"))
-    if not examples:
-        raise DataError(f"{file} holds no examples.")
-    return examples
-
-
-def split_examples(examples: list[Example], train_fraction: float, seed: int) -> dict[str, list[Example]]:
+def split_examples(examples: list[Record], train_fraction: float, seed: int) -> dict[str, list[Record]]:
     """NeMo's protocol: shuffle with ``random.seed(seed)``, take the train fraction, halve the rest into val/test.
 
     For the Financial PhraseBank all-agree file (2264 lines), seed 1234 and 0.8 give 1811/226/227.

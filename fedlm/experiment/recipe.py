@@ -2,7 +2,7 @@
 
 Runs are found as ``RUNS/<setting>/seed<S>/logs/version_0/metrics.csv`` (``scripts/recipe.sh``). Each run is scored
 by the mean of its last ``--last`` validations (accuracy and macro-F1: the end of training, not one lucky
-validation), then each setting by the mean and range of that score over its seeds. With ``model.calibrate`` the
+validation), then each setting by the mean and range of that score over its seeds. With ``model.task.calibrate`` the
 last validation also says what calibration is worth on the half of the validation set its biases were not fitted
 on. Nothing here opens a test file: the table cannot be used to pick by test accuracy.
 """

@@ -2,7 +2,7 @@
 
 A run is any folder holding ``test_metrics.json`` and ``test_predictions.json`` (written by ``fit`` with
 ``test_after_fit: true``, or by ``test``) and, for the curves, the CSVLogger's ``metrics.csv``. A run trained with
-``model.calibrate`` also has calibrated predictions: they make a row of their own beside the raw one ("federated,
+``model.task.calibrate`` also has calibrated predictions: they make a row of their own beside the raw one ("federated,
 calibrated"), and the verdict is given for each.
 """
 
@@ -81,6 +81,7 @@ def setup_table(rows: dict[str, list[Run]]) -> str:
             continue
         model, data = config.get("model", {}), config.get("data", {}).get("init_args", {})
         encoder, federation = model.get("encoder", {}), config.get("federation")
+        task, cache, optimizer = (model.get(section) or {} for section in ("task", "cache", "optimizer"))
         if federation:
             steps = federation.get("local_steps") or f"{federation.get('local_epochs')} epochs"
             schedule = (
@@ -90,9 +91,10 @@ def setup_table(rows: dict[str, list[Run]]) -> str:
         else:
             schedule = f"{config.get('trainer', {}).get('max_epochs')} epochs"
         cells.append([name, f"{model.get('backbone')}",
-                      f"`{model.get('template')}` (cache_prefix: {model.get('cache_prefix')})",
-                      f"{encoder.get('type')}, {encoder.get('virtual_tokens')} virtual tokens", f"{model.get('lr')}",
-                      f"{model.get('warmup_steps')}", f"{data.get('batch_size')}", schedule])  # fmt: skip
+                      f"`{task.get('template')}` (cache.prefix: {cache.get('prefix')})",
+                      f"{encoder.get('type')}, {encoder.get('virtual_tokens')} virtual tokens",
+                      f"{optimizer.get('lr')}", f"{optimizer.get('warmup_steps')}", f"{data.get('batch_size')}",
+                      schedule])  # fmt: skip
     return markdown.table(("run", "backbone", "template", "encoder", "lr", "warm-up", "batch", "schedule"), cells)
 
 

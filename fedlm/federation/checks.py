@@ -58,7 +58,7 @@ def check_all_finite(failed: list[int], round_index: int) -> None:
         raise NonFiniteClientError(
             f"round {round_index + 1}: client(s) {failed} produced a non-finite training loss or encoder (nan/inf); "
             f"the round was not averaged, so the last good global encoder is round {round_index}'s, in the last "
-            "round checkpoint. Lower model.lr, or set trainer.gradient_clip_val, and resume from it."
+            "round checkpoint. Lower model.optimizer.lr, or set trainer.gradient_clip_val, and resume from it."
         )
 
 

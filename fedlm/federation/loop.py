@@ -119,6 +119,11 @@ class FederatedLoop(L.Callback):
                 "federation.personalize_steps needs each client's own held-out data to evaluate on: set "
                 "data.init_args.client_holdout (e.g. 0.2), or federation.personalize_steps: 0."
             )
+        if self.config.personalize_steps > 0 and pl_module.task.config.kind != "classification":
+            raise ConfigError(
+                "federation.personalize_steps picks each client's model by held-out accuracy, which only "
+                "classification has; set federation.personalize_steps: 0 for model.task.kind=generation."
+            )
         if self.config.secure_aggregation.enabled and self.secure is None:
             self.secure = SecureAggregator(self.config.secure_aggregation)
             self.secure.setup()  # a collective: key agreement, once per run
@@ -166,6 +171,7 @@ class FederatedLoop(L.Callback):
         pl_module._ddp_params_and_buffers_to_ignore = sharded_names(pl_module)
         if pl_module.prefix_cache is not None:
             pl_module.prefix_cache.lockstep = self.client_group
+        pl_module.lm.lockstep = self.client_group  # decoding steps are forwards too
         print(
             f"[fedlm] rank {self.topology.rank}: the LM's {held.layers} decoder layers sharded over client "
             f"{self.topology.hosted_clients[0]}'s {self.topology.ranks_per_client} ranks: this rank holds "

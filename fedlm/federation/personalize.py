@@ -37,15 +37,16 @@ def accuracy(module: L.LightningModule, dataset: Dataset, batch_size: int) -> fl
     """Constrained label-word accuracy of the module's current encoder."""
     module.eval()
     correct = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=module.template.collate):
-        _, scores = module.loss_and_scores(move(batch, module.device))
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=module.task.template.collate):
+        _, scores = module.task.loss_and_scores(module.lm, move(batch, module.device))
         correct += int((scores.argmax(-1).cpu() == batch["label"]).sum())
     return correct / len(dataset)
 
 
 def finetune(module: L.LightningModule, dataset: Dataset, steps: int, batch_size: int, seed: int) -> None:
     """``steps`` AdamW steps (the module's lr and weight decay, fresh moments) on batches in a seeded order."""
-    optimizer = torch.optim.AdamW(module.encoder.parameters(), lr=module.lr, weight_decay=module.weight_decay)
+    c = module.optimizer_config
+    optimizer = torch.optim.AdamW(module.encoder.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     module.train()
@@ -53,9 +54,9 @@ def finetune(module: L.LightningModule, dataset: Dataset, steps: int, batch_size
         for _ in range(steps):
             if len(order) < batch_size:
                 order += torch.randperm(len(dataset), generator=generator).tolist()
-            batch = module.template.collate([dataset[i] for i in order[:batch_size]])
+            batch = module.task.template.collate([dataset[i] for i in order[:batch_size]])
             order = order[batch_size:]
-            loss = module.train_loss(move(batch, module.device))
+            loss = module.task.train_loss(module.lm, move(batch, module.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import inspect
 import logging
 import os
 import shutil
@@ -146,3 +147,10 @@ def load_backbone(source: str = DEFAULT_BACKBONE, dtype: Dtype = "fp32") -> Back
 def freeze(model: nn.Module) -> None:
     model.requires_grad_(False)
     model.eval()
+
+
+def cache_argument(model: PreTrainedModel, cache: object) -> dict[str, object]:
+    """``cache`` as the keyword the model's forward takes: ``cache``, the name transformers 5.25 gave it (5.25 warns on
+    ``past_key_values`` and 5.40 removes it), or ``past_key_values`` for a model whose own code (``trust_remote_code``
+    architectures) still names it so."""
+    return {"cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values": cache}

@@ -34,7 +34,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, PreTrainedModel
 
 from fedlm.errors import ConfigError
-from fedlm.model.backbone import DTYPES, Dtype
+from fedlm.model.backbone import DTYPES, Dtype, cache_argument
 from fedlm.model.template import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -154,11 +154,11 @@ class PrefixCache:
         budget_bytes: int | None = None,
     ) -> None:
         if dtype not in DTYPES:
-            raise ConfigError(f"model.cache_dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+            raise ConfigError(f"model.cache.dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
         if any(DynamicCache(config=model.config).is_sliding):
             raise ConfigError(
-                "model.cache_prefix=true needs full attention in every layer, but this backbone has sliding-window "
-                "layers; set model.cache_prefix=false."
+                "model.cache.prefix=true needs full attention in every layer, but this backbone has sliding-window "
+                "layers; set model.cache.prefix=false."
             )
         self.model = model
         self.dtype = DTYPES[dtype]
@@ -302,7 +302,7 @@ class PrefixCache:
             cache = DynamicCache([(layer[0], layer[1]) for layer in head], config=self.model.config)
         skip = cache.get_seq_length()
         mask = torch.ones((1, skip + len(sequence)), dtype=torch.long, device=device)
-        self.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_argument(self.model, cache))
         return torch.stack([torch.stack([keys[0, :, skip:], values[0, :, skip:]]) for keys, values, _ in cache]).to(
             self.dtype
         )

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 
+from fedlm.model.backbone import cache_argument
+
 
 @dataclass(frozen=True)
 class SlotShape:
@@ -36,7 +38,8 @@ def text_key_values(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
     """The frozen LM's (layers, 2, heads, len(ids), head dim) key/values of ``ids`` run alone, in fp32."""
     cache = DynamicCache(config=model.config)
     ids_tensor = torch.tensor([ids], dtype=torch.long, device=model.device)
-    model.base_model(input_ids=ids_tensor, attention_mask=torch.ones_like(ids_tensor), past_key_values=cache)
+    mask = torch.ones_like(ids_tensor)
+    model.base_model(input_ids=ids_tensor, attention_mask=mask, use_cache=True, **cache_argument(model, cache))
     return torch.stack([torch.stack([keys[0], values[0]]) for keys, values, _ in cache]).float().cpu()
 
 

@@ -4,9 +4,10 @@ Prediction needs only the encoder's output (the virtual-token table) and how to 
 
 - ``prompt.safetensors``: one float32 tensor ``virtual_tokens`` (virtual tokens, hidden), the checkpoint's
   inference table, placed into the template's virtual-token slots;
-- ``prompt.json``: the template, label words, virtual-token blocks, max_length, the backbone's dtype, and the backbone
-  the prompt was trained on (what the user named, and its architecture, to refuse another model), and the label
-  calibration's per-class biases if the run calibrated (``model.calibrate``; prediction adds them to the scores);
+- ``prompt.json``: the task (``model.task``: template, label words or generation settings), the virtual-token blocks,
+  the backbone's dtype, and the backbone the prompt was trained on (what the user named, and its architecture, to
+  refuse another model), and the label calibration's per-class biases if the run calibrated
+  (``model.task.calibrate``; prediction adds them to the scores);
 - ``peft/``: the same table as a PEFT prompt-tuning adapter, written only when the template is PEFT's layout (all
   virtual tokens before the input), so that ``PeftModel.from_pretrained`` predicts what fedlm predicts (without
   calibration's biases, which PEFT has no place for).
@@ -27,11 +28,15 @@ from safetensors.torch import save as safetensors_bytes
 
 from fedlm.checkpointing import atomic_write, load_checkpoint, partial_name
 from fedlm.errors import FedlmError
-from fedlm.model.module import CheckpointMismatchError, PTuningModule
 from fedlm.model.prompt_encoder import PromptEncoderConfig
 from fedlm.model.template import VIRTUAL_MARKER, PromptTemplate
+from fedlm.ptuning.config import CacheConfig
+from fedlm.ptuning.module import CheckpointMismatchError, PTuningModule, check_sectioned
+from fedlm.tasks import TaskConfig
 
-FORMAT, FORMAT_VERSION = "fedlm-prompt", 2  # 2: deep prompts ("deep": true, the table holds key/value slots)
+# 2: deep prompts ("deep": true, the table holds key/value slots); 3: the task section replaces template, label words
+# and max_length
+FORMAT, FORMAT_VERSION = "fedlm-prompt", 3
 TABLE_FILE, SETTINGS_FILE, PEFT_FOLDER = "prompt.safetensors", "prompt.json", "peft"
 TABLE_KEY = "virtual_tokens"
 
@@ -47,10 +52,8 @@ class PeftLayoutError(FedlmError, ValueError):
 @dataclass
 class TrainedPrompt:
     table: torch.Tensor  # (virtual tokens, hidden), float32
-    template: str
-    label_words: dict[str, str]
+    task: dict[str, Any]  # TaskConfig's fields
     virtual_tokens: int | list[int]  # as configured: one block, or one count per marker
-    max_length: int
     dtype: str  # the frozen backbone's, as trained
     backbone: str  # what model.backbone named
     architecture: dict[str, Any] | None  # PTuningModule.architecture(); None in checkpoints older than it
@@ -69,18 +72,18 @@ class TrainedPrompt:
         saved = checkpoint.get("fedlm")
         table = checkpoint.get("state_dict", {}).get("encoder.inference_table")
         hparams = checkpoint.get("hyper_parameters")
-        bias = checkpoint.get("state_dict", {}).get("label_bias")
-        if saved is None or table is None or hparams is None:
+        bias = checkpoint.get("state_dict", {}).get("task.label_bias")
+        check_sectioned(hparams, str(path))
+        if saved is None or table is None or hparams is None or "task" not in hparams:
             raise PromptFormatError(
-                f"{path} is not a fedlm checkpoint (it lacks the 'fedlm' entry, the encoder's inference table or the "
-                "hyperparameters); pass a .ckpt written by `fedlm fit`."
+                f"{path} is not a fedlm checkpoint of this version (it lacks the 'fedlm' entry, the encoder's "
+                "inference table or the hyperparameters' task section); pass a .ckpt written by this version's "
+                "`fedlm fit`."
             )
         return cls(
             table=table.float(),
-            template=hparams["template"],
-            label_words=dict(hparams["label_words"]),
+            task=dict(hparams["task"]),
             virtual_tokens=hparams["encoder"]["virtual_tokens"],
-            max_length=hparams["max_length"],
             dtype=hparams["dtype"],
             backbone=saved["backbone"],
             architecture=saved.get("architecture"),
@@ -98,15 +101,32 @@ class TrainedPrompt:
                     f"{folder} is not a fedlm export folder: it has no {name}. Write one with "
                     f"`fedlm export CHECKPOINT --out {folder}`."
                 )
-        settings = json.loads((folder / SETTINGS_FILE).read_text())
-        if settings.get("format") != FORMAT or settings.get("version", 0) > FORMAT_VERSION:
+        try:
+            settings = json.loads((folder / SETTINGS_FILE).read_text())
+        except json.JSONDecodeError as err:
+            raise PromptFormatError(
+                f"{folder / SETTINGS_FILE} is not valid JSON ({err}); re-export the checkpoint."
+            ) from None
+        if (
+            not isinstance(settings, dict)
+            or settings.get("format") != FORMAT
+            or settings.get("version", 0) > FORMAT_VERSION
+        ):
             raise PromptFormatError(
                 f"{folder / SETTINGS_FILE} is not a {FORMAT} file of version {FORMAT_VERSION} or older; re-export "
                 "the checkpoint with this version's `fedlm export`."
             )
+        if settings.get("version", 0) < 3 and "task" not in settings:  # before the task section: its fields on top
+            old = {name: settings.pop(name) for name in ("template", "label_words", "max_length") if name in settings}
+            if old:
+                settings["task"] = old
         names = [field.name for field in fields(cls) if field.name != "table"]
         optional = ("label_bias", "deep", "init_text")  # older exports lack them
         missing = [name for name in names if name not in settings and name not in optional]
+        task = settings.get("task")
+        if isinstance(task, dict):  # what the defaults must not stand in for: the task the prompt was trained on
+            needed = ["template"] + (["label_words"] if task.get("kind", "classification") == "classification" else [])
+            missing += [f"task.{name}" for name in needed if name not in task]
         if missing:
             raise PromptFormatError(
                 f"{folder / SETTINGS_FILE} lacks {missing}; re-export the checkpoint with `fedlm export`."
@@ -134,13 +154,11 @@ class TrainedPrompt:
         module = PTuningModule(
             backbone=backbone or self.backbone,
             dtype=self.dtype,
-            template=self.template,
-            label_words=self.label_words,
+            task=TaskConfig(**self.task),
             encoder=PromptEncoderConfig(
                 type="embedding", virtual_tokens=self.virtual_tokens, deep=self.deep, init_text=self.init_text
             ),
-            max_length=self.max_length,
-            cache_prefix=self.deep and VIRTUAL_MARKER.match(self.template) is None,
+            cache=CacheConfig(prefix=self.deep and VIRTUAL_MARKER.match(self.task["template"]) is None),
         )
         expected = (self.architecture or module.architecture(), tuple(self.table.shape))
         found = (module.architecture(), tuple(module.encoder.input_table.shape))
@@ -153,7 +171,7 @@ class TrainedPrompt:
         with torch.no_grad():
             module.encoder.input_table.copy_(self.table)
             if self.label_bias is not None:
-                module.label_bias.copy_(torch.tensor(self.label_bias, dtype=torch.float64))
+                module.task.label_bias.copy_(torch.tensor(self.label_bias, dtype=torch.float64))
         module.eval()
         module.encoder.refresh_table()  # now, outside the inference mode that prediction runs in
         return module
@@ -171,8 +189,8 @@ def peft_mismatch(template: PromptTemplate) -> str | None:
     if blocks > 1 or not isinstance(template.pieces[0], int):
         return (
             "the template does not start with its only block of virtual tokens, where PEFT puts them. To get a PEFT "
-            "adapter, train with the prefix layout: --model.template '<|VIRTUAL_PROMPT_0|> {sentence} "
-            "sentiment:{label}' --model.cache_prefix false"
+            "adapter, train with the prefix layout: --model.task.template '<|VIRTUAL_PROMPT_0|> {sentence} "
+            "sentiment:{label}' --model.cache.prefix false"
         )
     return None
 
@@ -213,9 +231,9 @@ def write_export(
     The backbone is loaded to check that it is the prompt's and to decide on PEFT (its tokenizer's special tokens).
     """
     module = prompt.module(backbone)
-    mismatch = peft_mismatch(module.template)
+    mismatch = peft_mismatch(module.task.template)
     if mismatch is not None and require_peft:
-        raise PeftLayoutError(f"--peft require: no PEFT adapter can reproduce {prompt.template!r}: {mismatch}.")
+        raise PeftLayoutError(f"--peft require: no PEFT adapter can reproduce {prompt.task['template']!r}: {mismatch}.")
     folder.mkdir(parents=True, exist_ok=True)
     prompt.save(folder)
     if mismatch is None:
