@@ -41,7 +41,8 @@ SECTIONS = {"template": ("task", "template"), "label_words": ("task", "label_wor
             "cache_prefix": ("cache", "prefix"), "cache_dtype": ("cache", "dtype"), "cache_dir": ("cache", "dir"),
             "cache_budget_mb": ("cache", "budget_mb"), "lr": ("optimizer", "lr"),
             "weight_decay": ("optimizer", "weight_decay"), "warmup_steps": ("optimizer", "warmup_steps"),
-            "lr_schedule": ("optimizer", "lr_schedule"), "final_lr_fraction": ("optimizer", "final_lr_fraction")}  # fmt: skip
+            "lr_schedule": ("optimizer", "lr_schedule"),
+            "final_lr_fraction": ("optimizer", "final_lr_fraction")}  # fmt: skip
 
 
 def sectioned(model: dict) -> dict:

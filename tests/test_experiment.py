@@ -10,9 +10,12 @@ import torch
 import yaml
 
 from fedlm.experiment import TriadConfig, run_experiment, write_report
-from fedlm.experiment.report import find_runs, group, read_curve
+from fedlm.experiment.report import find_runs, group, model_section, read_curve
 from fedlm.experiment.runner import plan
 from fedlm.experiment.stats import hierarchical_bootstrap, mean_interval
+from fedlm.model import PromptEncoderConfig
+from fedlm.ptuning import CacheConfig, OptimizerConfig
+from fedlm.tasks import TaskConfig
 
 
 def test_mean_interval_is_the_student_t_interval() -> None:
@@ -167,8 +170,9 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(
     text = readme.read_text()
     assert "| federated | 2 |" in text and "Federated within 1 point of centralized or above it" in text
     assert "bootstrap over seeds and sentences" in text and "95% CI over seeds and sentences" in text
-    # the setup table reads the model's task, cache and optimizer sections of each run's saved config
-    assert "(cache.prefix: False) | mlp, 3 virtual tokens | 0.05 | 0 | 8 |" in text
+    # the setup table reads the model's sections of each run's saved config, with the defaults of those left out
+    template = "`<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}` (cache.prefix: False)"
+    assert f"| {template} | mlp, 3 virtual tokens | 0.05 | 0 | 8 |" in text
     for png in [
         "val_loss_centralized_vs_federated",
         "val_loss_local_vs_federated",
@@ -192,6 +196,18 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(
         **old,
         "fit_seconds": json.loads(redo.read_text())["fit_seconds"],
     }  # bitwise
+
+
+def test_the_setup_table_reads_the_model_sections_with_their_defaults_and_old_flat_configs() -> None:
+    sectioned = {"task": None, "optimizer": {"lr": 0.5}}  # a section left out is saved as null
+    assert model_section(sectioned, "task", TaskConfig)["template"] == TaskConfig().template
+    optimizer = model_section(sectioned, "optimizer", OptimizerConfig)
+    assert optimizer["lr"] == 0.5 and optimizer["warmup_steps"] == 0
+    flat = {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", "cache_prefix": True, "lr": 0.01}
+    assert model_section(flat, "task", TaskConfig)["template"] == flat["template"]
+    assert model_section(flat, "cache", CacheConfig)["prefix"] is True
+    assert model_section(flat, "optimizer", OptimizerConfig)["lr"] == 0.01
+    assert model_section(flat, "encoder", PromptEncoderConfig) == vars(PromptEncoderConfig())
 
 
 def saved_run(folder: Path, kind: str, seed: int, predicted: list[int], client: int | None = None) -> None:

@@ -84,7 +84,7 @@ def test_short_ptuning_run_lifts_validation_accuracy_clearly(tmp_path) -> None:
     fit.fit(module, data)
     assert fit.global_step == 30
     tuned = float(fit.callback_metrics["val/acc"])
-    labels = [example.label for example in data.splits["val"][:96]]
+    labels = [example.fields["label"] for example in data.splits["val"][:96]]
     majority = max(labels.count(label) for label in set(labels)) / len(labels)
     print(f"SmolLM2 val accuracy on 96 sentences: untuned {untuned:.3f}, 30 steps {tuned:.3f}, majority {majority:.3f}")
     assert tuned >= untuned + 0.3

@@ -44,6 +44,7 @@ from fedlm.data import FinancialPhraseBank, TaskData
 from fedlm.errors import ConfigError
 from fedlm.federation import ClientStrategy, FederatedLoop, FederationConfig, Topology
 from fedlm.ptuning import PTuningModule
+from fedlm.ptuning.module import check_sectioned
 
 
 class WithoutAdvertising(logging.Filter):
@@ -77,7 +78,7 @@ class FedLMCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and Path(path).is_file():
-            load_checkpoint(path)
+            check_sectioned(load_checkpoint(path).get("hyper_parameters"), str(path))
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:

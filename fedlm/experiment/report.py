@@ -12,10 +12,14 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from fedlm.experiment import figures, markdown
 from fedlm.experiment.runs import find, floats, logged, read_config, read_json, read_metrics
 from fedlm.experiment.stats import BootstrapResult, Interval, Metric, hierarchical_bootstrap, mean_interval
+from fedlm.model.prompt_encoder import PromptEncoderConfig
+from fedlm.ptuning.config import CacheConfig, OptimizerConfig
+from fedlm.tasks.config import TaskConfig
 
 KIND_ORDER = ("centralized", "federated", "local", "zero-shot")
 
@@ -72,6 +76,16 @@ def read_run(folder: Path) -> Run:
     )
 
 
+def model_section(model: dict[str, Any], name: str, kind: type) -> dict[str, Any]:
+    """A section of a saved ``model:`` config with the defaults the run had filled in: a section left out is saved
+    as null, and the module then runs with the section's defaults. Runs from before the sections saved the task's,
+    cache's (``cache_`` + field) and optimizer's fields flat in ``model:``; they are read from there."""
+    defaults = vars(kind())
+    flat_name = {"task": "{}", "cache": "cache_{}", "optimizer": "{}"}.get(name)
+    flat = {f: model[flat_name.format(f)] for f in defaults if flat_name and flat_name.format(f) in model}
+    return {**defaults, **flat, **(model.get(name) or {})}
+
+
 def setup_table(rows: dict[str, list[Run]]) -> str:
     """The settings that make the runs comparable, from the first seed's saved config of each row."""
     cells = []
@@ -79,9 +93,17 @@ def setup_table(rows: dict[str, list[Run]]) -> str:
         config = runs[0].config
         if not config or runs[0].kind == "zero-shot" or runs[0].variant:
             continue
-        model, data = config.get("model", {}), config.get("data", {}).get("init_args", {})
-        encoder, federation = model.get("encoder", {}), config.get("federation")
-        task, cache, optimizer = (model.get(section) or {} for section in ("task", "cache", "optimizer"))
+        model, data = config.get("model") or {}, config.get("data", {}).get("init_args", {})
+        federation = config.get("federation")
+        encoder, task, cache, optimizer = (
+            model_section(model, section, kind)
+            for section, kind in (
+                ("encoder", PromptEncoderConfig),
+                ("task", TaskConfig),
+                ("cache", CacheConfig),
+                ("optimizer", OptimizerConfig),
+            )
+        )
         if federation:
             steps = federation.get("local_steps") or f"{federation.get('local_epochs')} epochs"
             schedule = (

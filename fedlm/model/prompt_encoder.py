@@ -40,7 +40,7 @@ class PromptEncoderConfig:
             ``fedlm.model.slots``): ``virtual_tokens`` slots in every layer. ``embedding`` trains the slots directly;
             ``mlp`` and ``lstm`` produce them from a small input table, starting exactly at ``init_text``'s
             key/values. Where they sit is the template's virtual-token block: after cached text
-            (``cache_prefix: true``, the fast layout) or before the text (P-tuning v2 as published).
+            (``cache.prefix: true``, the fast layout) or before the text (P-tuning v2 as published).
     """
 
     type: EncoderType = "mlp"
