@@ -16,6 +16,7 @@ from fedlm.data.wordnet import (
     Synset,
     WordNet,
     WordNetError,
+    equal_sites,
     read_wordnet,
     site_of,
     split_records,
@@ -236,11 +237,11 @@ def test_sites_follow_the_lexicographer_files(synsets: list[Synset]) -> None:
 
 def test_wordnet_datamodule_splits_by_word_and_puts_each_record_at_its_lexname_site(tmp_path: Path) -> None:
     folder = write_wordnet(tmp_path / "wordnet")
-    sizes = {"train_size": 4, "val_size": 2, "test_size": 1}
+    sizes = {"train_size": 3, "val_size": 2, "test_size": 1}
     data = WordNet(path=str(folder), split_seed=0, partition={"kind": "lexfile"}, **sizes)
     data.setup("fit")
     splits = data.splits
-    assert {name: len(records) for name, records in splits.items()} == {"train": 4, "val": 2, "test": 1}
+    assert {name: len(records) for name, records in splits.items()} == {"train": 3, "val": 2, "test": 1}
     keys = {name: {record.fields["synset"] for record in records} for name, records in splits.items()}
     words = {name: {record.fields["word"].lower() for record in records} for name, records in splits.items()}
     for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
@@ -250,13 +251,14 @@ def test_wordnet_datamodule_splits_by_word_and_puts_each_record_at_its_lexname_s
     train = splits["train"]
     sites = data.partition_train(3)
     assert sorted(i for site in sites for i in site) == list(range(len(train)))
-    assert all(sites)  # this seed leaves every site some training records
+    assert [len(site) for site in sites] == [1, 1, 1]  # an equal share of train_size from each site
     for site, indices in enumerate(sites):
         assert {site_of(train[i].fields) for i in indices} == {site}
         assert all(train[i].fields["lexname"] in list(LEXNAME_SITES.values())[site] for i in indices)
     with pytest.raises(WordNetError, match=r"gives 3 sites .* but the run has 2 clients; set federation.clients"):
         data.partition_train(2)
-    verbless = WordNet(path=str(folder), split_seed=4, partition={"kind": "lexfile"}, val_size=1, test_size=1)
+    kwargs = {"split_seed": 4, "partition": {"kind": "lexfile"}, "train_size": None, "val_size": 1, "test_size": 1}
+    verbless = WordNet(path=str(folder), **kwargs)
     verbless.setup("fit")  # the one verb record lands in validation or test
     with pytest.raises(WordNetError, match=r"leaves site 1 \(verbs\) no training records"):
         verbless.partition_train(3)
@@ -307,3 +309,16 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, line: str, problem: 
 @pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="needs WordNet 3.0 (wordnet-base)")
 def test_real_wordnet_has_every_synset() -> None:
     assert len(read_wordnet("/usr/share/wordnet")) == 117_659
+
+
+def test_equal_sites_takes_the_same_share_of_each_site() -> None:
+    records = [
+        ({"lexname": name, "word": f"w{i}"}, f"f:{i}")
+        for i, name in enumerate(["noun.act"] * 5 + ["verb.body"] * 4 + ["adj.all"] * 6)
+    ]
+    chosen = equal_sites(records, 6, seed=1)
+    assert [site_of(record) for record, _ in chosen].count(0) == 2
+    assert sorted(site_of(record) for record, _ in chosen) == [0, 0, 1, 1, 2, 2]
+    assert chosen == equal_sites(records, 6, seed=1) and chosen != equal_sites(records, 6, seed=2)
+    with pytest.raises(WordNetError, match="data.train_size=15 asks 5 training records of site 1, which has 4"):
+        equal_sites(records, 15, seed=1)

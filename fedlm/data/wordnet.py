@@ -243,6 +243,22 @@ def split_records(
     return {name: [records[index] for index in sorted(indices)] for name, indices in chosen.items()}
 
 
+def equal_sites(records: list[tuple[Record, str]], size: int, seed: int) -> list[tuple[Record, str]]:
+    """A seeded sample of ``size`` records, an equal share from each lexicographer-file site, in input order."""
+    share = size // len(LEXNAME_SITES)
+    rng = random.Random(f"equal-sites-{seed}")
+    chosen: list[int] = []
+    for site in range(len(LEXNAME_SITES)):
+        members = [index for index, (record, _) in enumerate(records) if site_of(record) == site]
+        if len(members) < share:
+            raise WordNetError(
+                f"data.train_size={size} asks {share} training records of site {site}, which has {len(members)}; "
+                "lower data.train_size."
+            )
+        chosen += rng.sample(members, share)
+    return [records[index] for index in sorted(chosen)]
+
+
 def site_of(record: Record) -> int:
     """The record's site in the 3-site partition by lexicographer file: 0 nouns, 1 verbs, 2 adjectives and adverbs."""
     for site, lexnames in enumerate(LEXNAME_SITES.values()):
@@ -263,7 +279,9 @@ class WordNet(TaskData):
         task: ``definition`` (word, part of speech, usage example -> gloss) or ``reverse_dictionary`` (gloss and the
             example with the word blanked -> the word; any lemma of the synset is accepted).
         path: the folder of ``data.noun`` ... (null: ``FEDLM_WORDNET_DIR``, else /usr/share/wordnet).
-        train_size, val_size, test_size: records per split (train null: every remaining record).
+        train_size, val_size, test_size: records per split (train null: every remaining record). With the lexfile
+            partition the training sample takes ``train_size / 3`` records of each site (the blog's equal sites),
+            so that a centralized run with this partition trains on exactly what the 3 sites hold together.
         split_seed: seed of the split by word and of the training sample.
         **kwargs: batching, client, partition and seed options of ``TaskData``.
     """
@@ -289,7 +307,12 @@ class WordNet(TaskData):
 
     def load_splits(self) -> dict[str, list[DataRecord]]:
         synsets = read_wordnet(wordnet_dir(self.path))
-        splits = split_records(task_records(synsets, self.task_name), *self.sizes, self.split_seed)
+        train_size, val_size, test_size = self.sizes
+        by_site = self.partition.kind == "lexfile" and train_size is not None
+        records = task_records(synsets, self.task_name)
+        splits = split_records(records, None if by_site else train_size, val_size, test_size, self.split_seed)
+        if by_site:
+            splits["train"] = equal_sites(splits["train"], train_size, self.split_seed)
         return {name: [DataRecord(record, origin) for record, origin in rows] for name, rows in splits.items()}
 
     def partition_train(self, num_clients: int) -> list[list[int]]:
