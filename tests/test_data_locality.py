@@ -14,6 +14,7 @@ from helpers import (
     REPO,
     assert_opened_only_its_own,
     opened_by,
+    printed_config,
     run_ranks,
     split_data,
     start_worker,
@@ -21,8 +22,11 @@ from helpers import (
     with_data,
     write_config,
 )
+from lightning.pytorch.cli import LightningArgumentParser
+from test_wordnet import write_wordnet
 
-from fedlm.data import DataError, FinancialPhraseBank, Record
+from fedlm.cli.split_data import split_data_main
+from fedlm.data import DataError, FinancialPhraseBank, Record, RecordFiles, TaskData, WordNet
 from fedlm.data.sources import read_phrasebank
 from fedlm.federation import Topology
 
@@ -93,6 +97,120 @@ def test_split_data_refuses_the_checkout_a_full_folder_and_a_bad_partition(
         split_data(synthetic_fpb, tmp_path / "e")
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
     split_data(synthetic_fpb, tmp_path / "e", "--force")
+
+
+# -- any task's data, as record files --------------------------------------------------------------------------
+
+WORDNET_CONFIGS = [
+    REPO / "configs/wordnet/definition_centralized.yaml",
+    REPO / "configs/wordnet/definition_federated.yaml",
+]
+RECORD_FILES = ["site0.jsonl", "site1.jsonl", "site2.jsonl", "test.jsonl", "train.jsonl", "val.jsonl"]
+TINY_WORDNET = {"train_size": 4, "val_size": 2, "test_size": 1, "split_seed": 0}  # every lexfile site gets records
+
+
+def fields(records: list[Record]) -> list[dict]:
+    return [record.fields for record in records]
+
+
+@pytest.fixture
+def wordnet_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, WordNet, dict]:
+    """The WordNet definition configs (3 clients by lexicographer file) on the tiny fixture, cut by `fedlm split-data`:
+    the folder, the partitioned datamodule of the same config, and the data section that the command printed."""
+    folder = write_wordnet(tmp_path / "wordnet")
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump({"data": {"init_args": {"path": str(folder), **TINY_WORDNET}}}))
+    configs = [arg for config in (*WORDNET_CONFIGS, tiny) for arg in ("--config", str(config))]
+    capsys.readouterr()
+    split_data_main(["--out", str(tmp_path / "split"), *configs])  # federation.clients: 3 from the federated config
+    printed = capsys.readouterr().out
+    section = yaml.safe_load(printed.split("as one more --config file:\n", 1)[1].split("[fedlm split-data]", 1)[0])
+    pooled = WordNet(path=str(folder), partition={"kind": "lexfile"}, **TINY_WORDNET)
+    pooled.setup("fit")
+    for name, records in [(f"{s}.jsonl", pooled.splits[s]) for s in ("train", "val", "test")] + [
+        (f"site{k}.jsonl", pooled.client_examples(k, 3)) for k in range(3)
+    ]:
+        assert f"{tmp_path / 'split' / name}: {len(records)} records\n" in printed
+    return tmp_path / "split", pooled, section
+
+
+def test_split_data_cuts_any_task_data_into_record_files_of_the_partitioned_run(
+    wordnet_split: tuple[Path, WordNet, dict],
+) -> None:
+    split, pooled, section = wordnet_split
+    assert sorted(p.name for p in split.iterdir()) == RECORD_FILES  # nothing else, no partial file left
+    sites = [str(split / f"site{k}.jsonl") for k in range(3)]
+    evaluation = {"val_file": str(split / "val.jsonl"), "test_file": str(split / "test.jsonl")}
+    assert section == {
+        "data": {
+            "class_path": "fedlm.data.RecordFiles",
+            "init_args": {
+                "client_files": sites,
+                **evaluation,
+                "batch_size": 16,  # the config's batching options are kept
+                "eval_batch_size": 32,
+                "partition_seed": 1234,
+                "partition": {"kind": "iid"},
+                "label_field": None,  # WordNet's own default
+            },
+        }
+    }
+    files = RecordFiles(client_files=sites, **evaluation)
+    files.setup("fit")
+    for split_name in ("val", "test"):
+        assert fields(files.examples(split_name)) == fields(pooled.examples(split_name))  # same records, same order
+    for k in range(3):
+        site = fields(files.client_examples(k, 3))
+        assert site == fields(pooled.client_examples(k, 3)) and site  # each site: its lexicographer files' records
+        assert {record["lexname"].split(".")[0] for record in site} <= [{"noun"}, {"verb"}, {"adj", "adv"}][k]
+    central = RecordFiles(train_file=str(split / "train.jsonl"), **evaluation)
+    assert fields(central.examples("train")) == fields(pooled.examples("train"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # instantiate_classes, which LightningCLI calls too
+@pytest.mark.parametrize("composed", [True, False], ids=["one_more_config", "in_place_of_the_data_section"])
+def test_a_run_config_naming_the_record_files_parses(
+    composed: bool, wordnet_split: tuple[Path, WordNet, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split, pooled, section = wordnet_split
+    if composed:  # the printed section after the WordNet configs: their lexfile partition gives way to iid
+        (tmp_path / "sites.yaml").write_text(yaml.safe_dump(section))
+        configs = [*WORDNET_CONFIGS, tmp_path / "sites.yaml"]
+    else:
+        run = yaml.safe_load(WORDNET_CONFIGS[0].read_text()) | section
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+        configs = [tmp_path / "run.yaml"]
+    config = printed_config(capsys, "fit", *(arg for c in configs for arg in ("--config", str(c))))
+    assert config["data"]["class_path"] == "fedlm.data.RecordFiles"
+    assert config["data"]["init_args"]["partition"]["kind"] == "iid"
+    assert config["model"]["task"]["template"].endswith("Definition:{gloss}")
+    parser = LightningArgumentParser()
+    parser.add_lightning_class_args(TaskData, "data", subclass_mode=True)  # as LightningCLI does
+    data = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
+    assert isinstance(data, RecordFiles) and data.client_files == section["data"]["init_args"]["client_files"]
+    data.setup("fit")
+    assert fields(data.examples("test")) == fields(pooled.examples("test"))
+    assert [fields(data.client_examples(k, 3)) for k in range(3)] == [
+        fields(pooled.client_examples(k, 3)) for k in range(3)
+    ]
+
+
+def test_split_data_refuses_a_config_without_a_data_class_and_the_checkout_for_any_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inside = REPO / "wordnet-sites-must-not-be-here"
+    cases = [
+        (inside, {"data": {"class_path": "fedlm.data.WordNet"}}, "must not be committed either"),
+        (tmp_path / "a", {"data": {"init_args": {"task": "definition"}}}, "give no data.class_path"),
+        (tmp_path / "b", {"data": {"class_path": "fedlm.data.Record"}}, "is not a fedlm data class"),
+        (tmp_path / "c", {"data": {"class_path": "fedlm.data.WordNet", "init_args": {"rows": 3}}}, "unexpected"),
+    ]
+    for out, config, message in cases:
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        with pytest.raises(SystemExit):
+            split_data_main(["--out", str(out), "--config", str(tmp_path / "config.yaml")])
+        assert message in capsys.readouterr().err
+        assert not out.exists()
 
 
 # -- the datamodule on those files ---------------------------------------------------------------------------
