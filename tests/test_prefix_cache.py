@@ -258,3 +258,19 @@ def test_a_budget_bounds_the_cache_and_a_dropped_entry_comes_back_the_same(tiny_
     assert len(plain.prefix_cache) == 3
     with pytest.raises(ValueError, match=r"model\.cache\.budget_mb=1.*model\.cache\.prefix=true"):
         tiny_module(tiny_model_dir, cache_budget_mb=1.0)
+
+
+@pytest.mark.parametrize("template", [CACHED_TEMPLATE, "Headline: {sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}"])
+def test_a_batched_fill_gives_the_one_at_a_time_entries_up_to_rounding(tiny_model_dir: str, template: str) -> None:
+    """``fedlm predict``'s fill: the rows of one left-padded forward, with and without an instruction head."""
+    single = tiny_module(tiny_model_dir, template=template, cache_prefix=True).eval()
+    batched = tiny_module(tiny_model_dir, template=template, cache_prefix=True).eval()
+    batched.prefix_cache.batch_fill = True
+    batch = mixed_batch(single)
+    with torch.inference_mode():
+        expected = single.task.loss_and_scores(single.lm, batch)[1]
+        scores = batched.task.loss_and_scores(batched.lm, batch)[1]
+    assert len(batched.prefix_cache) == len(single.prefix_cache) > 1
+    for prefix, entry in single.prefix_cache.entries.items():
+        torch.testing.assert_close(batched.prefix_cache.entries[prefix], entry, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)

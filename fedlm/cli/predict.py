@@ -134,6 +134,8 @@ def predict_main(argv: list[str] | None = None) -> None:
         parser.error(f"--batch-size {args.batch_size} must be at least 1.")
 
     module = TrainedPrompt.load(args.source).module(args.backbone).to(args.device)
+    if module.prefix_cache is not None:  # each input's prefix is run once: in one forward per batch, not one each
+        module.prefix_cache.batch_fill = True
     if args.input == "-" and sys.stdin.isatty():
         print("[fedlm predict] reading inputs from stdin, one a line; end with Ctrl-D", file=sys.stderr)
     try:
