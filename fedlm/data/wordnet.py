@@ -279,9 +279,10 @@ class WordNet(TaskData):
         task: ``definition`` (word, part of speech, usage example -> gloss) or ``reverse_dictionary`` (gloss and the
             example with the word blanked -> the word; any lemma of the synset is accepted).
         path: the folder of ``data.noun`` ... (null: ``FEDLM_WORDNET_DIR``, else /usr/share/wordnet).
-        train_size, val_size, test_size: records per split (train null: every remaining record). With the lexfile
-            partition the training sample takes ``train_size / 3`` records of each site (the blog's equal sites),
-            so that a centralized run with this partition trains on exactly what the 3 sites hold together.
+        train_size, val_size, test_size: records per split (train null: every remaining record).
+        balance_sites: the training sample takes ``train_size / 3`` records of each lexicographer-file site (nouns,
+            verbs, adjectives and adverbs: the blog's equal sites), whatever the partition, so that centralized, IID
+            and lexfile runs train on the same records; false: a plain seeded sample (adjectives then dominate).
         split_seed: seed of the split by word and of the training sample.
         **kwargs: batching, client, partition and seed options of ``TaskData``.
     """
@@ -296,6 +297,7 @@ class WordNet(TaskData):
         val_size: int = 200,
         test_size: int = 300,
         split_seed: int = 1234,
+        balance_sites: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("label_field", None)  # no labels to skew or count: the answers are free text
@@ -304,11 +306,12 @@ class WordNet(TaskData):
             raise WordNetError(f"data.task={task!r} is unknown; use 'definition' or 'reverse_dictionary'.")
         self.task_name, self.path = task, path
         self.sizes, self.split_seed = (train_size, val_size, test_size), split_seed
+        self.balance_sites = balance_sites
 
     def load_splits(self) -> dict[str, list[DataRecord]]:
         synsets = read_wordnet(wordnet_dir(self.path))
         train_size, val_size, test_size = self.sizes
-        by_site = self.partition.kind == "lexfile" and train_size is not None
+        by_site = self.balance_sites and train_size is not None
         records = task_records(synsets, self.task_name)
         splits = split_records(records, None if by_site else train_size, val_size, test_size, self.split_seed)
         if by_site:
