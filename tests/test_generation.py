@@ -6,10 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from helpers import FEDERATION, predicted, write_yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from fedlm.cli import cli
-from fedlm.cli.export import export_main
+from fedlm.cli.export import export_main, peft_usage
+from fedlm.model.template import VIRTUAL_MARKER
+from fedlm.ptuning.export import TrainedPrompt
+from fedlm.tasks import TaskConfig
 from fedlm.tasks.classification import label_named
 from fedlm.tasks.generation import example_scores
 
@@ -116,3 +123,86 @@ def test_generated_text_maps_to_the_label_it_names_first() -> None:
     assert label_named(" Positive, not negative", words) == 2
     assert label_named("negative outlook; positive later", words) == 0
     assert label_named("no idea", words) == -1
+
+
+# -- PEFT's generate on an export -------------------------------------------------------------------------------
+
+PEFT_TEMPLATE = "<|VIRTUAL_PROMPT_0|> Word: {word} Opposite of nothing:{answer}"  # PEFT's layout: virtual tokens first
+PEFT_LAYOUTS = {  # shallow virtual tokens -> a prompt-tuning adapter; deep slots placed first -> a prefix-tuning one
+    "PROMPT_TUNING": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8, "deep": False},
+    "PREFIX_TUNING": {"type": "mlp", "virtual_tokens": 3, "hidden_size": 8, "deep": True, "init_text": "Repeat"},
+}
+
+
+@pytest.mark.parametrize("peft_type", list(PEFT_LAYOUTS))
+def test_peft_generates_what_fedlm_generates_from_virtual_tokens_placed_first(
+    peft_type: str, tiny_gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A generative run's export, fed to PEFT as the export's message says (the template's text without the marker,
+    fields filled, then greedy ``generate``): PEFT generates fedlm's tokens, from the same next-token logits at every
+    step, and the adapter is what makes them so."""
+    config = yaml.safe_load(generative_config(tmp_path, tiny_gpt2_dir).read_text())
+    model = config["model"]
+    model["task"].update(template=PEFT_TEMPLATE, generate_every=0, decoding={"max_new_tokens": 4, "stop": []})
+    model["cache"] = {"prefix": False}
+    model["encoder"] = PEFT_LAYOUTS[peft_type]
+    model["optimizer"]["lr"] = 1.0  # deep slots move enough for the tiny LM's answers to differ by word
+    config["federation"]["local_steps"] = 6
+    cli(["fit", "--config", str(write_yaml(tmp_path / "peft.yaml", config))])
+    capsys.readouterr()
+    out = tmp_path / "export"
+    export_main([str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(out), "--peft", "require"])
+    printed = capsys.readouterr().out
+    text = VIRTUAL_MARKER.sub("", PEFT_TEMPLATE).removesuffix("{answer}")
+    assert f"Feed PeftModel the text {text!r}" in printed
+    assert "max_new_tokens=4, do_sample=False), which generates fedlm's tokens" in printed
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["peft_type"] == peft_type
+
+    module = TrainedPrompt.load(out).module()
+    task, eos = module.task, module.tokenizer.eos_token_id
+    records = [{"word": word} for word in WORDS[4:9]]
+    prompts = task.template.collate([task.encode_prompt(record, i) for i, record in enumerate(records)])
+    with torch.inference_mode():
+        ours = task.generate(module.lm, prompts)
+        state, logits = module.lm.prefill(prompts)  # fedlm's next-token logits at each step, fed its own tokens
+        fed = [answer + [eos] * (4 - len(answer)) for answer in ours]
+        steps = [logits] + [module.lm.step(state, torch.tensor([row[k] for row in fed])) for k in range(3)]
+    examples = json.loads((tmp_path / "logs" / "version_0" / "test_predictions.json").read_text())["examples"]
+    assert task.texts(ours) == [example["generated"] for example in examples]  # what the run's test generated
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), out / "peft").eval()
+    for row, (record, expected) in enumerate(zip(records, ours)):
+        input_ids = torch.tensor([task.template.tokenize(text.format(**record))])  # one piece, as fedlm's prompt
+        with torch.inference_mode():
+            generated = peft_model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=4,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            with peft_model.disable_adapter():
+                plain = peft_model(input_ids=input_ids).logits[0, -1]
+        new = generated.sequences[0, input_ids.shape[1] :].tolist()
+        assert (new[: new.index(eos)] if eos in new else new) == expected
+        for k, step_logits in enumerate(generated.logits):  # PEFT stops after an end-of-sequence token
+            torch.testing.assert_close(step_logits[0], steps[k][row], atol=1e-5, rtol=0)
+        assert (plain - steps[0][row]).abs().max() > 0.1  # without the adapter, the backbone's logits differ
+
+
+def test_the_peft_usage_line_names_the_generation_settings_that_give_fedlm_answers() -> None:
+    greedy = peft_usage(TaskConfig(kind="generation", template=PEFT_TEMPLATE, decoding={"max_new_tokens": 7}))
+    assert "Feed PeftModel the text ' Word: {word} Opposite of nothing:'" in greedy
+    assert "generate(input_ids, attention_mask=attention_mask, max_new_tokens=7, do_sample=False)" in greedy
+    assert "before the end-of-sequence token" in greedy and "cut before the first of ['\\n']" in greedy
+    sampled = peft_usage(
+        TaskConfig(kind="generation", template=PEFT_TEMPLATE, decoding={"sample": True, "temperature": 0.7, "stop": []})
+    )
+    assert "do_sample=True, temperature=0.7, top_p=1.0, top_k=0" in sampled and "not the same draws" in sampled
+    assert "cut before" not in sampled
+    classify = peft_usage(TaskConfig(template="<|VIRTUAL_PROMPT_0|> {sentence} sentiment:{label}"))
+    assert classify == (
+        "Feed PeftModel the text ' {sentence} sentiment:' with the record's fields in place of their {names} "
+        "(tokenized without special tokens) and score the label words' tokens after it."
+    )

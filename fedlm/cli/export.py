@@ -5,8 +5,9 @@ that holds a checkpoint, its ``last.ckpt`` (or its only one). A failed run leave
 
 DIR gets ``prompt.safetensors`` (the virtual-token table), ``prompt.json`` (the task: template, label words or
 generation settings; the backbone) and, when the template puts one block of virtual tokens before everything else,
-``peft/``: a PEFT prompt-tuning adapter (``PeftModel.from_pretrained(base_model, "DIR/peft")``). ``fedlm predict DIR
-...`` reads the folder.
+``peft/``: a PEFT prompt-tuning adapter, or a prefix-tuning one for deep slots (``PeftModel.from_pretrained(base_model,
+"DIR/peft")``), which scores the label words, or greedily generates the answer's tokens, as fedlm does; the message says
+what to feed it. ``fedlm predict DIR ...`` reads the folder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from fedlm.model.template import VIRTUAL_MARKER
 from fedlm.ptuning.export import PEFT_FOLDER, PromptFormatError, TrainedPrompt, write_export
+from fedlm.tasks import TaskConfig
 
 BACKBONE_HELP = "where the frozen LM is now, when not where the checkpoint's model.backbone says (files move)"
 VERSION = re.compile(r"version_(\d+)")  # Lightning's log folders
@@ -76,13 +78,35 @@ def export_main(argv: list[str] | None = None) -> None:
     no_peft = write_export(prompt, args.out, args.backbone, require_peft=args.peft == "require")
     print(f"[fedlm export] {len(prompt.table)} virtual tokens of {prompt.backbone!r} written to {args.out}")
     if no_peft is None:
-        template = prompt.task["template"]
-        text = VIRTUAL_MARKER.sub("", template[: template.rindex("{")], count=1)  # the answer field ends it
-        classifies = prompt.task.get("kind", "classification") == "classification"
-        use = "score the label words' tokens" if classifies else "generate"
-        print(
-            f"[fedlm export] PEFT adapter: {args.out / PEFT_FOLDER}. Feed PeftModel the text {text!r} with the "
-            f"record's fields in place of their {{names}} (tokenized without special tokens) and {use} after it."
-        )
+        print(f"[fedlm export] PEFT adapter: {args.out / PEFT_FOLDER}. {peft_usage(TaskConfig(**prompt.task))}")
     else:
         print(f"[fedlm export] no PEFT adapter written: {no_peft}.")
+
+
+def peft_usage(task: TaskConfig) -> str:
+    """How to get fedlm's answers from the PEFT adapter: the text to feed (the template without its leading marker and
+    answer field), then the label words to score, or the ``generate`` call and the cuts that give fedlm's answer."""
+    text = VIRTUAL_MARKER.sub("", task.template[: task.template.rindex("{")], count=1)  # the answer field ends it
+    feed = (
+        f"Feed PeftModel the text {text!r} with the record's fields in place of their {{names}} (tokenized without "
+        "special tokens)"
+    )
+    if task.kind == "classification":
+        return f"{feed} and score the label words' tokens after it."
+    decoding = task.decoding
+    if decoding.sample:  # fedlm draws from a generator seeded per example, which generate() has no place for
+        call = (
+            f"generate(input_ids, attention_mask=attention_mask, max_new_tokens={decoding.max_new_tokens}, "
+            f"do_sample=True, temperature={decoding.temperature}, top_p={decoding.top_p}, top_k=0): the same "
+            "distribution as fedlm's, not the same draws"
+        )
+    else:
+        call = (
+            f"generate(input_ids, attention_mask=attention_mask, max_new_tokens={decoding.max_new_tokens}, "
+            "do_sample=False), which generates fedlm's tokens"
+        )
+    stop = f", cut before the first of {decoding.stop}" if decoding.stop else ""
+    return (
+        f"{feed} and call {call}; the answer is the new tokens before the end-of-sequence token, decoded without "
+        f"special tokens{stop}, stripped."
+    )

@@ -8,9 +8,11 @@ Prediction needs only the encoder's output (the virtual-token table) and how to 
   the backbone's dtype, and the backbone the prompt was trained on (what the user named, and its architecture, to
   refuse another model), and the label calibration's per-class biases if the run calibrated
   (``model.task.calibrate``; prediction adds them to the scores);
-- ``peft/``: the same table as a PEFT prompt-tuning adapter, written only when the template is PEFT's layout (all
-  virtual tokens before the input), so that ``PeftModel.from_pretrained`` predicts what fedlm predicts (without
-  calibration's biases, which PEFT has no place for).
+- ``peft/``: the same table as a PEFT adapter (prompt tuning for virtual tokens, prefix tuning for deep slots),
+  written only when the template is PEFT's layout (all virtual tokens before the input, and no special tokens that
+  the tokenizer puts first), so that ``PeftModel.from_pretrained`` predicts what fedlm predicts: the label words'
+  scores (without calibration's biases, which PEFT has no place for), or, for a generative task, the same tokens from
+  greedy ``generate`` as fedlm's decoding (both layouts, tested with transformers 5.25 and PEFT 0.22).
 """
 
 from __future__ import annotations
