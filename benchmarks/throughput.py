@@ -211,7 +211,7 @@ def run_method(method: str, args: argparse.Namespace, plan: list[list[int]]) -> 
         loss_fn, batches, params = peft_setup(args, groups)
     else:
         module, batches = fedlm_setup(args, groups, method)
-        loss_fn, params = module.train_loss, list(module.encoder.parameters())
+        loss_fn, params = lambda batch: module.task.train_loss(module.lm, batch), list(module.encoder.parameters())
     batches = [{k: v.to(args.device) for k, v in batch.items()} for batch in batches]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
 
