@@ -146,7 +146,7 @@ class FedLMCLI(LightningCLI):
     def _write_test_outputs(self, metrics: dict[str, Any], checkpoint: str, fit_seconds: float | None) -> None:
         """test_metrics.json and test_predictions.json in the log folder (the inputs of ``fedlm report``), and for
         classification the test confusion matrix as a PNG."""
-        predictions = self.model.test_predictions(len(self.datamodule.encoded("test")))  # a collective
+        predictions = self.model.task.predictions  # each test example's, gathered from every rank at the test's end
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if not self.trainer.is_global_zero:
             return

@@ -337,10 +337,6 @@ class TaskData(L.LightningDataModule):
             self.task, self._encoded = task, {}
         self.batch_draw = batch_draw
 
-    def references(self, split: str, task: Task) -> list[list[str]]:
-        """Each of the split's records' accepted answers, in split order (what generated answers are scored by)."""
-        return [task.references(example.fields) for example in self.examples(split)]
-
     def encoded(self, split: str) -> EncodedDataset:
         if split not in self._encoded:
             hosted = split == "train" and self.train_examples is not None

@@ -26,7 +26,7 @@ from fedlm.model.template import PromptTemplate
 from fedlm.ptuning.config import CacheConfig, OptimizerConfig
 from fedlm.ptuning.dp_sgd import DPSGDConfig, private_gradients
 from fedlm.ptuning.schedule import lr_factor
-from fedlm.tasks import ClassificationTask, Task, TaskConfig, build_task
+from fedlm.tasks import Task, TaskConfig, build_task
 
 # The frozen backbone is in eval mode on purpose; Lightning's warning about it would only alarm users.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -168,7 +168,6 @@ class PTuningModule(L.LightningModule):
         )
         self.encoder = self._encoder(encoder, template)
         self.lm = PromptedLM(self.backbone, self.encoder, self.prefix_cache, self.slot_shape)
-        self.generated: list[dict[str, Any]] = []  # the last generative evaluation's examples
 
     def _encoder(self, config: PromptEncoderConfig, template: PromptTemplate) -> PromptEncoder:
         """The encoder, starting from its input table (random or a text's embeddings) or, deep, a text's key/values."""
@@ -268,17 +267,11 @@ class PTuningModule(L.LightningModule):
             return True
         return bool(every) and not self.trainer.sanity_checking and (self.current_epoch + 1) % every == 0
 
-    def _start_evaluation(self, split: str) -> None:
-        if isinstance(self.task, ClassificationTask):
-            self.task.start_evaluation(split)
-        else:
-            self.task.start_evaluation(split, self.generates(split))
-
     def on_validation_epoch_start(self) -> None:
-        self._start_evaluation("val")
+        self.task.start_evaluation("val", self.generates("val"))
 
     def on_test_epoch_start(self) -> None:
-        self._start_evaluation("test")
+        self.task.start_evaluation("test", self.generates("test"))
 
     def on_validation_epoch_end(self) -> None:
         self._end_evaluation("val")
@@ -288,29 +281,14 @@ class PTuningModule(L.LightningModule):
 
     def _end_evaluation(self, split: str) -> None:
         """The task's epoch metrics, the same on every rank (gathered, so logged without a further reduction)."""
-        data = self.trainer.datamodule
-        if isinstance(self.task, ClassificationTask):
-            fit = split == "val" and self.task.config.calibrate is not None and not self.trainer.sanity_checking
-            logged = self.task.end_evaluation(split, len(data.encoded(split)), fit)
-            for name, value in logged.items():
-                self.log(name, value, reduce_fx="sum" if "/confusion/" in name else "mean")
-        else:
-            logged, self.generated = self.task.end_evaluation(split, data.references(split, self.task))
-            for name, value in logged.items():
-                self.log(name, value, prog_bar=True)
+        records = [example.fields for example in self.trainer.datamodule.examples(split)]
+        fit = split == "val" and self.task.config.calibrate is not None and not self.trainer.sanity_checking
+        for name, value in self.task.end_evaluation(split, records, fit).items():
+            self.log(name, value, reduce_fx="sum" if "/confusion/" in name else "mean")
         self._log_cache_size()
 
-    def test_predictions(self, size: int) -> dict[str, Any]:
-        """Each test example's gold and predicted answer (classification: class indices; generation: text and
-        scores). A collective for classification."""
-        if isinstance(self.task, ClassificationTask):
-            return self.task.test_predictions(size)
-        return {"examples": self.generated}
-
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        if isinstance(self.task, ClassificationTask):
-            return self.task.predict(self.lm, batch)
-        return {"generated": self.task.texts(self.task.generate(self.lm, self.task.template.prompts(batch)))}
+        return self.task.predict(self.lm, batch)
 
     # -- optimizer -----------------------------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class ClassificationTask(nn.Module):
         self.val_class_f1, self.test_class_f1 = (MulticlassF1Score(num_classes, average=None) for _ in range(2))
         self.val_confusion, self.test_confusion = (MulticlassConfusionMatrix(num_classes) for _ in range(2))
         self.outputs: list[torch.Tensor] = []  # (examples, 2 + classes [+ 1]): index, label, scores, generated class
+        self.predictions: dict[str, Any] = {}  # the last test's, per example
 
     def _label_ids(self, name: str, word: str) -> list[int]:
         ids = self.template.tokenize(word)
@@ -161,7 +162,9 @@ class ClassificationTask(nn.Module):
         if split == "test" and self.config.generated_labels:
             self.generated_classes(lm, None)
 
-    def start_evaluation(self, split: str) -> None:
+    def start_evaluation(self, split: str, generating: bool) -> None:
+        """``generating`` is the module's schedule for generative tasks; classification generates at test only, when
+        ``generated_labels`` asks."""
         # Reset here, not after logging: state made under `validate`'s inference mode could not be updated by
         # fit's validation (no-grad mode) later.
         getattr(self, f"{split}_class_f1").reset()
@@ -176,9 +179,11 @@ class ClassificationTask(nn.Module):
             local = torch.cat([local, torch.full((len(local), width - local.shape[1]), -1.0, dtype=local.dtype)], 1)
         return gather_rows(local, size)
 
-    def end_evaluation(self, split: str, size: int, fit_calibration: bool) -> Logged:
+    def end_evaluation(self, split: str, records: list[Mapping[str, Any]], fit_calibration: bool) -> Logged:
         """Per-class F1 and the confusion matrix (as scalars, so that every logger keeps them), the generated labels'
-        accuracy, and after a validation the calibration biases. A collective when it gathers rows."""
+        accuracy, after a validation the calibration biases, and after a test each example's prediction
+        (``predictions``). A collective when it gathers rows."""
+        size = len(records)
         names = self.label_names
         class_f1, confusion = getattr(self, f"{split}_class_f1"), getattr(self, f"{split}_confusion")
         logged: Logged = {f"{split}/f1_{name}": f1 for name, f1 in zip(names, class_f1.compute())}
@@ -191,6 +196,8 @@ class ClassificationTask(nn.Module):
             logged["test/generated_acc"] = float((rows[:, -1] == rows[:, 1]).double().mean()) if len(rows) else 0.0
         if fit_calibration:
             logged.update(self.fit_calibration(size))
+        if split == "test":
+            self.predictions = self.test_predictions(size)
         return logged
 
     def fit_calibration(self, size: int) -> Logged:

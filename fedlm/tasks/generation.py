@@ -56,6 +56,7 @@ class GenerationTask(nn.Module):
         )
         self.outputs: list[torch.Tensor] = []  # (examples, 1 + max_new_tokens): index, generated ids (-1 padded)
         self.generating = False  # whether the evaluation in progress decodes
+        self.predictions: dict[str, Any] = {}  # the last test's: each example's answer and scores
 
     # -- records -----------------------------------------------------------------------------------------------
 
@@ -96,6 +97,10 @@ class GenerationTask(nn.Module):
     def generate(self, lm: PromptedLM, prompts: Batch | None) -> list[list[int]]:
         return decode(lm, prompts, self.config.decoding, self.template.tokenizer)
 
+    def predict(self, lm: PromptedLM, batch: Batch) -> dict[str, Any]:
+        """Each row's generated answer (``batch`` may hold answers: they are left out)."""
+        return {"generated": self.texts(self.generate(lm, self.template.prompts(batch)))}
+
     def texts(self, generated: list[list[int]]) -> list[str]:
         """The answers as text, cut at the first stop string."""
         decoded = self.template.tokenizer.batch_decode(generated, skip_special_tokens=True)
@@ -123,10 +128,12 @@ class GenerationTask(nn.Module):
         if self.generating:
             self.generate(lm, None)
 
-    def end_evaluation(self, split: str, references: list[list[str]]) -> tuple[Logged, list[dict[str, Any]]]:
-        """Metrics over the generated answers of every rank, and each example's answer and scores. A collective."""
+    def end_evaluation(self, split: str, records: list[Mapping[str, Any]], fit_calibration: bool = False) -> Logged:
+        """Metrics over the generated answers of every rank against the ``records``' references, and after a test
+        each example's answer and scores (``predictions``). A collective."""
         if not self.generating:
-            return {}, []
+            return {}
+        references = [self.references(record) for record in records]
         local = torch.cat(self.outputs) if self.outputs else torch.zeros(0, 1 + self.config.decoding.max_new_tokens)
         rows = gather_rows(local.long(), len(references))
         rows = rows[rows[:, 0].argsort(stable=True)]
@@ -142,4 +149,6 @@ class GenerationTask(nn.Module):
             logged[prefix + name] = sum(e[name] for e in examples) / max(1, len(examples))
         corpus = corpus_scores(texts, [references[e["index"]] for e in examples], self.config.metrics)
         logged.update({prefix + name: value for name, value in corpus.items()})
-        return logged, examples
+        if split == "test":
+            self.predictions = {"examples": examples}
+        return logged
