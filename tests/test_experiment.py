@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from fedlm.experiment import TriadConfig, run_experiment, write_report
+from fedlm.experiment import TriadConfig, markdown, run_experiment, write_report
 from fedlm.experiment.report import find_runs, group, model_section, read_curve
 from fedlm.experiment.runner import plan
-from fedlm.experiment.stats import hierarchical_bootstrap, mean_interval
+from fedlm.experiment.stats import example_bootstrap, hierarchical_bootstrap, mean_interval
 from fedlm.model import PromptEncoderConfig
 from fedlm.ptuning import CacheConfig, OptimizerConfig
 from fedlm.tasks import TaskConfig
@@ -289,3 +289,131 @@ def test_calibrated_predictions_get_rows_and_a_verdict_of_their_own(tmp_path: Pa
     raw, calibrated = text.split("With calibrated predictions")
     assert "Federated above every local-only client: no" in raw.split("## Verdict")[1]
     assert "Federated above every local-only client: yes" in calibrated.split("## Plots")[0]
+
+
+def test_example_bootstrap_of_a_0_1_score_is_the_accuracy_bootstrap() -> None:
+    """Accuracy is the mean of a 0/1 score per example: the same draws give the same interval and p-value."""
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 3, (60,), generator=generator).tolist()
+    a = [torch.randint(0, 3, (60,), generator=generator).tolist() for _ in range(3)]
+    b = [torch.randint(0, 3, (60,), generator=generator).tolist() for _ in range(3)]
+    hits = lambda preds: [[float(p == y) for p, y in zip(seed, labels)] for seed in preds]  # noqa: E731
+    assert example_bootstrap(hits(a), hits(b)) == hierarchical_bootstrap(a, labels, b)
+    assert example_bootstrap(hits(a)) == hierarchical_bootstrap(a, labels)
+    with pytest.raises(ValueError, match="same shape"):
+        example_bootstrap([[1.0, 0.0]], [[1.0]])
+
+
+GENERATIVE = ("rougeL", "f1", "exact_match")
+
+
+def generative_run(
+    folder: Path,
+    kind: str,
+    seed: int,
+    scores: dict[str, list[float]],
+    client: int | None = None,
+    reverse: bool = False,
+    generated: list[float] | None = None,
+) -> None:
+    """What a tested generative run leaves behind on 4 test examples: each example's answer and scores (listed in
+    reverse order of index with ``reverse``: the report pairs by index), corpus BLEU, and for a trained run a
+    metrics.csv of validation loss with the generated validation answers' ROUGE-L (``generated``) every other
+    round."""
+    folder.mkdir(parents=True)
+    metrics = {"kind": kind, "task": "generation", "seed": seed, "client": client, "fit_seconds": 2.0,
+               "trainable_parameters": 100, "test/loss": 1.5, "test/bleu": 0.25 + seed / 100,
+               **{f"test/{name}": sum(values) / 4 for name, values in scores.items()}}  # fmt: skip
+    examples = [{"index": i, "generated": f"answer {i}", "references": [f"reference {i}"],
+                 **{name: values[i] for name, values in scores.items()}} for i in range(4)]  # fmt: skip
+    (folder / "test_metrics.json").write_text(json.dumps(metrics))
+    (folder / "test_predictions.json").write_text(json.dumps({"examples": examples[::-1] if reverse else examples}))
+    if generated is not None:  # rounds of 10 steps; generation every other round (its own row, as on a logger)
+        lines = ["epoch,step,train/loss,val/loss,val/generated/rougeL,round/bytes_exchanged"]
+        for round_, value in enumerate(generated):
+            lines.append(f"{round_},{10 * round_ + 9},,{2.0 - 0.3 * round_},,1000")
+            if round_ % 2:
+                lines.append(f"{round_},{10 * round_ + 9},,,{value},")
+        (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_report_of_a_generative_triad_tables_its_per_example_metrics(tmp_path: Path) -> None:
+    def scores(base: float, step: float) -> dict[str, list[float]]:
+        """ROUGE-L ``base``, ``base + step``, ...; F1 a little under it; exact match 1 where ROUGE-L > 0.6."""
+        rouge = [round(base + step * i, 4) for i in range(4)]
+        return {"rougeL": rouge, "f1": [0.9 * r for r in rouge], "exact_match": [float(r > 0.6) for r in rouge]}
+
+    runs = {  # (kind, client): ROUGE-L (base, step) for seeds 1 and 2
+        ("centralized", None): [(0.40, 0.10), (0.30, 0.10)],
+        ("local", 0): [(0.10, 0.05), (0.20, 0.05)],
+        ("local", 1): [(0.30, 0.05), (0.25, 0.05)],
+        ("zero-shot", None): [(0.00, 0.02), (0.00, 0.02)],
+    }
+    expected: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for (kind, client), per_seed in runs.items():
+        name = f"client {client} alone" if kind == "local" else kind
+        expected[name] = {}
+        for seed, (base, step) in enumerate(per_seed, 1):
+            expected[name][seed] = scores(base, step)
+            curve = None if kind == "zero-shot" else [0.1, 0.5 if client == 0 else 0.2, 0.3]  # client 0 validates best
+            generative_run(tmp_path / f"seed{seed}" / f"{kind}{client or ''}", kind, seed, expected[name][seed],
+                           client, generated=curve)  # fmt: skip
+    # Federated: centralized's answers, 0.1 better on every example by ROUGE-L, listed in reverse order.
+    expected["federated"] = {}
+    for seed in (1, 2):
+        centralized = expected["centralized"][seed]
+        expected["federated"][seed] = {**centralized, "rougeL": [r + 0.1 for r in centralized["rougeL"]]}
+        generative_run(tmp_path / f"seed{seed}" / "federated", "federated", seed, expected["federated"][seed],
+                       reverse=True, generated=[0.1, 0.2, 0.3])  # fmt: skip
+
+    readme = write_report([tmp_path], tmp_path / "report")
+    text = readme.read_text()
+    header, cells = markdown.table_rows(text)
+    assert header[:5] == ["run", "seeds", "test ROUGE-L, mean [95% CI over seeds and examples]",
+                          "test token F1, mean [95% CI over seeds and examples]",
+                          "test exact match, mean [95% CI over seeds and examples]"]  # fmt: skip
+    assert header[5:8] == ["ROUGE-L, 95% t-interval over seeds only", "per seed (ROUGE-L)",
+                           "test BLEU (corpus), 95% t-interval over seeds"]  # fmt: skip
+    table = {row[0]: row for row in cells}
+    assert list(table) == ["centralized", "federated", "client 0 alone", "client 1 alone", "zero-shot"]  # no majority
+    for name, per_seed in expected.items():
+        row = table[name]
+        assert row[1] == "2"
+        for column, metric in enumerate(GENERATIVE, 2):  # the mean over seeds of each seed's mean over examples
+            mean = sum(sum(per_seed[seed][metric]) / 4 for seed in (1, 2)) / 2
+            low, high = (float(x) for x in row[column].split(" [")[1].rstrip("]").split(", "))
+            assert row[column].startswith(f"{mean:.3f} [") and low <= round(mean, 3) <= high
+        seed_means = [sum(per_seed[seed]["rougeL"]) / 4 for seed in (1, 2)]
+        assert row[5] == f"{mean_interval(seed_means, bounds=(0.0, 1.0))}"
+        assert row[6] == " ".join(f"{m:.3f}" for m in seed_means)
+        assert row[7] == f"{mean_interval([0.26, 0.27], bounds=(0.0, 1.0))}"
+        assert row[8] == ("0" if name == "zero-shot" else "100")
+    assert table["centralized"][2].startswith("0.500 [") and table["federated"][2].startswith("0.600 [")
+
+    assert "**ROUGE-L leads**" in text and "bootstrap over seeds and examples" in text
+    # paired by index although federated listed its examples in reverse: +0.1 on every example, whatever the draw
+    assert "Federated within 1 point of centralized or above it: yes.** Test ROUGE-L 0.600 [" in text
+    assert "bootstrap over seeds and examples +10.0 points, 95% CI [+10.0, +10.0]" in text
+    assert "Federated above every local-only client: yes" in text
+    assert "best local-only client chosen by validation ROUGE-L (client 0 alone)" in text
+    assert "majority class" not in text and "macro-F1" not in text and "calibrated" not in text
+    assert not (readme.parent / "confusion_matrices.png").exists()
+    for png in ["val_loss_centralized_vs_federated", "val_loss_local_vs_federated", "val_generated_rougeL"]:
+        assert (readme.parent / f"{png}.png").stat().st_size > 10_000 and f"![{png}]({png}.png)" in text
+
+    curve, exchanged = read_curve(tmp_path / "seed1" / "federated" / "metrics.csv")
+    assert curve == [(1 / 3, 2.0, None), (2 / 3, 1.7, None), (1.0, 2.0 - 0.6, None)] and exchanged == 3000.0
+    assert find_runs([tmp_path / "seed1" / "federated"])[0].generated_curves == {"rougeL": [(2 / 3, 0.2)]}
+
+    # Runs scored by SQuAD alone: token F1 leads; no generated validation answers: the third plot is the loss.
+    for kind in ("centralized", "federated"):
+        generative_run(tmp_path / "squad" / kind, kind, 1, {"f1": [0.5, 1, 0, 1], "exact_match": [0, 1, 0, 1]},
+                       generated=[])  # fmt: skip
+    text = write_report([tmp_path / "squad"], tmp_path / "squad_report").read_text()
+    assert "**Token F1 leads**" in text and "| centralized | 1 | 0.625 [" in text and "BLEU" in text
+    assert (tmp_path / "squad_report" / "val_loss.png").exists()
+
+    # A classification run among generative ones is refused, not tabled.
+    saved_run(tmp_path / "squad" / "classifier", "centralized", 1, [0, 1, 1, 2])
+    with pytest.raises(ValueError, match="mix classification and generation"):
+        write_report([tmp_path / "squad"], tmp_path / "mixed_report")

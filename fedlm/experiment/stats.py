@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,6 +78,27 @@ def resampled_metric(preds: torch.Tensor, labels: torch.Tensor, weights: torch.T
     return f1 / classes
 
 
+def resample(
+    statistic: Callable[[torch.Tensor], torch.Tensor], seeds: int, examples: int, resamples: int, seed: int
+) -> BootstrapResult:
+    """The bootstrap shared by every test metric: ``statistic(weights)`` gives each seed's metric (or difference of
+    metrics) under each resample's example counts, (seeds, resamples); ``weights`` of ones (1, examples) give the
+    point estimate. Each resample draws the examples, then the seeds, with replacement; the result is the mean over
+    the drawn seeds."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, examples, (resamples, examples), generator=generator)
+    weights = torch.zeros(resamples, examples, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones_like(draws, dtype=torch.float64)
+    )
+    seed_draws = torch.randint(0, seeds, (resamples, seeds), generator=generator)
+    value = statistic(weights)
+    point = statistic(torch.ones(1, examples, dtype=torch.float64))[:, 0]
+    result = value.T.gather(1, seed_draws).mean(dim=1)  # (resamples,): mean over the drawn seeds
+    low, high = torch.quantile(result, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    below, above = (result <= 0).double().mean().item(), (result >= 0).double().mean().item()
+    return BootstrapResult(point.mean().item(), low, high, min(1.0, 2 * min(below, above)), resamples)
+
+
 def hierarchical_bootstrap(
     a_preds: list[list[int]],
     labels: list[int],
@@ -103,19 +125,33 @@ def hierarchical_bootstrap(
         raise ValueError(
             f"predictions must be (seeds, examples) of the same shape, with one label per example; got {shapes}"
         )
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, y.numel(), (resamples, y.numel()), generator=generator)
-    weights = torch.zeros(resamples, y.numel(), dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones_like(draws, dtype=torch.float64)
-    )
-    seed_draws = torch.randint(0, a.shape[0], (resamples, a.shape[0]), generator=generator)
-    identity = torch.ones(1, y.numel(), dtype=torch.float64)
-    value = resampled_metric(a, y, weights, metric)
-    point = resampled_metric(a, y, identity, metric)[:, 0]
-    if b is not None:
-        value = value - resampled_metric(b, y, weights, metric)
-        point = point - resampled_metric(b, y, identity, metric)[:, 0]
-    statistic = value.T.gather(1, seed_draws).mean(dim=1)  # (resamples,): mean over the drawn seeds
-    low, high = torch.quantile(statistic, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    below, above = (statistic <= 0).double().mean().item(), (statistic >= 0).double().mean().item()
-    return BootstrapResult(point.mean().item(), low, high, min(1.0, 2 * min(below, above)), resamples)
+
+    def statistic(weights: torch.Tensor) -> torch.Tensor:
+        value = resampled_metric(a, y, weights, metric)
+        return value if b is None else value - resampled_metric(b, y, weights, metric)
+
+    return resample(statistic, a.shape[0], y.numel(), resamples, seed)
+
+
+def example_bootstrap(
+    a_scores: list[list[float]],
+    b_scores: list[list[float]] | None = None,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> BootstrapResult:
+    """``hierarchical_bootstrap`` of a metric that is the mean of a score per test example (a generated answer's
+    exact match, token F1 or ROUGE-L against its references): ``a_scores[s][i]`` is system a's score on example i
+    in seed s (``b_scores`` likewise, the same examples in the same order: the difference a - b is paired). The
+    same draws as ``hierarchical_bootstrap``'s for the same ``seed``: accuracy is the mean of a 0/1 score."""
+    a = torch.tensor(a_scores, dtype=torch.float64)
+    b = torch.tensor(b_scores, dtype=torch.float64) if b_scores is not None else None
+    if a.dim() != 2 or a.shape[1] == 0 or (b is not None and b.shape != a.shape):
+        shapes = f"{tuple(a.shape)}{'' if b is None else f' and {tuple(b.shape)}'}"
+        raise ValueError(f"scores must be (seeds, examples) of the same shape; got {shapes}")
+    examples = a.shape[1]
+
+    def statistic(weights: torch.Tensor) -> torch.Tensor:
+        value = a @ weights.T / examples
+        return value if b is None else value - b @ weights.T / examples
+
+    return resample(statistic, a.shape[0], examples, resamples, seed)
