@@ -143,7 +143,10 @@ def test_stdin_tsv_and_batch_sizes(
     assert re.search(r"\| 9/9 \[.*input/s", capsys.readouterr().err)  # 9 batches: the bar, on stderr
     in_sevens = predicted(checkpoint, headlines, tmp_path, "--batch-size", "7")
     assert "9/9" not in capsys.readouterr().err  # 2 batches: none
-    torch.testing.assert_close(probabilities(in_sevens), probabilities(reference))
+    torch.testing.assert_close(probabilities(in_sevens), probabilities(reference))  # batched by length, in order
+    in_bf16 = predicted(checkpoint, headlines, tmp_path, "--batch-size", "7", "--dtype", "bf16")
+    assert [row["input"] for row in in_bf16] == SENTENCES
+    torch.testing.assert_close(probabilities(in_bf16), probabilities(reference), atol=0.05, rtol=0)
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(headlines.read_text()))
     predict_main([str(checkpoint)])

@@ -36,6 +36,8 @@ def test_two_sharded_clients_of_two_ranks_train_as_unsharded_ones_on_half_the_la
     config = write_config(tmp_path, str(llama), synthetic_fpb, FEDERATION, limit_val_batches=1.0)
     settings = yaml.safe_load(config.read_text())
     settings["model"] = sectioned({**settings["model"], **DEEP_CACHED})
+    # the test also decodes each answer: the client's ranks step in lockstep, idle ones included
+    settings["model"]["task"].update(generated_labels=True, decoding={"max_new_tokens": 3, "stop": []})
     settings["data"]["init_args"].update(train_fraction=0.78, eval_batch_size=3)
     write_yaml(config, settings)
     # 13 validation and 14 test sentences in batches of 3 over 4 ranks: some ranks idle while others score
@@ -58,7 +60,7 @@ def test_two_sharded_clients_of_two_ranks_train_as_unsharded_ones_on_half_the_la
     assert {r["rounds"][-1]["backbone_bytes"] for r in records} == {whole - layers // 2}
     assert sharded.stdout.count(f"this rank holds {layers // 2:,} of their {layers:,} bytes") == 4
     for result in (plain, sharded):  # the same test scores, each sentence scored once
-        assert "test/acc" in result.stdout
+        assert "test/acc" in result.stdout and "test/generated_acc" in result.stdout
     assert printed_scores(plain.stdout) == pytest.approx(printed_scores(sharded.stdout), abs=1e-6)
 
 

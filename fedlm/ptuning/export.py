@@ -146,16 +146,17 @@ class TrainedPrompt:
         atomic_write(folder / TABLE_FILE, lambda file: file.write(table))
         atomic_write(folder / SETTINGS_FILE, lambda file: file.write((json.dumps(settings, indent=2) + "\n").encode()))
 
-    def module(self, backbone: str | None = None) -> PTuningModule:
+    def module(self, backbone: str | None = None, dtype: str | None = None) -> PTuningModule:
         """A PTuningModule in eval mode that predicts with this table alone.
 
         An embedding encoder's output is its input table (plus a zero offset), so it carries the table and the
-        module's own scoring does the rest. ``backbone`` overrides where the frozen LM is (files move). Deep slots
-        after text keep that text cached, as they were trained (the module refuses them otherwise).
+        module's own scoring does the rest. ``backbone`` overrides where the frozen LM is (files move), ``dtype``
+        the frozen LM's dtype as trained. Deep slots after text keep that text cached, as they were trained (the
+        module refuses them otherwise).
         """
         module = PTuningModule(
             backbone=backbone or self.backbone,
-            dtype=self.dtype,
+            dtype=dtype or self.dtype,
             task=TaskConfig(**self.task),
             encoder=PromptEncoderConfig(
                 type="embedding", virtual_tokens=self.virtual_tokens, deep=self.deep, init_text=self.init_text
