@@ -81,38 +81,28 @@ def read_run(folder: Path) -> Run:
     metrics = read_json(folder / "test_metrics.json")
     predictions = read_json(folder / "test_predictions.json")
     curve, exchanged = read_curve(folder / "metrics.csv")  # none without a metrics.csv (a zero-shot test, say)
+    head = (folder, metrics["kind"], metrics.get("seed"), metrics.get("client"), metrics)
+    common = {"curve": curve, "bytes_exchanged": exchanged, "config": read_config(folder)}
     if metrics.get("task") == "generation" or "examples" in predictions:
         examples = sorted(predictions["examples"], key=lambda example: example["index"])
         present = [name for name in GENERATIVE_METRICS if examples and all(name in e for e in examples)]
         return Run(
-            folder,
-            metrics["kind"],
-            metrics.get("seed"),
-            metrics.get("client"),
-            metrics,
+            *head,
             [],
             [],
             [],
-            curve=curve,
-            bytes_exchanged=exchanged,
-            config=read_config(folder),
+            **common,
             task="generation",
             indices=[int(e["index"]) for e in examples],
             scores={name: [float(e[name]) for e in examples] for name in present},
             generated_curves=read_generated(folder / "metrics.csv"),
         )
     return Run(
-        folder,
-        metrics["kind"],
-        metrics.get("seed"),
-        metrics.get("client"),
-        metrics,
+        *head,
         predictions["classes"],
         predictions["label"],
         predictions["predicted"],
-        curve=curve,
-        bytes_exchanged=exchanged,
-        config=read_config(folder),
+        **common,
         calibrated=predictions.get("predicted_calibrated"),
     )
 

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from fedlm.errors import ConfigError
 from fedlm.model.prefix_cache import idle_forward
 from fedlm.model.prompted import Batch, PromptedLM
+from fedlm.model.template import IGNORE_INDEX
 from fedlm.seeding import derive_seed
 
 
@@ -157,7 +158,7 @@ def recompute_logits(lm: PromptedLM, prompts: Batch, generated: list[list[int]])
         "prompt_length": torch.tensor([end for _, _, end in rows]),
         "label": prompts["label"].cpu(),
     }
-    batch["targets"] = torch.full_like(batch["input_ids"], -100)
+    batch["targets"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
     batch = {name: tensor.to(lm.device) for name, tensor in batch.items()}
     hidden, aligned = lm.hidden_states(batch)
     return lm.last_prompt_logits(hidden, aligned)
