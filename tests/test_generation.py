@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import FEDERATION, predicted, write_yaml
+from helpers import FEDERATION, batch_of, predicted, tiny_module, write_yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedlm.cli import cli
 from fedlm.cli.export import export_main, peft_usage
+from fedlm.model.decoding import DecodingConfig, decode
 from fedlm.model.template import VIRTUAL_MARKER
 from fedlm.ptuning.export import TrainedPrompt
 from fedlm.tasks import TaskConfig
@@ -123,6 +124,61 @@ def test_generated_text_maps_to_the_label_it_names_first() -> None:
     assert label_named(" Positive, not negative", words) == 2
     assert label_named("negative outlook; positive later", words) == 0
     assert label_named("no idea", words) == -1
+
+
+SENTENCES = ["profit rose .", "sales were flat", "the loss widened sharply", "shares fell", "orders doubled",
+             "the board met", "costs rose again", "margins held", "the bank cut jobs", "revenue grew fast"]
+
+
+def perturbed_module(backbone: str, label_words: dict[str, str] | None = None):  # noqa: ANN201
+    """A deep cached classifier whose encoder output is far from its start (as after training), greedy one token."""
+    task = {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", "generated_labels": True,
+            "decoding": {"max_new_tokens": 1, "stop": []}, **({"label_words": label_words} if label_words else {})}
+    module = tiny_module(backbone, task=task, cache={"prefix": True}, encoder={
+        "type": "mlp", "virtual_tokens": 3, "hidden_size": 8, "deep": True, "init_text": "Classify"})  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in module.encoder.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    return module.eval()
+
+
+def test_generated_labels_agree_with_label_scoring_wherever_the_first_token_is_a_label_word(
+    tiny_gpt2_dir: str,
+) -> None:
+    # the label words: a token the model generates first for some rows and not others, and two it never generates
+    probe = perturbed_module(tiny_gpt2_dir)
+    tokenizer = probe.tokenizer
+    labels = ["negative", "neutral", "positive"]
+    records = [(sentence, labels[i % 3]) for i, sentence in enumerate(SENTENCES)]
+    batch = batch_of(probe, records)
+    batch["index"] = torch.arange(len(records))
+    with torch.no_grad():
+        first = [ids[0] for ids in decode(probe.lm, probe.task.template.prompts(batch), DecodingConfig(1, []),
+                                           tokenizer)]  # fmt: skip
+    one_token = [t for t in range(len(tokenizer)) if tokenizer(tokenizer.decode([t]), add_special_tokens=False).input_ids == [t]]
+    generated = [t for t in dict.fromkeys(first) if t in one_token and 0 < first.count(t) < len(first)]
+    assert generated, f"no one-token word is generated first by some rows only: {first}"
+    others = [t for t in one_token if t not in first][:2]
+    label_tokens = dict(zip(labels, [generated[0], *others]))
+    module = perturbed_module(tiny_gpt2_dir, {name: tokenizer.decode([t]) for name, t in label_tokens.items()})
+    names_a_label = [token in label_tokens.values() for token in first]
+    names_the_gold = [token == label_tokens[label] for token, (_, label) in zip(first, records)]
+    assert 0 < sum(names_a_label) < len(first) and sum(names_the_gold) < sum(names_a_label)
+
+    task, batch = module.task, batch_of(module, records)
+    batch["index"] = torch.arange(len(records))
+    fields = [{"sentence": s, "label": label} for s, label in records]
+    with torch.no_grad():
+        task.start_evaluation("val", generating=True)
+        task.eval_step(module.lm, batch, "val")
+        logged = task.end_evaluation("val", fields, fit_calibration=False)
+        task.start_evaluation("val", generating=False)  # a round off the generate_every schedule
+        task.eval_step(module.lm, batch, "val")
+        quiet = task.end_evaluation("val", fields, fit_calibration=False)
+    assert logged["val/generated_agreement"] == pytest.approx(sum(names_a_label) / len(first))
+    assert logged["val/generated_acc"] == pytest.approx(sum(names_the_gold) / len(first))
+    assert "val/generated_acc" not in quiet and "val/generated_agreement" not in quiet
 
 
 # -- PEFT's generate on an export -------------------------------------------------------------------------------

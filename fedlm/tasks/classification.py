@@ -66,6 +66,7 @@ class ClassificationTask(nn.Module):
         self.val_class_f1, self.test_class_f1 = (MulticlassF1Score(num_classes, average=None) for _ in range(2))
         self.val_confusion, self.test_confusion = (MulticlassConfusionMatrix(num_classes) for _ in range(2))
         self.outputs: list[torch.Tensor] = []  # (examples, 2 + classes [+ 1]): index, label, scores, generated class
+        self.generating = False  # whether the evaluation in progress also generates each answer
         self.predictions: dict[str, Any] = {}  # the last test's, per example
 
     def _label_ids(self, name: str, word: str) -> list[int]:
@@ -150,7 +151,7 @@ class ClassificationTask(nn.Module):
             self.test_calibrated_metrics.update(self.calibrated_scores(scores).argmax(-1), labels)
             logged.update(self.test_calibrated_metrics)
         columns = [batch["index"][:, None].double(), labels[:, None].double(), scores.double()]
-        if split == "test" and self.config.generated_labels:
+        if self.generating:
             columns.append(torch.tensor(self.generated_classes(lm, batch), dtype=torch.float64)[:, None])
         self.outputs.append(torch.cat([c.cpu() for c in columns], dim=1))
         return loss, logged
@@ -159,12 +160,13 @@ class ClassificationTask(nn.Module):
         """The forwards of ``eval_step`` on no rows, for a rank past its share (see ``PromptedLM.idle_pass``)."""
         for _ in range(1 if self.single_token_answers else 2):  # multi-token answers: gold, then candidates
             lm.idle_pass()
-        if split == "test" and self.config.generated_labels:
+        if self.generating:
             self.generated_classes(lm, None)
 
     def start_evaluation(self, split: str, generating: bool) -> None:
-        """``generating`` is the module's schedule for generative tasks; classification generates at test only, when
-        ``generated_labels`` asks."""
+        """``generating`` is the module's schedule (at test, and every ``generate_every`` rounds); classification
+        follows it when ``generated_labels`` asks, on every row (a label word is a token or two)."""
+        self.generating = generating and self.config.generated_labels
         # Reset here, not after logging: state made under `validate`'s inference mode could not be updated by
         # fit's validation (no-grad mode) later.
         getattr(self, f"{split}_class_f1").reset()
@@ -191,9 +193,11 @@ class ClassificationTask(nn.Module):
         for i, true in enumerate(names):
             for j, pred in enumerate(names):
                 logged[f"{split}/confusion/{true}_as_{pred}"] = matrix[i, j].float()
-        if split == "test" and self.config.generated_labels:
+        if self.generating:
             rows = self.evaluated(size)
-            logged["test/generated_acc"] = float((rows[:, -1] == rows[:, 1]).double().mean()) if len(rows) else 0.0
+            generated, scored = rows[:, -1], rows[:, 2 : 2 + len(self.answers)].argmax(-1)
+            logged[f"{split}/generated_acc"] = float((generated == rows[:, 1]).double().mean()) if len(rows) else 0.0
+            logged[f"{split}/generated_agreement"] = float((generated == scored).double().mean()) if len(rows) else 0.0
         if fit_calibration:
             logged.update(self.fit_calibration(size))
         if split == "test":

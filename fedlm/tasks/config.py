@@ -41,10 +41,14 @@ class TaskConfig:
         calibrate: classification: label calibration (``accuracy`` or ``macro_f1``; null: none). After every
             validation one additive bias per class is fitted to the validation scores, maximizing that objective, and
             kept in the checkpoint: test, predict and export then report both raw and calibrated predictions.
-        generated_labels: classification: at test, also generate each answer and map it to the class whose label
-            word it names first (``test/generated_acc``), as leaderboards that score generated text do.
-        generate_every: validate by generation every this many rounds (epochs) on the first ``generate_examples``
-            validation examples (0: generate at test only). Validation always logs the teacher-forced answer loss.
+        generated_labels: classification: at test (and every ``generate_every`` rounds on validation), also generate
+            each answer and map it to the class whose label word it names first, as leaderboards that score generated
+            text do: ``generated_acc``, and ``generated_agreement`` with the label-scoring prediction. Greedy decoding
+            with one-token label words agrees wherever the first generated token is a label word, which training
+            with ``loss: answer_tokens`` teaches and ``label_words`` does not.
+        generate_every: validate by generation every this many rounds (epochs): generation on the first
+            ``generate_examples`` validation examples, classification with ``generated_labels`` on all of them (0:
+            generate at test only). Validation always logs the teacher-forced answer loss.
         generate_examples: the fixed validation subset that periodic generation scores.
         decoding: how answers are generated (``DecodingConfig``).
     """
