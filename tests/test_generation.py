@@ -126,14 +126,28 @@ def test_generated_text_maps_to_the_label_it_names_first() -> None:
     assert label_named("no idea", words) == -1
 
 
-SENTENCES = ["profit rose .", "sales were flat", "the loss widened sharply", "shares fell", "orders doubled",
-             "the board met", "costs rose again", "margins held", "the bank cut jobs", "revenue grew fast"]
+SENTENCES = [
+    "profit rose .",
+    "sales were flat",
+    "the loss widened sharply",
+    "shares fell",
+    "orders doubled",
+    "the board met",
+    "costs rose again",
+    "margins held",
+    "the bank cut jobs",
+    "revenue grew fast",
+]
 
 
 def perturbed_module(backbone: str, label_words: dict[str, str] | None = None):  # noqa: ANN201
     """A deep cached classifier whose encoder output is far from its start (as after training), greedy one token."""
-    task = {"template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}", "generated_labels": True,
-            "decoding": {"max_new_tokens": 1, "stop": []}, **({"label_words": label_words} if label_words else {})}
+    task = {
+        "template": "{sentence} <|VIRTUAL_PROMPT_0|> sentiment:{label}",
+        "generated_labels": True,
+        "decoding": {"max_new_tokens": 1, "stop": []},
+        **({"label_words": label_words} if label_words else {}),
+    }
     module = tiny_module(backbone, task=task, cache={"prefix": True}, encoder={
         "type": "mlp", "virtual_tokens": 3, "hidden_size": 8, "deep": True, "init_text": "Classify"})  # fmt: skip
     generator = torch.Generator().manual_seed(1)
@@ -156,7 +170,9 @@ def test_generated_labels_agree_with_label_scoring_wherever_the_first_token_is_a
     with torch.no_grad():
         first = [ids[0] for ids in decode(probe.lm, probe.task.template.prompts(batch), DecodingConfig(1, []),
                                            tokenizer)]  # fmt: skip
-    one_token = [t for t in range(len(tokenizer)) if tokenizer(tokenizer.decode([t]), add_special_tokens=False).input_ids == [t]]
+    one_token = [
+        t for t in range(len(tokenizer)) if tokenizer(tokenizer.decode([t]), add_special_tokens=False).input_ids == [t]
+    ]
     generated = [t for t in dict.fromkeys(first) if t in one_token and 0 < first.count(t) < len(first)]
     assert generated, f"no one-token word is generated first by some rows only: {first}"
     others = [t for t in one_token if t not in first][:2]
