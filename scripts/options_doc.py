@@ -51,6 +51,7 @@ SECTIONS = [
     ("federation.secure_aggregation", "fedlm.federation.SecureAggregationConfig"),
     ("federation.robust", "fedlm.federation.robust.RobustConfig"),
     ("federation.poison", "fedlm.federation.robust.PoisonConfig"),
+    ("federation.enrollment", "fedlm.federation.enrollment.EnrollmentConfig"),
     ("wandb", "fedlm.cli.tracking.WandbConfig"),
     ("fedlm experiment", "fedlm.experiment.runner.TriadConfig"),
 ]

@@ -1,8 +1,8 @@
 """One rank of a secure-aggregation run under torchrun (gloo): save what it summed, got back and transmitted.
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node=N secure_worker.py OUT_DIR
-Writes OUT_DIR/rank{R}.pt. ``torch.distributed.all_reduce`` and ``all_gather_object`` are wrapped to record a copy
-of what this rank handed them, then the real collectives run. The private key is recorded as it is generated, so
+Writes OUT_DIR/rank{R}.pt. ``torch.distributed.all_reduce`` and ``all_gather`` are wrapped to record a copy of
+what this rank handed them, then the real collectives run. The private key is recorded as it is generated, so
 the test can check that it never travels.
 """
 
@@ -30,16 +30,16 @@ def main(out: Path) -> None:
     record["wrap_output"] = extremes
 
     sent: list[torch.Tensor] = []
-    gathered: list[object] = []
-    real_all_reduce, real_all_gather_object = dist.all_reduce, dist.all_gather_object
+    gathered: list[torch.Tensor] = []
+    real_all_reduce, real_all_gather = dist.all_reduce, dist.all_gather
 
     def recording_all_reduce(tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         sent.append(tensor.detach().clone())
         return real_all_reduce(tensor, *args, **kwargs)
 
-    def recording_all_gather_object(output, obj, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        gathered.append(obj)
-        return real_all_gather_object(output, obj, *args, **kwargs)
+    def recording_all_gather(output, tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        gathered.append(tensor.detach().clone())
+        return real_all_gather(output, tensor, *args, **kwargs)
 
     private_keys = []
     real_keys = secure.X25519PrivateKey
@@ -51,7 +51,7 @@ def main(out: Path) -> None:
             private_keys.append(key.private_bytes_raw())
             return key
 
-    dist.all_reduce, dist.all_gather_object = recording_all_reduce, recording_all_gather_object
+    dist.all_reduce, dist.all_gather = recording_all_reduce, recording_all_gather
     secure.X25519PrivateKey = RecordingKeys
     try:
         aggregator = SecureAggregator(SecureAggregationConfig(enabled=True, fractional_bits=24))

@@ -220,7 +220,8 @@ def test_secure_aggregation_averages_like_plain_and_only_masked_integers_cross(r
 # runs: 460 to 719 bytes, of which the 16-byte checksum of the global encoder, the divergence vector (8 bytes per
 # client, not under DP; masked: 3 control slots more), secure aggregation's 3 control slots on the payload,
 # Lightning's flags and torchmetrics' counts for the (public) validation batch; and, counted into the first round,
-# the setup's log-dir broadcasts, resume check and (secure) pickled 32-byte public key. None grows with the vector.
+# the setup's log-dir broadcasts, resume check and (secure) 32-byte public key and its 8-byte length. None grows
+# with the vector.
 OVERHEAD = 1024
 TOKEN_DTYPES = (np.int16, np.int32, np.int64, np.float32, np.float64)  # all that hold the vocabulary's ids exactly
 LABEL_DTYPES = (np.int8, *TOKEN_DTYPES)

@@ -134,13 +134,13 @@ def test_what_travels_is_masked(ranks: list[dict]) -> None:
 def test_only_public_keys_travel(ranks: list[dict]) -> None:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    transmitted = [bytes(obj) for r in ranks for obj in r["gathered"]]
-    transmitted += [s.numpy().tobytes() for r in ranks for s in r["sent"]]
+    transmitted = [t.numpy().tobytes() for r in ranks for t in [*r["gathered"], *r["sent"]]]
     publics = set()
     for r in ranks:
         (private,) = r["private_keys"]
-        (gathered,) = r["gathered"]  # one exchange: this rank's 32-byte public key
-        assert isinstance(gathered, bytes) and len(gathered) == 32
+        length, key = r["gathered"]  # one exchange: the key's length (checked by every rank), then the key itself
+        assert length.tolist() == [32] and key.dtype == torch.uint8 and key.shape == (32,)
+        gathered = key.numpy().tobytes()
         assert gathered == X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
         publics.add(gathered)
         for secret in [private, *r["pair_keys"]]:

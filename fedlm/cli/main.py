@@ -1,6 +1,6 @@
 """``fedlm`` command line: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``, plus fedlm's own
 subcommands in one table (``SUBCOMMANDS``: ``export``, ``predict SOURCE [INPUT]``, ``split-data``, ``experiment``,
-``report``).
+``report``, ``keys``).
 
 Configs compose (``--config base.yaml --config override.yaml``, later wins) and ``--print_config`` shows
 the resolved result. fedlm's own errors (bad config, data, template, checkpoint, topology) print one line, no
@@ -43,6 +43,7 @@ from fedlm.cli.tracking import (
 from fedlm.data import FinancialPhraseBank, TaskData
 from fedlm.errors import ConfigError
 from fedlm.federation import ClientStrategy, FederatedLoop, FederationConfig, Topology
+from fedlm.federation.enrollment import Enrollment
 from fedlm.ptuning import PTuningModule
 from fedlm.ptuning.module import check_sectioned
 
@@ -208,6 +209,7 @@ class FedLMCLI(LightningCLI):
             return super().instantiate_trainer(**kwargs)
         topology = Topology.from_launch(federation.clients)
         loop = FederatedLoop(federation, topology)
+        enrollment = Enrollment.load(federation.enrollment, federation.clients) if federation.enrollment else None
         callbacks = trainer_config.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), loop]
         if trainer_config.get("enable_progress_bar") is not False and not any(
@@ -221,7 +223,12 @@ class FedLMCLI(LightningCLI):
             # Under torchrun: one process per rank, clients as process groups, no world-wide DDP.
             if trainer_config.get("strategy", "auto") == "auto":
                 timeout = timedelta(seconds=federation.collective_timeout_s)
-                kwargs["strategy"] = ClientStrategy(topology, timeout=timeout)
+                kwargs["strategy"] = ClientStrategy(topology, enrollment, timeout=timeout)
+            elif enrollment is not None:
+                raise ConfigError(
+                    "federation.enrollment is proven by fedlm's own strategy, which trainer.strategy replaces: "
+                    "leave trainer.strategy at auto, or set federation.enrollment: null."
+                )
             kwargs["devices"], kwargs["num_nodes"] = topology.ranks_per_node, topology.nodes
             restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
             if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -230,6 +237,8 @@ class FedLMCLI(LightningCLI):
                     "set up the process group (seen in 2 of 3 restarts here). Launch with "
                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment."
                 )
+        elif enrollment is not None:
+            enrollment.prove(topology)  # one process: its own key and clients, checked against the roster here
         return super().instantiate_trainer(**kwargs)
 
 
@@ -268,6 +277,7 @@ SUBCOMMANDS = {
     "split-data": ("fedlm.cli.split_data", "split_data_main"),
     "experiment": ("fedlm.experiment", "experiment_main"),
     "report": ("fedlm.experiment", "report_main"),
+    "keys": ("fedlm.cli.keys", "keys_main"),
 }
 # Options that only LightningCLI's ``predict`` takes: with one of them, ``fedlm predict`` is LightningCLI's.
 LIGHTNING_PREDICT_OPTIONS = ("--config", "--ckpt_path", "--print_config", "--model", "--data", "--trainer")

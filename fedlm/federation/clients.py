@@ -4,7 +4,8 @@
 - ``ClientState`` (across rounds, in the holding rank's checkpoint): its optimizer and scheduler state and its
   private virtual tokens. A rank that simulates several clients has one optimizer; each client's state is swapped
   in at its first batch and out at its last, so simulated clients never share Adam moments. States of clients not
-  in the round stay off the hot path: in memory up to a budget, on disk past it. The client's RNG
+  in the round stay off the hot path: in memory up to a budget, on disk past it; a state that moves to another
+  rank travels as tensors of a layout both ends derive for themselves (``StateCodec``). The client's RNG
   needs no state: it is re-seeded from ``federation.seed``, the round and the client at each swap-in, so a
   resumed run draws the same dropout masks.
 - ``RoundState`` (one round, made fresh at its start): who takes part, the clients' losses and vectors, failures
@@ -14,6 +15,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import operator
 import shutil
 import time
 from collections import OrderedDict
@@ -26,6 +29,8 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 
 from fedlm.errors import ConfigError
+from fedlm.federation import wire
+from fedlm.federation.wire import Field, WireError
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,9 @@ def optimizer_state(trainer: L.Trainer) -> dict[str, Any]:
 
 def cpu_copy(state: Any) -> Any:
     """A copy of a nested state with every tensor in CPU memory. Client states wait there, off the device, and from
-    there travel to other ranks (``all_gather_object`` would unpickle a CUDA tensor on its sender's GPU), to disk and
-    into checkpoints; the optimizer's ``load_state_dict`` moves them back to its parameters' device. Each tensor is
-    copied straight into CPU memory (the containers are rebuilt), so a GPU state is never duplicated on the GPU."""
+    there travel to other ranks (through gloo, ``exchange_states``), to disk and into checkpoints; the optimizer's
+    ``load_state_dict`` moves them back to its parameters' device. Each tensor is copied straight into CPU memory
+    (the containers are rebuilt), so a GPU state is never duplicated on the GPU."""
     return apply_to_collection(state, torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True))
 
 
@@ -189,7 +194,7 @@ class ClientStates:
             self.recent.move_to_end(client)
             return self.states[client].optimizer
         if client in self.spilled:
-            return torch.load(self.spilled[client], weights_only=False)
+            return torch.load(self.spilled[client], weights_only=True)  # tensors and plain data only
         return self.fresh
 
     def _keep(self, client: int, optimizer: dict[str, Any]) -> None:
@@ -228,6 +233,135 @@ class ClientStates:
             "private": dict(state.get("private", {})),
             "client_states": dict(state.get("client_states", {})),
         }
+
+
+# -- a client's state as tensors of a fixed layout: how it moves between ranks, never pickled ---------------------
+
+KeyPath = tuple[str | int, ...]  # keys and indices from a state's root to one of its numbers
+
+
+class StateCodec:
+    """A client's whole ``ClientState`` as a fixed list of tensors, and back: what travels when a spread client
+    moves to the rank that runs it next (``exchange_states``).
+
+    Every rank derives the layout from its own trainer at the start of training, never from what a sender says:
+    the private tokens; whether the client has trained (else it has no optimizer state of its own); Adam's step and
+    moments for each of the encoder's parameters (zeros for an untrained client); and, as float64, every number of
+    the optimizers' param groups and the schedulers' states (the lr and the schedule's position differ between
+    clients), which the receiver writes into its own copy of them, whose keys, strings and None are the same on
+    every rank.
+    """
+
+    def __init__(self, trainer: L.Trainer, private: torch.Tensor) -> None:
+        state = optimizer_state(trainer)
+        self.settings = {  # this rank's own, without the optimizers' per-parameter state
+            "optimizers": [
+                {"state": {}, "param_groups": copy.deepcopy(s["param_groups"])} for s in state["optimizers"]
+            ],
+            "schedulers": copy.deepcopy(state["schedulers"]),
+        }
+        self.numbers = number_paths(self.settings)
+        self.slots = [slot for o, optimizer in enumerate(trainer.optimizers) for slot in adam_slots(o, optimizer)]
+        self.schema = (
+            Field("private tokens", tuple(private.shape), private.dtype),
+            Field("trained", (), torch.bool),
+            *(field for _, _, _, field in self.slots),
+            Field("optimizer and scheduler numbers", (len(self.numbers),), torch.float64),
+        )
+
+    def encode(self, state: ClientState) -> list[torch.Tensor]:
+        trained, saved = state.optimizer is not None, state.optimizer
+        moments = [
+            saved["optimizers"][o]["state"][index][key] if trained else torch.zeros(f.shape, dtype=f.dtype)
+            for o, index, key, f in self.slots
+        ]
+        numbers = [float(functools.reduce(operator.getitem, path, saved)) if trained else 0.0 for path in self.numbers]
+        return [state.private, torch.tensor(trained), *moments, torch.tensor(numbers, dtype=torch.float64)]
+
+    def blank(self) -> list[torch.Tensor]:
+        """Zeros in every field: what pads a rank's message to the length every rank expects."""
+        return [torch.zeros(f.shape, dtype=f.dtype) for f in self.schema]
+
+    def decode(self, tensors: list[torch.Tensor]) -> ClientState:
+        private, trained, *moments, numbers = tensors
+        if not bool(trained):
+            return ClientState(private)
+        saved = with_numbers(self.settings, dict(zip(self.numbers, numbers.tolist())))
+        for (o, index, key, _), tensor in zip(self.slots, moments):
+            saved["optimizers"][o]["state"].setdefault(index, {})[key] = tensor
+        return ClientState(private, saved)
+
+
+def adam_slots(o: int, optimizer: torch.optim.Optimizer) -> list[tuple[int, int, str, Field]]:
+    """Where Adam keeps each parameter's state in optimizer ``o``'s state dict (parameter index, key), and its field:
+    the step count (a float32 scalar, as torch keeps it) and the moments, shaped like their parameter."""
+    if not isinstance(optimizer, torch.optim.Adam):  # AdamW too
+        raise ConfigError(
+            f"federation.skip_unsampled moves client states between processes, laid out for Adam and AdamW (fedlm's "
+            f"optimizer), not {type(optimizer).__name__}; set federation.skip_unsampled: false."
+        )
+    slots, index = [], 0
+    for group in optimizer.param_groups:
+        moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        for param in group["params"]:
+            name = f"optimizer {o} parameter {index}"
+            slots.append((o, index, "step", Field(f"{name} step", (), torch.float32)))
+            slots += [(o, index, key, Field(f"{name} {key}", tuple(param.shape), param.dtype)) for key in moments]
+            index += 1
+    return slots
+
+
+def number_paths(tree: Any, path: KeyPath = ()) -> list[KeyPath]:
+    """Where ``tree`` holds numbers (bool, int, float), in a fixed order; parameter indices (``params``) excluded:
+    they are the layout, not the client's."""
+    if isinstance(tree, bool | int | float):
+        return [path]
+    if isinstance(tree, dict):
+        return [p for key, value in tree.items() if key != "params" for p in number_paths(value, (*path, key))]
+    if isinstance(tree, list | tuple):
+        return [p for index, value in enumerate(tree) for p in number_paths(value, (*path, index))]
+    return []
+
+
+def with_numbers(tree: Any, numbers: dict[KeyPath, float], path: KeyPath = ()) -> Any:
+    """A copy of ``tree`` with the numbers at ``numbers``' paths put in, each as the type ``tree`` has there."""
+    if path in numbers:
+        return number_as(tree, numbers[path], path)
+    if isinstance(tree, dict):
+        return {key: with_numbers(value, numbers, (*path, key)) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(with_numbers(value, numbers, (*path, index)) for index, value in enumerate(tree))
+    return copy.deepcopy(tree)
+
+
+def number_as(like: bool | int | float, value: float, path: KeyPath) -> bool | int | float:
+    """A received number as ``like``'s type; an int that is not whole or a bool that is not 0 or 1 is refused."""
+    if isinstance(like, float):
+        return value
+    if not value.is_integer() or (isinstance(like, bool) and value not in (0.0, 1.0)):
+        where = "/".join(map(str, path))
+        raise WireError(f"client states: {where} must be a {type(like).__name__}, but {value} arrived.")
+    return type(like)(value)
+
+
+def exchange_states(
+    codec: StateCodec, leaving: dict[int, ClientState], moving: list[list[int]], rank: int
+) -> list[dict[int, ClientState]]:
+    """Every rank's leaving client states, on every rank, as tensors (``fedlm.federation.wire``). ``moving`` (the
+    same on every rank) says which clients each rank hands over, so each message's length is known beforehand: a
+    rank sends as many states as the most that any rank hands over, padded with blank ones (a gather takes one
+    length from every rank)."""
+    most = max(map(len, moving))
+    if most == 0:
+        return [{} for _ in moving]
+    tensors = [t for client in moving[rank] for t in codec.encode(leaving[client])]
+    tensors += codec.blank() * (most - len(moving[rank]))
+    gathered = wire.gather_flat(tensors, codec.schema * most, "client states")
+    width = len(codec.schema)
+    return [
+        {client: codec.decode(row[i * width : (i + 1) * width]) for i, client in enumerate(clients)}
+        for row, clients in zip(gathered, moving)
+    ]
 
 
 def tensor_bytes(value: Any) -> int:

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from fedlm.errors import ConfigError
+from fedlm.federation.enrollment import EnrollmentConfig
 from fedlm.federation.exchange import Averaged
 from fedlm.federation.privacy import DPConfig
 from fedlm.federation.robust import PoisonConfig, RobustConfig
@@ -59,6 +60,9 @@ class FederationConfig:
             spread over its devices while its encoder still trains data-parallel (``fedlm.federation.sharding``).
         collective_timeout_s: under torchrun, how long a collective waits for a silent peer before failing (a dead
             peer fails it at once); the error, not a hang, lets torchrun restart the group.
+        enrollment: only the sites of a roster take part: each rank proves with its site's key, before any data
+            moves, that it is an enrolled site hosting the clients it trains (``EnrollmentConfig``; null: any
+            process that joins the launch takes part).
     """
 
     clients: int
@@ -81,6 +85,7 @@ class FederationConfig:
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     shard_backbone: bool = False
     collective_timeout_s: float = 600.0
+    enrollment: EnrollmentConfig | None = None
 
     def validate(self) -> None:
         if self.clients < 1:
@@ -121,6 +126,8 @@ class FederationConfig:
         self.robust.validate()
         self.poison.validate(self.clients)
         self._validate_robust()
+        if self.enrollment is not None:
+            self.enrollment.validate()
         if self.dp is not None:
             self.dp.validate()
             if self.weighting != "uniform":

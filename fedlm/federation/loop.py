@@ -8,7 +8,8 @@ makes the new global encoder. The frozen LM never travels.
 
 Client sampling (``client_fraction < 1``, ``fedlm.federation.plan``): in a simulation from one dataset on fewer
 processes than clients, a round's batches are its sampled clients' only, spread over the processes (Lightning
-rebuilds the batch layout every round), and each client's state moves to the process that runs it. Pinned clients
+rebuilds the batch layout every round), and each client's state moves to the process that runs it (as tensors of a
+layout that both ends derive for themselves: ``StateCodec``). Pinned clients
 (their own files, or their own processes) run every round and an unsampled one rolls back: it sends nothing (the
 average's weights renormalize over the sampled clients) and its optimizer state is restored. Both give the same
 result; the first costs only the sampled clients' steps.
@@ -37,7 +38,7 @@ from torch.nn.utils import parameters_to_vector
 from fedlm.errors import ConfigError
 from fedlm.federation import checks, telemetry
 from fedlm.federation.aggregate import Aggregation, Contribution, divergence, pack, unpack
-from fedlm.federation.clients import ClientStates, HostedClient, RoundState
+from fedlm.federation.clients import ClientStates, HostedClient, RoundState, StateCodec, exchange_states
 from fedlm.federation.config import FederationConfig, sample_clients
 from fedlm.federation.exchange import EncoderExchange
 from fedlm.federation.personalize import MODELS, personalize, write_personalization
@@ -97,6 +98,7 @@ class FederatedLoop(L.Callback):
         self.plan: RoundPlan | None = None
         self.units: dict[int, Unit] = {}  # every client this rank may run
         self.holders: list[int] | None = None  # spread: which rank holds each client's state now
+        self.codec: StateCodec | None = None  # spread over several ranks: how client states travel between them
         self.completed_rounds = 0
         self.round: RoundState | None = None
 
@@ -126,7 +128,7 @@ class FederatedLoop(L.Callback):
             )
         if self.config.secure_aggregation.enabled and self.secure is None:
             self.secure = SecureAggregator(self.config.secure_aggregation)
-            self.secure.setup()  # a collective: key agreement, once per run
+            self.secure.setup(getattr(trainer.strategy, "membership", None))  # a collective, once per run
         if self.privacy is not None:
             self._describe_privacy()
         c = self.config
@@ -250,6 +252,8 @@ class FederatedLoop(L.Callback):
         # in place: one client that runs every batch of the round (idle steps would step its lr scheduler)
         in_place = not skips and len(held) == 1 and self.plan.pinned_batches == self.units[held[0]].steps
         self.clients.start(held, trainer, initial_private, self.completed_rounds > 0, in_place, spill)
+        if skips and self.topology.world_size > 1:
+            self.codec = StateCodec(trainer, initial_private)
 
     # -- within a round ------------------------------------------------------------------------------------
 
@@ -266,13 +270,16 @@ class FederatedLoop(L.Callback):
         """Spread clients: each rank hands the states it holds of clients another rank runs this round to that
         rank (in one process, nothing moves)."""
         runner = {client: rank for rank, clients in enumerate(runners) for client in clients}
-        rank = self.topology.rank
-        if self.topology.world_size > 1:
+        rank, world = self.topology.rank, self.topology.world_size
+        if world > 1:
             start = time.perf_counter()
-            leaving = self.clients.take([k for k in self.clients.held if runner.get(k, rank) != rank])
-            gathered: list[Any] = [None] * self.topology.world_size
-            dist.all_gather_object(gathered, leaving)
-            for sender, states in enumerate(gathered):
+            # the same on every rank: which clients each rank holds and another runs
+            moving = [
+                [k for k, holder in enumerate(self.holders) if holder == sender != runner.get(k, sender)]
+                for sender in range(world)
+            ]
+            arrived = exchange_states(self.codec, self.clients.take(moving[rank]), moving, rank)
+            for sender, states in enumerate(arrived):
                 if sender != rank:
                     self.clients.give({k: state for k, state in states.items() if runner[k] == rank})
             self.round.comm_seconds += time.perf_counter() - start
@@ -439,9 +446,7 @@ class FederatedLoop(L.Callback):
             if self.config.private_tokens > 0:
                 models[client]["private"] = self.clients.model(client, self.global_params, self.exchange.shared)
         c = self.config
-        results = personalize(
-            trainer, pl_module, self.exchange, models, c.personalize_steps, c.seed, self.topology.world_size
-        )
+        results = personalize(trainer, pl_module, self.exchange, models, c.personalize_steps, c.seed, c.clients)
         self.exchange.write(self.global_params)  # the module leaves as the global model, for test_after_fit
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank asks
         if results is None:

@@ -7,23 +7,26 @@ For each client, on its own held-out examples (``data.client_holdout``) and on t
   ``federation.personalize_steps`` more local steps on its own training data.
 
 Each client's lead rank evaluates its own clients in plain loops (no Lightning: nothing here is logged per step
-or checkpointed); only the accuracies travel to rank 0, which writes ``personalization.json`` and prints the table.
-The caller hands in the vectors to evaluate; the module is left holding whichever was written last.
+or checkpointed); only the accuracies travel, as a float64 row per client (never pickled), to rank 0, which writes
+``personalization.json`` and prints the table. The caller hands in the vectors to evaluate; the module is left
+holding whichever was written last.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from fedlm.federation import wire
 from fedlm.federation.exchange import EncoderExchange
 from fedlm.seeding import derive_seed
+from fedlm.tasks.outputs import gather_rows
 
 MODELS = ("global", "private", "finetuned")  # in the order of the table; ties on held-out data go to the first
 
@@ -70,10 +73,11 @@ def personalize(
     models: dict[int, dict[str, torch.Tensor]],
     finetune_steps: int,
     seed: int,
-    world_size: int,
+    clients: int,
 ) -> list[dict[str, Any]] | None:
     """Evaluate ``models`` (per hosted client, on its lead rank: ``global`` and, with split prompts, ``private``),
-    and the last of them fine-tuned ``finetune_steps`` steps; on rank 0, return every client's results."""
+    and the last of them fine-tuned ``finetune_steps`` steps; on rank 0, return the ``clients`` clients' results
+    (each evaluated on one rank)."""
     datamodule = trainer.datamodule
     batch_size = datamodule.eval_batch_size
     test = datamodule.encoded("test")
@@ -92,16 +96,42 @@ def personalize(
             exchange.write(list(vectors.values())[-1])
             finetune(module, train, finetune_steps, datamodule.batch_size, derive_seed("personalize", seed, client))
             row["finetuned"] = score()
-        named = [name for name in MODELS if name in row]
-        row["best_on_holdout"] = max(named, key=lambda name: row[name]["holdout_acc"])
         results.append(row)
-    if world_size > 1:
-        gathered: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
-        dist.all_gather_object(gathered, results)
-        results = [row for rows in gathered for row in rows]
-    if not trainer.is_global_zero:
-        return None
-    return sorted(results, key=lambda row: row["client"])
+    results = gather_results(results, clients)  # a collective: every rank takes part
+    return results if trainer.is_global_zero else None
+
+
+# -- a client's results as one float64 row, gathered as a tensor, never pickled ------------------------------------
+
+COUNTS = ("client", "holdout_examples", "train_examples")
+SPLITS = ("holdout_acc", "test_acc")
+WIDTH = len(COUNTS) + len(MODELS) * len(SPLITS)  # every model's slots, NaN for those a run does not evaluate
+
+
+def to_row(results: dict[str, Any]) -> torch.Tensor:
+    scores = [results[name][split] if name in results else math.nan for name in MODELS for split in SPLITS]
+    return torch.tensor([*(results[count] for count in COUNTS), *scores], dtype=torch.float64)
+
+
+def from_row(row: torch.Tensor) -> dict[str, Any]:
+    """A client's results, and the model that did best on its held-out data (ties: the first in ``MODELS``)."""
+    results: dict[str, Any] = {count: int(value) for count, value in zip(COUNTS, row.tolist())}
+    scores = row[len(COUNTS) :].view(len(MODELS), len(SPLITS)).tolist()
+    for name, model_scores in zip(MODELS, scores):
+        if not math.isnan(model_scores[0]):
+            results[name] = dict(zip(SPLITS, model_scores))
+    named = [name for name in MODELS if name in results]
+    results["best_on_holdout"] = max(named, key=lambda name: results[name]["holdout_acc"])
+    return results
+
+
+def gather_results(results: list[dict[str, Any]], clients: int) -> list[dict[str, Any]]:
+    """Every rank's results on every rank, by client: float64 rows through ``gather_rows`` (a tensor collective),
+    checked on receipt for one row per client, so that every rank stops together if they are not."""
+    local = torch.stack([to_row(r) for r in results]) if results else torch.zeros(0, WIDTH, dtype=torch.float64)
+    gathered = gather_rows(local, clients)
+    wire.check(gathered, (clients, WIDTH), torch.float64, "personalization results (a row per client)")
+    return sorted(map(from_row, gathered), key=lambda row: row["client"])
 
 
 def write_personalization(results: list[dict[str, Any]], folder: Path) -> str:

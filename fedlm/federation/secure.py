@@ -12,15 +12,18 @@ Threat model. The parties are honest but curious: every rank runs this code fait
 from what it receives. What any rank, or an eavesdropper on the all-reduce ring, sees of another rank's vector is
 its encoding plus a sum of pseudorandom masks keyed by secrets it does not hold: uniformly random int64, which
 says nothing about the values (unlike a plain all-reduce, whose partial sums travel in the clear). The key
-exchange itself sends only the 32-byte public keys; private keys never leave their process and are made afresh
-each run, so a restarted run never reuses a mask. What the protocol does not give:
+exchange itself sends only the 32-byte public keys, as uint8 tensors of that length (never pickled: no rank
+unpickles what another sent); private keys never leave their process and are made afresh each run, so a restarted
+run never reuses a mask. What the protocol does not give:
 - the sum is public to all ranks, by design. Any slot of the vector that a single rank fills (per-client
   bookkeeping: loss sums, step and sample counts) is therefore revealed exactly; and with two ranks, or with all
   but one rank colluding, the sum minus one's own input is the other's input;
 - no dropout recovery: a rank that dies mid-round makes the collective fail, and the round with it (restarted
   workers, e.g. under torchrun's ``--max-restarts``, make fresh keys);
-- no protection against a malicious rank: one that sends garbage corrupts the sum undetected, and one that lies
-  about its public key is not caught (there is no authentication beyond the process group itself);
+- no protection against a malicious rank: one that sends garbage corrupts the sum undetected. Under
+  ``federation.enrollment`` each public key is signed by its rank's site key, bound to the run's enrollment, and
+  every rank checks every signature before any mask is made, so no party on the path can substitute keys; without
+  enrollment there is no authentication beyond the process group itself;
 - nothing is hidden from the party that learns the sum (no differential privacy).
 
 Two bookkeeping counters travel in the masked vector too: the number of contributors, which must decode to the
@@ -42,9 +45,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedlm.errors import ConfigError, FedlmError
+from fedlm.federation.enrollment import Membership
+from fedlm.federation.wire import gather_uint8
 
 FIELD = "federation.secure_aggregation.fractional_bits"
 CONTROL = 3  # control slots appended to each vector: contributors, too-large ranks, non-finite ranks
+PUBLIC_KEY_BYTES = 32  # an X25519 public key, gathered as a uint8 tensor of this length (fedlm.federation.wire)
+SIGNATURE_BYTES = 64  # an Ed25519 signature of it by the rank's site key, under federation.enrollment
+PURPOSE = b"secure aggregation x25519 public key"
 
 
 class SecureAggregationError(FedlmError, ValueError):
@@ -98,14 +106,21 @@ class SecureAggregator:
         self.pair_keys: dict[int, bytes] = {}  # other rank -> ChaCha20 key shared with it alone
         self.calls: dict[int, int] = {}  # round index -> calls so far, so that no nonce is ever used twice
 
-    def setup(self) -> None:
-        """X25519 key agreement: public keys are gathered, each pair derives its own key; private keys stay here."""
+    def setup(self, membership: Membership | None = None) -> None:
+        """X25519 key agreement: public keys are gathered (signed by each rank's site key under enrollment, and
+        checked), each pair derives its own key; private keys stay here."""
         if self.world_size == 1:
             return
         private = X25519PrivateKey.generate()
-        public = private.public_key().public_bytes_raw()
-        publics: list[bytes | None] = [None] * self.world_size
-        dist.all_gather_object(publics, public, group=self.group)
+        mine = private.public_key().public_bytes_raw()
+        signature = membership.sign(PURPOSE, self.global_rank(self.rank), mine) if membership else b""
+        row = torch.frombuffer(bytearray(mine + signature), dtype=torch.uint8)
+        width = PUBLIC_KEY_BYTES + len(signature)
+        rows = gather_uint8(row, width, "secure aggregation: X25519 public keys", self.group)
+        gathered = [r.numpy().tobytes() for r in rows]
+        publics = [r[:PUBLIC_KEY_BYTES] for r in gathered]
+        if membership is not None:
+            self._check_signatures(membership, gathered)
         for other, their_public in enumerate(publics):
             if other == self.rank:
                 continue
@@ -114,6 +129,23 @@ class SecureAggregator:
             # Binding the ranks and both public keys into the derivation gives each pair and each run its own key.
             info = f"fedlm secure aggregation v1 pair {low} {high}".encode() + publics[low] + publics[high]
             self.pair_keys[other] = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+    def global_rank(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def _check_signatures(self, membership: Membership, gathered: list[bytes]) -> None:
+        """Every rank's public key signed by the site that rank enrolled as: else every rank raises, naming them."""
+        forged = [
+            f"rank {self.global_rank(r)} (site {membership.sites[self.global_rank(r)]!r})"
+            for r, row in enumerate(gathered)
+            if not membership.verify(PURPOSE, self.global_rank(r), row[:PUBLIC_KEY_BYTES], row[PUBLIC_KEY_BYTES:])
+        ]
+        if forged:
+            raise SecureAggregationError(
+                f"secure aggregation: the public key of {', '.join(forged)} is not signed by its enrolled site's key "
+                "for this run: a key was substituted on the way or the rank is not the site it enrolled as. No mask "
+                "was made and nothing was summed; check the network path between the sites."
+            )
 
     def sum(self, tensor: torch.Tensor, round_index: int) -> torch.Tensor:
         """The sum over the group's ranks of ``tensor`` (a float vector), as float64 rounded to fixed point, on

@@ -14,9 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.strategy import TBroadcast
 
+from fedlm.federation.enrollment import Enrollment, Membership
 from fedlm.federation.topology import Topology
+from fedlm.federation.wire import broadcast_json
 
 
 def rank_file(path: str | Path, rank: int) -> Path:
@@ -27,12 +31,21 @@ def rank_file(path: str | Path, rank: int) -> Path:
 class ClientStrategy(DDPStrategy):
     strategy_name = "fedlm_clients"
 
-    def __init__(self, topology: Topology, **kwargs: Any) -> None:
+    def __init__(self, topology: Topology, enrollment: Enrollment | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.topology = topology
+        self.enrollment = enrollment
+        self.membership: Membership | None = None  # set by the proof; signs secure aggregation's keys
+
+    def setup_distributed(self) -> None:
+        """With ``federation.enrollment``, every rank proves its membership as soon as the process group forms,
+        before any hook that could move a tensor derived from data runs."""
+        super().setup_distributed()
+        if self.enrollment is not None:
+            self.membership = self.enrollment.prove(self.topology)
 
     def _get_process_group_backend(self) -> str:
-        """On GPUs, NCCL for the device tensors and gloo beside it for the CPU ones (object collectives, client
+        """On GPUs, NCCL for the device tensors and gloo beside it for the CPU ones (the wire's byte messages, client
         state kept off the device): the client groups inherit both, so no collective needs its tensors moved."""
         if self._process_group_backend is None and self.root_device.type == "cuda":
             return "cpu:gloo,cuda:nccl"
@@ -40,6 +53,14 @@ class ClientStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper: gradient reduction is FederatedLoop's job, per client."""
+
+    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
+        """Lightning's broadcasts (log and checkpoint folders, stop flags) as JSON in a uint8 tensor: DDPStrategy's
+        ``broadcast_object_list`` would unpickle, and so run, whatever rank ``src`` sent. Anything but JSON values
+        (``fedlm.federation.wire.is_json``) is refused on every rank."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return obj
+        return broadcast_json(obj, src, "Lightning's strategy.broadcast")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
         self.checkpoint_io.save_checkpoint(checkpoint, rank_file(filepath, self.topology.rank), storage_options)
