@@ -210,11 +210,14 @@ def test_the_setup_table_reads_the_model_sections_with_their_defaults_and_old_fl
     assert model_section(flat, "encoder", PromptEncoderConfig) == vars(PromptEncoderConfig())
 
 
-def saved_run(folder: Path, kind: str, seed: int, predicted: list[int], client: int | None = None) -> None:
-    """What a tested run leaves behind, on 4 test sentences labelled 0 1 1 2."""
+def saved_run(
+    folder: Path, kind: str, seed: int, predicted: list[int], client: int | None = None, labels: list[int] | None = None
+) -> None:
+    """What a tested run leaves behind, on 4 test sentences labelled 0 1 1 2 (or ``labels``); accuracy logged as
+    float32, as Lightning logs it."""
     folder.mkdir(parents=True)
-    labels = [0, 1, 1, 2]
-    acc = sum(p == y for p, y in zip(predicted, labels)) / 4
+    labels = labels or [0, 1, 1, 2]
+    acc = torch.tensor(sum(p == y for p, y in zip(predicted, labels)) / len(labels), dtype=torch.float32).item()
     metrics = {"kind": kind, "seed": seed, "client": client, "test/acc": acc, "test/macro_f1": acc,
                "fit_seconds": 1.0}  # fmt: skip
     (folder / "test_metrics.json").write_text(json.dumps(metrics))
@@ -234,6 +237,15 @@ def test_report_rebuilds_from_saved_runs_without_training(tmp_path: Path) -> Non
     assert "Federated within 1 point of centralized or above it: not shown: the interval reaches" in text
     assert "Federated above every local-only client: yes" in text
     assert "resamples the seeds and the" in text and f"fedlm report {tmp_path} --out" in text
+
+
+def test_a_tie_with_a_local_client_is_no_win(tmp_path: Path) -> None:
+    labels = [0] * 227  # 214/227 correct on both sides: float32 rounds that count below its float64 value
+    saved_run(tmp_path / "f1", "federated", 1, [0] * 214 + [1] * 13, labels=labels)
+    saved_run(tmp_path / "l1", "local", 1, [1] * 13 + [0] * 214, client=0, labels=labels)
+    text = write_report([tmp_path], tmp_path / "report").read_text()
+    assert "Federated above every local-only client: no, client 0 alone as high or higher" in text
+    assert "seed 1: federated 0.943 is not above client 0 alone (0.943)" in text
 
 
 def test_against_pairs_each_row_with_its_namesake_in_another_experiment(tmp_path: Path) -> None:
