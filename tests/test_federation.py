@@ -197,14 +197,15 @@ def test_single_process_simulation_equals_the_multi_process_run(
 
 
 @pytest.mark.multiprocess
-def test_world_wide_ddp_collapses_clients_and_is_detected(
+def test_world_wide_ddp_is_refused_before_clients_collapse(
     tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
 ) -> None:
-    """Negative control: with gradients synced over the world, clients stop being clients."""
+    """With gradients synced over the world, clients would stop being clients (under DP too, where the round's
+    collapse check cannot see the clients' encoders): refused before training."""
     config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, FEDERATION, strategy="ddp")
     result, _ = run_ranks(tmp_path, config, 2)
     assert result.returncode != 0
-    assert "CollapsedClientsError: all clients ended the round with identical encoders" in result.stderr
+    assert "trainer.strategy (DDPStrategy): it would synchronize gradients over every rank" in result.stderr
 
 
 @pytest.mark.multiprocess

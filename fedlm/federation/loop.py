@@ -49,6 +49,7 @@ from fedlm.federation.secure import SecureAggregator
 from fedlm.federation.server import ServerOptimizer
 from fedlm.federation.sharding import ShardedBytes, shard_backbone, sharded_names
 from fedlm.federation.topology import Topology, TopologyError
+from fedlm.federation.trainer_options import check_trainer_options
 from fedlm.seeding import derive_seed
 
 LISTED = 8  # hosted clients described one by one in the setup line
@@ -114,8 +115,7 @@ class FederatedLoop(L.Callback):
         if stage != "fit":
             datamodule.eval_shard = (topology.rank, topology.world_size) if topology.world_size > 1 else None
             return
-        if trainer.limit_train_batches not in (1.0, None):
-            raise ConfigError("trainer.limit_train_batches cannot be used with federation; set federation.local_steps.")
+        check_trainer_options(trainer, topology.world_size)
         if self.config.personalize_steps > 0 and not getattr(datamodule, "client_holdout", 0):
             raise ConfigError(
                 "federation.personalize_steps needs each client's own held-out data to evaluate on: set "
