@@ -472,6 +472,26 @@ def test_dp_sgd_logs_the_accountants_epsilon_per_client(
     assert float(run.trainer.callback_metrics["dp_sgd/epsilon"]) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.multiprocess
+def test_dp_sgd_on_a_client_of_two_ranks_steps_as_on_one_rank(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    """One client of 2 ranks x 2 examples against one rank of 4: the same clipped mean gradient (no noise), so with
+    FedProx's pull added to it the same steps. Dividing by the ranks twice would make the pull 2x stronger."""
+    federation = {"clients": 1, "rounds": 2, "local_steps": 2, "seed": 5, "prox_mu": 0.5}
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation, limit_val_batches=0)
+    dp = ["--model.dp_sgd", '{"noise_multiplier": 0.0, "clip_norm": 0.05}']
+    one, (alone,) = run_ranks(tmp_path, config, 1, *dp, "--data.init_args.batch_size", "4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, records = run_ranks(tmp_path, config, 2, *dp, "--data.init_args.batch_size", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 rank(s) per client" in two.stdout
+    for round_index in range(2):
+        torch.testing.assert_close(
+            records[0]["rounds"][round_index]["client_params"][0], alone["rounds"][round_index]["client_params"][0]
+        )
+
+
 # -- the report of scripts/privacy.sh's runs ------------------------------------------------------------------
 
 

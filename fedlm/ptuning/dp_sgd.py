@@ -67,8 +67,8 @@ def private_gradients(
     Args:
         table: the encoder's output this step (with its graph).
         per_example_table_grads: (batch, virtual tokens, hidden): each example's loss gradient w.r.t. the table.
-        expected_batch: the denominator (the configured batch size times the client's ranks), fixed so that the
-            noise and the clipped sum are scaled alike whatever this batch's length.
+        expected_batch: the denominator (this rank's configured batch size: the client's ranks then average), fixed
+            so that the noise and the clipped sum are scaled alike whatever this batch's length.
         noise_share: the fraction of the noise variance this process adds (1 / the client's ranks).
         stream: what makes this call's noise differ from every other's under ``noise_seed`` (step, rank).
     """

@@ -214,7 +214,10 @@ class PTuningModule(L.LightningModule):
         (table_grads,) = torch.autograd.grad(losses.sum(), copies)
         data = getattr(self._trainer, "datamodule", None)  # none outside a Trainer: the batch is the expected size
         ranks = getattr(data, "ranks_per_client", 1)
-        expected = getattr(data, "batch_size", size) * ranks
+        # This rank's slice over its own expected size: FederatedLoop then averages over the client's ranks, which
+        # makes the noisy clipped sum of the whole client batch over that batch's size (dividing by the whole batch
+        # here as well would shrink the gradient by the rank count again, against FedProx's pull and clipping).
+        expected = getattr(data, "batch_size", size)
         params = [p for p in self.encoder.parameters() if p.requires_grad]
         grads = private_gradients(
             self.encoder, table, table_grads, self.dp_sgd, expected, 1 / ranks, (self.global_step, self.global_rank)
