@@ -211,3 +211,17 @@ def test_algorithm_configs_change_only_their_keys_of_the_federated_config(capsys
             "poison": PoisonConfig(**federation["poison"]),
         }
         FederationConfig(**{**federation, **nested}).validate()
+
+
+@pytest.mark.parametrize(("robust", "rows"), [({"rule": "mean"}, 1), ({"rule": "median"}, 2)])
+def test_bytes_exchanged_are_the_float64_payload_each_sampled_client_sends_and_receives(
+    robust: dict, rows: int, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    from fedlm.cli import cli
+    from fedlm.federation.aggregate import payload_layout
+
+    federation = {**FEDERATION, "rounds": 1, "weighting": "uniform", "robust": robust}
+    run = cli(["fit", "--config", str(write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation))])
+    params = sum(p.numel() for p in run.model.encoder.parameters())
+    payload = payload_layout(rows * params, 2)["failed"].stop  # the median's payload holds a row per client
+    assert float(run.trainer.callback_metrics["round/bytes_exchanged"]) == 2 * 2 * 8 * payload

@@ -13,6 +13,7 @@ from fedlm.experiment import TriadConfig, markdown, run_experiment, write_report
 from fedlm.experiment.report import find_runs, group, model_section, read_curve
 from fedlm.experiment.runner import plan
 from fedlm.experiment.stats import example_bootstrap, hierarchical_bootstrap, mean_interval
+from fedlm.federation.aggregate import payload_layout
 from fedlm.model import PromptEncoderConfig
 from fedlm.ptuning import CacheConfig, OptimizerConfig
 from fedlm.tasks import TaskConfig
@@ -160,7 +161,9 @@ def test_triad_end_to_end_with_two_seeds_resumes_and_reports(
             and run.curve[-1][0] == 1.0
             and run.metrics["epochs_completed"] == (3 if name == "federated" else 2)
         )
-    assert rows["federated"][0].bytes_exchanged == 3 * 2 * 2 * 4 * rows["federated"][0].metrics["trainable_parameters"]
+    # 3 rounds x 2 clients x (send + receive) of the float64 payload: the encoder and 2 + 4 x 2 bookkeeping slots
+    payload = payload_layout(rows["federated"][0].metrics["trainable_parameters"], 2)["failed"].stop
+    assert rows["federated"][0].bytes_exchanged == 3 * 2 * 2 * 8 * payload
     # the seeds differ: encoder init, batch order and partition all follow the seed
     assert (
         rows["federated"][0].predicted != rows["federated"][1].predicted

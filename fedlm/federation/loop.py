@@ -45,7 +45,7 @@ from fedlm.federation.personalize import MODELS, personalize, write_personalizat
 from fedlm.federation.plan import RoundPlan
 from fedlm.federation.privacy import ClientPrivacy, PrivateAggregation
 from fedlm.federation.robust import poisoned, robust_rule
-from fedlm.federation.secure import SecureAggregator
+from fedlm.federation.secure import CONTROL, SecureAggregator
 from fedlm.federation.server import ServerOptimizer
 from fedlm.federation.sharding import ShardedBytes, shard_backbone, sharded_names
 from fedlm.federation.topology import Topology, TopologyError
@@ -415,7 +415,7 @@ class FederatedLoop(L.Callback):
             losses=losses.tolist(),
             distances=distances.tolist(),
             samples=totals.samples.tolist(),
-            client_bytes=telemetry.exchanged_bytes(r.sampled, clients, size * self.global_params.element_size()),
+            client_bytes=telemetry.exchanged_bytes(r.sampled, clients, self._wire_bytes(payload)),
             compute_seconds=time.perf_counter() - r.started - r.comm_seconds,
             comm_seconds=r.comm_seconds,
             privacy=(p.epsilon(), p.peer_epsilon(), p.clip_norm) if p else None,
@@ -424,6 +424,11 @@ class FederatedLoop(L.Callback):
         rank_zero_info(telemetry.log_line(report, self.config.rounds))
         if figures:
             checks.check_not_collapsed(distances, r.sampled, int(totals.steps.sum()))
+
+    def _wire_bytes(self, payload: torch.Tensor) -> int:
+        """What one rank hands to the round's all-reduce: the float64 payload (a robust rule's holds a row per
+        client), or under secure aggregation its int64 encoding with the control slots."""
+        return (payload.numel() + (CONTROL if self.secure is not None else 0)) * 8
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over the world: plain, or through secure aggregation (also in one process, for its rounding)."""

@@ -37,7 +37,8 @@ def client_losses(
 
 
 def exchanged_bytes(sampled: list[int], clients: int, bytes_per_client: int) -> list[int]:
-    """Each sampled client uploads and downloads its shared vector once; the others exchange nothing."""
+    """Each sampled client sends the round's payload (``bytes_per_client``, as it crosses the wire) and receives the
+    sum, once each; the others exchange nothing."""
     return [2 * bytes_per_client if client in sampled else 0 for client in range(clients)]
 
 
