@@ -328,3 +328,13 @@ def printed_config(capsys: pytest.CaptureFixture[str], *fedlm_args: str) -> dict
         cli([*fedlm_args, "--print_config"])
     assert exit_.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
+
+
+class LrRecorder(L.Callback):
+    """The lr of every optimizer step, as the step sees it (after FederatedLoop has swapped the client in)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:  # noqa: ANN001
+        self.lrs.append(optimizer.param_groups[0]["lr"])

@@ -1,13 +1,16 @@
 """Client sampling that costs only the sampled clients: the spread plan, and the same run as rolling back."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FEDERATION, replay, run_ranks, with_data, write_config
+from helpers import FEDERATION, LrRecorder, replay, run_ranks, with_data, write_config
 
+from fedlm.cli import cli
 from fedlm.federation import ServerConfig, sample_clients
 from fedlm.federation.plan import spread
+from fedlm.ptuning.schedule import lr_factor
 
 
 def test_spread_evens_out_the_steps_and_keeps_every_client_once() -> None:
@@ -72,3 +75,20 @@ def test_pinned_clients_of_unequal_size_each_on_its_ranks_idle_to_the_longest(
     idle = [i for i, loss in enumerate(records[1]["losses"]) if loss == 0.0]
     assert idle == [2, 3, 6, 7] and 0.0 not in records[0]["losses"]
     replay(records, ServerConfig(), sampled_each_round=2)
+
+
+def test_a_clients_lr_follows_the_rounds_also_after_rounds_it_sat_out(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    """One of 2 clients per round, 2 local steps, a cosine schedule over 4 rounds: round r's steps are steps 2r and
+    2r + 1 of the schedule whichever client runs them (not the client's own count of steps so far)."""
+    federation = {"clients": 2, "rounds": 4, "local_steps": 2, "seed": 3, "client_fraction": 0.5}
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation, limit_val_batches=0)
+    schedule = {"warmup_steps": 1, "lr_schedule": "cosine", "final_lr_fraction": 0.1, "lr": 0.05}
+    run = cli(["fit", "--config", str(config), "--model.optimizer", json.dumps(schedule),
+               "--trainer.callbacks+=helpers.LrRecorder"])  # fmt: skip
+    (recorder,) = [c for c in run.trainer.callbacks if isinstance(c, LrRecorder)]
+    sampled = [sample_clients(2, 0.5, 3, r)[0] for r in range(4)]
+    assert len(set(sampled)) == 2, "the seed should make a client sit a round out"
+    expected = [0.05 * lr_factor(step, 1, 8, "cosine", 0.1) for step in range(8)]
+    assert recorder.lrs == pytest.approx(expected, rel=1e-12)

@@ -86,6 +86,19 @@ def load_optimizer_state(trainer: L.Trainer, state: dict[str, Any]) -> None:
         cfg.scheduler.load_state_dict(saved)
 
 
+def place_schedules(trainer: L.Trainer, step: int) -> None:
+    """Put every lr scheduler (fedlm's are ``LambdaLR``) at optimizer step ``step``, as if it had stepped there: a
+    client's lr follows the rounds, so round r's first local step is step ``r x local steps`` also for a client that
+    sat rounds out under client sampling (``OptimizerConfig``), rather than resuming where its own last step was."""
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        scheduler.last_epoch = step
+        lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+
+
 class ClientStates:
     """The ``ClientState`` of each client this rank holds, and its checkpoint part.
 

@@ -47,8 +47,9 @@ class FederationConfig:
         private_tokens: split prompts: the last this many virtual tokens are private to each client, trained
             locally and never sent; the global model keeps their initial values.
         personalize_steps: local fine-tuning: after the last round, each client trains its model (the global one,
-            with its private tokens if any) this many more steps on its own data. Needs ``data.client_holdout``,
-            which the personalized and global models are evaluated on.
+            with its private tokens if any) this many more steps on its own data, with fresh AdamW moments at the
+            constant ``model.optimizer.lr`` (no schedule). Needs ``data.client_holdout``, which the personalized and
+            global models are evaluated on.
         dp: client-level differential privacy of the round average (``DPConfig``; null: none).
         secure_aggregation: send the round's sums as pairwise-masked fixed-point integers whose masks cancel in
             the all-reduce (``fedlm.federation.secure``), so that no rank's update travels in the clear.

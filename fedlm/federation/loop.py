@@ -38,7 +38,14 @@ from torch.nn.utils import parameters_to_vector
 from fedlm.errors import ConfigError
 from fedlm.federation import checks, telemetry
 from fedlm.federation.aggregate import Aggregation, Contribution, divergence, pack, unpack
-from fedlm.federation.clients import ClientStates, HostedClient, RoundState, StateCodec, exchange_states
+from fedlm.federation.clients import (
+    ClientStates,
+    HostedClient,
+    RoundState,
+    StateCodec,
+    exchange_states,
+    place_schedules,
+)
 from fedlm.federation.config import FederationConfig, sample_clients
 from fedlm.federation.exchange import EncoderExchange
 from fedlm.federation.personalize import MODELS, personalize, write_personalization
@@ -321,6 +328,8 @@ class FederatedLoop(L.Callback):
         self.exchange.write(self.clients.model(client, self.global_params, self.exchange.shared))
         self.round.anchor = self.exchange.parameters()
         self.clients.swap_in(client, trainer, client in self.round.sampled)
+        hosted = next(h for h in self.hosted if h.client == client)
+        place_schedules(trainer, self.round.index * (hosted.last - hosted.first + 1))
         # The client's own dropout stream, the same whichever rank hosts it and whether or not the run resumed.
         seed = derive_seed("client-rng", self.config.seed, self.round.index, client, self.topology.rank_in_client)
         torch.manual_seed(seed)

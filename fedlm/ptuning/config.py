@@ -54,8 +54,9 @@ class OptimizerConfig:
         lr, weight_decay: AdamW's.
         warmup_steps, lr_schedule, final_lr_fraction: the lr warms up linearly over ``warmup_steps``, then stays
             (``constant``) or decays (``cosine``, ``linear``) to ``final_lr_fraction * lr`` at the last step. The
-            horizon is the optimizer's steps in the run: in a federated run, a client's own steps over all rounds
-            (``rounds x local steps``), so in round r (from 0) its local step j is step ``r * local_steps + j``.
+            horizon is the optimizer's steps in the run: in a federated run, a client's steps over all rounds
+            (``rounds x local steps``), so in round r (from 0) its local step j is step ``r * local_steps + j``, also
+            for a client that sat rounds out under client sampling.
     """
 
     lr: float = 1e-3

@@ -16,7 +16,7 @@ def lr_factor(step: int, warmup: int, total: int, kind: Schedule, floor: float) 
     """The multiplier of the base lr at optimizer step ``step`` (0-based) of ``total``.
 
     Warm-up takes ``warmup`` steps, from ``1 / warmup`` up to 1; the decay then reaches ``floor`` at the last step
-    (``total - 1``) and stays there (a personalization phase after the last round trains at the floor).
+    (``total - 1``) and stays there.
     """
     if step < warmup:
         return (step + 1) / warmup
