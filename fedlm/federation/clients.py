@@ -116,7 +116,7 @@ class ClientStates:
         self.budget_bytes, self.spill_dir = budget_bytes, None
         self.fresh: dict[str, Any] = {}
         self.in_place = False
-        self._restored: dict[str, dict[int, Any]] = {"private": {}, "client_states": {}}
+        self._restored: dict[str, dict[Any, Any]] = {"private": {}, "client_states": {}, "fresh": {}}
 
     def start(
         self,
@@ -136,7 +136,10 @@ class ClientStates:
                 f"the checkpoint holds no private tokens for client(s) {missing}: it was written by a process that "
                 "did not host them. Resume with the same number of processes, from the checkpoint folder of each."
             )
-        self.fresh, self.in_place, self.spill_dir = cpu_copy(optimizer_state(trainer)), in_place, spill_dir
+        # On resume the trainer holds the optimizer state Lightning restored (the last client's): a client that has
+        # not trained yet starts from the fresh state the checkpoint kept instead.
+        fresh = self._restored["fresh"] or optimizer_state(trainer)
+        self.fresh, self.in_place, self.spill_dir = cpu_copy(fresh), in_place, spill_dir
         for client in clients:
             self.states[client] = ClientState(cpu_copy(private[client] if client in private else initial_private))
             if client in optimizers and not in_place:
@@ -239,12 +242,14 @@ class ClientStates:
         return {
             "private": {client: state.private for client, state in self.states.items()},
             "client_states": {client: self._optimizer(client) for client in trained},
+            "fresh_client_state": self.fresh,  # where a client that has not trained yet starts
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._restored = {
             "private": dict(state.get("private", {})),
             "client_states": dict(state.get("client_states", {})),
+            "fresh": dict(state.get("fresh_client_state", {})),
         }
 
 

@@ -242,7 +242,9 @@ class FederatedLoop(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         c = self.config
         self.exchange = EncoderExchange(pl_module.encoder, c.average, c.private_tokens)
-        self.global_params = self.exchange.read()  # on resume: the checkpoint's global model
+        current = self.exchange.read()
+        restored = self.global_params  # on resume: the checkpoint's global vector, kept as it was saved
+        self.global_params = current if restored is None else restored.to(current.device)
         initial_private = self.global_params[~self.exchange.shared]
         rank, skips, budget = self.topology.rank, self.plan.skips, self.config.client_state_budget_mb
         held = [k for k, holder in enumerate(self.holders) if holder == rank] if skips else list(self.units)
