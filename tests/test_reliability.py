@@ -1,7 +1,9 @@
 """Exact resume, a killed rank, a silent peer, a non-finite client, two nodes on loopback, bad input."""
 
+import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from helpers import (
     write_config,
 )
 
+from fedlm.federation.releases import ReleaseError, ReleaseJournal
 from fedlm.federation.strategy import rank_file
 
 
@@ -77,6 +80,42 @@ def test_resume_from_a_round_checkpoint_is_bitwise_the_uninterrupted_run(
         assert all(torch.equal(a["client_params"][k], b["client_params"][k]) for k in a["client_params"])
     steps = 2 * (2 if sampling else 3) * 3  # 2 rounds x clients per round x 3 steps, step for step
     assert len(resumed["losses"]) == steps and full["losses"][-steps:] == resumed["losses"]
+
+
+def test_a_release_journal_keeps_its_secret_and_refuses_other_bits_for_a_released_round(tmp_path: Path) -> None:
+    journal = ReleaseJournal.open(tmp_path, 0, "run-a")
+    assert stat.S_IMODE(journal.path.stat().st_mode) == 0o600  # whoever reads the secret can subtract the noise
+    journal.record(0, torch.ones(3, dtype=torch.float64))
+    again = ReleaseJournal.open(tmp_path, 0, "run-a")  # the restart of the same run
+    assert again.secret == journal.secret and again.released == journal.released
+    again.record(0, torch.ones(3, dtype=torch.float64))  # the same bits: fine
+    with pytest.raises(ReleaseError, match="round 1 was released before"):
+        again.record(0, torch.full((3,), 2.0, dtype=torch.float64))
+    assert ReleaseJournal.open(tmp_path, 0, "run-b").secret != journal.secret  # another run: its own noise
+
+
+@pytest.mark.multiprocess
+def test_a_dp_round_run_again_after_a_restart_releases_the_same_bits(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    """Client-level DP with secret noise (no noise_seed): resuming from round 1's checkpoint re-runs rounds 2 and 3,
+    which the first attempt had released (as after a crash between a round's release and its checkpoint): the
+    re-run sends the same bits, so the accountant's count stays true."""
+    federation = {**FEDERATION, "weighting": "uniform", "dp": {"noise_multiplier": 0.5, "clip_norm": 0.1}}
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation, **checkpointing(tmp_path / "ckpt"))
+    result, records = run_ranks(tmp_path, config, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (full,) = records
+    (tmp_path / "resumed").mkdir()
+    result, records = run_ranks(
+        tmp_path / "resumed", config, 1, "--ckpt_path", str(tmp_path / "ckpt" / "roundepoch=0.ckpt")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (resumed,) = records
+    for a, b in zip(full["rounds"][1:], resumed["rounds"], strict=True):
+        assert torch.equal(a["global"], b["global"])
+    (journal,) = tmp_path.glob("dp-releases-*-rank0.json")
+    assert sorted(json.loads(journal.read_text())["released"]) == ["0", "1", "2"]
 
 
 def start_faulty(out: Path, config: Path, fault: str) -> subprocess.Popen:

@@ -26,6 +26,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,6 +52,7 @@ from fedlm.federation.exchange import EncoderExchange
 from fedlm.federation.personalize import MODELS, personalize, write_personalization
 from fedlm.federation.plan import RoundPlan
 from fedlm.federation.privacy import ClientPrivacy, PrivateAggregation
+from fedlm.federation.releases import ReleaseJournal, fingerprint
 from fedlm.federation.robust import poisoned, robust_rule
 from fedlm.federation.secure import CONTROL, SecureAggregator
 from fedlm.federation.server import ServerOptimizer
@@ -95,6 +97,7 @@ class FederatedLoop(L.Callback):
             self.privacy.planned_rounds() if self.privacy else config.rounds
         )  # DP: refuses overspending
         self.secure: SecureAggregator | None = None
+        self.releases: ReleaseJournal | None = None  # DP without noise_seed: what this rank has released
         self.client_group: dist.ProcessGroup | None = None
         self.sharded: ShardedBytes | None = None  # what this rank holds of the LM, once shard_backbone has run
         self.hosted: list[HostedClient] = []
@@ -242,6 +245,9 @@ class FederatedLoop(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         c = self.config
         self.exchange = EncoderExchange(pl_module.encoder, c.average, c.private_tokens)
+        if self.privacy is not None and c.dp.noise_seed is None:
+            self.releases = self._open_releases(trainer, pl_module)
+            self.privacy.noise_secret = self.releases.secret
         current = self.exchange.read()
         restored = self.global_params  # on resume: the checkpoint's global vector, kept as it was saved
         self.global_params = current if restored is None else restored.to(current.device)
@@ -403,6 +409,8 @@ class FederatedLoop(L.Callback):
         samples = {h.client: h.examples for h in self.hosted} if lead else {}
         width = self.rule.width(size)
         payload = pack(contributions(), samples, width, clients, global_shared.device)
+        if self.releases is not None:
+            self.releases.record(r.index, payload)  # a re-run of a released round must send the same bits
         totals = unpack(self._sum(payload), width, clients)
         checks.check_all_finite(totals.failed, r.index)
 
@@ -435,6 +443,13 @@ class FederatedLoop(L.Callback):
         rank_zero_info(telemetry.log_line(report, self.config.rounds))
         if figures:
             checks.check_not_collapsed(distances, r.sampled, int(totals.steps.sum()))
+
+    def _open_releases(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ReleaseJournal:
+        """This run's DP release journal, beside its logs; a restart of the same run finds the one it left."""
+        data = getattr(trainer.datamodule, "hparams", {})
+        settings = {"federation": asdict(self.config), "model": dict(pl_module.hparams), "data": dict(data),
+                    "world_size": self.topology.world_size}  # fmt: skip
+        return ReleaseJournal.open(Path(trainer.default_root_dir), self.topology.rank, fingerprint(settings))
 
     def _wire_bytes(self, payload: torch.Tensor) -> int:
         """What one rank hands to the round's all-reduce: the float64 payload (a robust rule's holds a row per

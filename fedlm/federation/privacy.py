@@ -51,7 +51,9 @@ class DPConfig:
             update's noise, as in Andrew et al. 2021, so the accountant's figure holds).
         target_quantile, clip_lr: the quantile aimed at, and the geometric step: ``C *= exp(-clip_lr * (b - q))``.
         count_noise: std of the noise on the count of clients under the bound (Andrew et al.: clients / 20).
-        noise_seed: seed the noise shares (reproducible, NOT private); null: the OS's randomness.
+        noise_seed: seed the noise shares (reproducible, NOT private); null: a secret each rank draws once per run
+            and keeps beside the logs (``dp-releases-*.json``, mode 0600), so that a round re-run after a restart
+            releases the same bits (``fedlm.federation.releases``).
     """
 
     clip_norm: float = 0.1
@@ -104,6 +106,7 @@ class ClientPrivacy:
         self.update_noise = self._update_noise_multiplier()
         self.clip_norm = config.clip_norm
         self.rounds_spent = 0
+        self.noise_secret: int | None = None  # without noise_seed: the run's secret (fedlm.federation.releases)
         m = sampled_per_round
         # The smallest part of the noise a peer cannot subtract (class docstring): all of it when it is the only client.
         self.peer_noise_fraction = 1.0 if m == 1 else math.sqrt((m - 1) / m) if secure else math.sqrt(1 / m)
@@ -159,7 +162,7 @@ class ClientPrivacy:
         clipped-count term: +1/2 under the bound, -1/2 over it."""
         norm = float(delta.norm())
         clipped = delta * min(1.0, self.clip_norm / norm) if norm > 0 else delta.clone()
-        seed = self.config.noise_seed
+        seed = self.config.noise_seed if self.config.noise_seed is not None else self.noise_secret
         generator = torch.Generator().manual_seed(
             secrets.randbits(63) if seed is None else derive_seed("dp-noise", seed, client, round_index)
         )
