@@ -118,8 +118,8 @@ class RoundRecorder(L.Callback):
 
 class FaultInjector(L.Callback):
     """Faults for the reliability tests, from ``FEDLM_TEST_FAULT=kind:rank:round:batch`` (kind: kill, hang, nan,
-    skew: this rank's server step drifts by 1e-3 at that round), injected on the first attempt only (torchrun's
-    restarts run clean)."""
+    skew: this rank's server step drifts by 1e-3 at that round; release: killed after the round's average was sent,
+    before its checkpoint), injected on the first attempt only (torchrun's restarts run clean)."""
 
     def __init__(self) -> None:
         spec = os.environ.get("FEDLM_TEST_FAULT")
@@ -151,6 +151,10 @@ class FaultInjector(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
         if self._due(trainer, batch_idx) and self.fault[0] == "hang":
             time.sleep(3600)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if self._due(trainer, 0) and self.fault[0] == "release" and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
         if self._due(trainer, trainer.fit_loop.epoch_loop.batch_idx) and self.fault[0] == "nan":

@@ -1,5 +1,6 @@
 """Exact resume, a killed rank, a silent peer, a non-finite client, two nodes on loopback, bad input."""
 
+import hashlib
 import json
 import os
 import socket
@@ -116,6 +117,31 @@ def test_a_dp_round_run_again_after_a_restart_releases_the_same_bits(
         assert torch.equal(a["global"], b["global"])
     (journal,) = tmp_path.glob("dp-releases-*-rank0.json")
     assert sorted(json.loads(journal.read_text())["released"]) == ["0", "1", "2"]
+
+
+@pytest.mark.multiprocess
+def test_a_rank_killed_after_a_dp_release_is_restarted_and_releases_the_same_bits_again(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    """Rank 1 dies after round 2's noised sum left it and before round 2's checkpoint; torchrun restarts the group
+    from round 1's checkpoint, and round 2 is released again: the same bits as before (the journal that the killed
+    attempt wrote holds their hash, and a different payload would have been refused)."""
+    federation = {**FEDERATION, "weighting": "uniform", "dp": {"noise_multiplier": 0.5, "clip_norm": 0.1}}
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation, **checkpointing(tmp_path / "ckpt"))
+    env = {"FEDLM_TEST_FAULT": "release:1:1:0", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    launcher, out = torchrun(2, "--max-restarts=1"), tmp_path / "out"
+    process = start_worker("federated_worker.py", out, config, launcher, "--ckpt_path", "last", env=env)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGKILL" in stderr or "exitcode: -9" in stderr  # rank 1 died in round 2...
+    for rank in range(2):
+        record = torch.load(out / f"rank{rank}.pt")
+        assert len(record["rounds"]) == 2  # ...and the restarted group ran rounds 2 and 3
+        (journal,) = tmp_path.glob(f"dp-releases-*-rank{rank}.json")
+        released = json.loads(journal.read_text())["released"]
+        payloads = [c["tensors"][0] for c in record["collectives"] if c["name"] == "all_reduce" and c["round"] == 1]
+        sent = [hashlib.sha256(p.numpy().tobytes()).hexdigest() for p in payloads if p.dtype == torch.float64]
+        assert released["1"] in sent  # round 2's payload, sent again, is the one the killed attempt sent
 
 
 def start_faulty(out: Path, config: Path, fault: str) -> subprocess.Popen:
