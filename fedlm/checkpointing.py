@@ -116,16 +116,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda file: torch.save(checkpoint, file))
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], mode: int = 0o666) -> None:
     """Let ``write`` fill a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
-    The file is created with the umask's permissions, as ``open`` would (``tempfile.mkstemp`` would make it 0600).
+    The file is created with ``mode`` less the umask, as ``open`` would: 0o600 for a secret, readable by no one else
+    at any moment.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = partial_name(path)
     try:
-        with open(temporary, "xb") as file:
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())

@@ -36,9 +36,13 @@ from fedlm.federation.secure import PUBLIC_KEY_BYTES, PURPOSE, SecureAggregation
 
 SITES = ("site-a", "site-b")
 IMPOSTOR = "mallory"
-# what every rank hands to collectives up to the verdict: its nonce and roster hash, then its site name and signature
+# what every rank hands to collectives up to the verdict: its nonce and roster hash, then its site name and signature,
+# each after announcing its length (fedlm.federation.wire.gather_uint8)
+LENGTH = {"name": "all_gather", "tensors": [["torch.int64", [1]]], "objects": []}
 PROOF = [
+    LENGTH,
     {"name": "all_gather", "tensors": [["torch.uint8", [64]]], "objects": []},
+    LENGTH,
     {"name": "all_gather", "tensors": [["torch.uint8", [128]]], "objects": []},
 ]
 
@@ -304,7 +308,7 @@ def check_outcome(scenario: str, results: list[tuple[int, str, list[dict]]]) -> 
     for rank, (code, stderr, called) in enumerate(results):
         if scenario == "enrolled":
             assert code == 0, stderr[-3000:]
-            assert called[:2] == PROOF and any(c["name"] == "all_reduce" for c in called[2:])
+            assert called[: len(PROOF)] == PROOF and any(c["name"] == "all_reduce" for c in called[len(PROOF) :])
             continue
         assert code != 0
         assert "fedlm: error: enrollment refused" in stderr and REFUSALS[scenario][rank] in stderr, stderr[-3000:]

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedlm.errors import ConfigError, FedlmError
 from fedlm.federation.topology import Topology
+from fedlm.federation.wire import gather_uint8
 
 SITE_ENV, KEY_ENV = "FEDLM_SITE", "FEDLM_SITE_KEY"  # per-node site and key, when the config leaves them null
 ROSTER_VERSION = 1
@@ -275,14 +276,12 @@ class Roster:
 # -- the proof of membership ----------------------------------------------------------------------------------
 
 
-def gather_bytes(payload: bytes, group: dist.ProcessGroup | None) -> list[bytes]:
-    """Every rank's ``payload`` (the same length on every rank), in rank order, as a uint8 all-gather."""
+def gather_bytes(payload: bytes, what: str, group: dist.ProcessGroup | None) -> list[bytes]:
+    """Every rank's ``payload`` (the same length on every rank), in rank order; one process: its own."""
     if not (dist.is_available() and dist.is_initialized()):
         return [payload]
-    tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, tensor, group=group)
-    return [t.numpy().tobytes() for t in gathered]
+    row = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    return [received.numpy().tobytes() for received in gather_uint8(row, len(payload), what, group)]
 
 
 def transcript(challenges: list[bytes], rank: int, site: str) -> bytes:
@@ -356,9 +355,9 @@ class Enrollment:
     def prove(self, topology: Topology, group: dist.ProcessGroup | None = None) -> Membership:
         """The collective proof of membership (every rank calls it once, right after the process group forms):
         returns when every rank is an enrolled site training its own clients, else raises on every rank."""
-        challenges = gather_bytes(os.urandom(NONCE_BYTES) + self.roster.digest(), group)
+        challenges = gather_bytes(os.urandom(NONCE_BYTES) + self.roster.digest(), "enrollment: nonces", group)
         signature = self.key.sign(transcript(challenges, topology.rank, self.key.site))
-        claims = gather_bytes(encode_name(self.key.site) + signature, group)
+        claims = gather_bytes(encode_name(self.key.site) + signature, "enrollment: sites and signatures", group)
         failures = self._roster_mismatches(challenges) + [
             failure
             for rank, claim in enumerate(claims)

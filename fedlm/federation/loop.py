@@ -307,7 +307,7 @@ class FederatedLoop(L.Callback):
         self.round.idle = not self.hosted or batch_idx > self.hosted[-1].last
         for hosted in self.hosted:
             if batch_idx == hosted.first:
-                self._begin_client(trainer, hosted.client)
+                self._begin_client(trainer, hosted)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if self.round.idle:
@@ -332,11 +332,11 @@ class FederatedLoop(L.Callback):
         if batch_idx == self.round.batches - 1:
             self._end_round(pl_module)
 
-    def _begin_client(self, trainer: L.Trainer, client: int) -> None:
+    def _begin_client(self, trainer: L.Trainer, hosted: HostedClient) -> None:
+        client = hosted.client
         self.exchange.write(self.clients.model(client, self.global_params, self.exchange.shared))
         self.round.anchor = self.exchange.parameters()
         self.clients.swap_in(client, trainer, client in self.round.sampled)
-        hosted = next(h for h in self.hosted if h.client == client)
         place_schedules(trainer, self.round.index * (hosted.last - hosted.first + 1))
         # The client's own dropout stream, the same whichever rank hosts it and whether or not the run resumed.
         seed = derive_seed("client-rng", self.config.seed, self.round.index, client, self.topology.rank_in_client)
@@ -454,7 +454,7 @@ class FederatedLoop(L.Callback):
     def _wire_bytes(self, payload: torch.Tensor) -> int:
         """What one rank hands to the round's all-reduce: the float64 payload (a robust rule's holds a row per
         client), or under secure aggregation its int64 encoding with the control slots."""
-        return (payload.numel() + (CONTROL if self.secure is not None else 0)) * 8
+        return (payload.numel() + (CONTROL if self.secure is not None else 0)) * payload.element_size()
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over the world: plain, or through secure aggregation (also in one process, for its rounding)."""

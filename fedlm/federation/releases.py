@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedlm.checkpointing import atomic_write
 from fedlm.errors import FedlmError
 
 
@@ -46,7 +45,6 @@ class ReleaseJournal:
     def open(cls, folder: Path, rank: int, run: str) -> ReleaseJournal:
         """This run's journal for ``rank`` in ``folder``: the one a crashed attempt left, or a new one."""
         path = Path(folder) / f"dp-releases-{run}-rank{rank}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file():
             journal = cls(path, secrets.randbits(63))
             journal.save()
@@ -73,14 +71,5 @@ class ReleaseJournal:
 
     def save(self) -> None:
         """Atomically, readable by this user only."""
-        data = json.dumps({"secret": self.secret, "released": self.released})
-        descriptor, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")  # mode 0600
-        try:
-            with os.fdopen(descriptor, "w") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        data = json.dumps({"secret": self.secret, "released": self.released}).encode()
+        atomic_write(self.path, lambda file: file.write(data), mode=0o600)

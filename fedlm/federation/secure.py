@@ -51,7 +51,6 @@ from fedlm.federation.wire import gather_uint8
 FIELD = "federation.secure_aggregation.fractional_bits"
 CONTROL = 3  # control slots appended to each vector: contributors, too-large ranks, non-finite ranks
 PUBLIC_KEY_BYTES = 32  # an X25519 public key, gathered as a uint8 tensor of this length (fedlm.federation.wire)
-SIGNATURE_BYTES = 64  # an Ed25519 signature of it by the rank's site key, under federation.enrollment
 PURPOSE = b"secure aggregation x25519 public key"
 
 
