@@ -119,7 +119,8 @@ class RoundRecorder(L.Callback):
 class FaultInjector(L.Callback):
     """Faults for the reliability tests, from ``FEDLM_TEST_FAULT=kind:rank:round:batch`` (kind: kill, hang, nan,
     skew: this rank's server step drifts by 1e-3 at that round; release: killed after the round's average was sent,
-    before its checkpoint), injected on the first attempt only (torchrun's restarts run clean)."""
+    before its checkpoint; sync: every rank averages the encoder's gradients over the world, as plain DDP would),
+    injected on the first attempt only (torchrun's restarts run clean)."""
 
     def __init__(self) -> None:
         spec = os.environ.get("FEDLM_TEST_FAULT")
@@ -155,6 +156,12 @@ class FaultInjector(L.Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
         if self._due(trainer, 0) and self.fault[0] == "release" and not trainer.sanity_checking:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_after_backward(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if self.fault is not None and self.fault[0] == "sync":
+            for p in pl_module.encoder.parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(dist.get_world_size())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
         if self._due(trainer, trainer.fit_loop.epoch_loop.batch_idx) and self.fault[0] == "nan":

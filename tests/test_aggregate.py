@@ -74,10 +74,12 @@ def test_distances_and_the_collapse_check() -> None:
     global_shared = torch.zeros(SIZE)
     distances = divergence({0: torch.full((SIZE,), 2.0), 2: global_shared}, global_shared, CLIENTS)
     torch.testing.assert_close(distances, torch.tensor([2.0 * math.sqrt(SIZE), 0.0, 0.0], dtype=torch.float64))
-    check_not_collapsed(distances, [0, 2], steps=4)
-    check_not_collapsed(torch.zeros(CLIENTS), [0, 1, 2], steps=0)  # nothing trained: nothing to compare
-    with pytest.raises(CollapsedClientsError, match="identical encoders"):
-        check_not_collapsed(torch.zeros(CLIENTS), [0, 1], steps=4)
+    same, other = torch.full((SIZE,), 2.0), torch.full((SIZE,), 2.0).nextafter(torch.tensor(3.0))
+    check_not_collapsed({0: same, 2: other}, {0: 3, 2: 3}, world_size=1)  # one ulp apart: not collapsed
+    check_not_collapsed({0: same, 1: same.clone()}, {0: 0, 1: 0}, world_size=1)  # nothing trained: nothing to compare
+    check_not_collapsed({0: same, 1: same.clone()}, {0: 3, 1: 0}, world_size=1)
+    with pytest.raises(CollapsedClientsError, match="all 2 clients that trained ended the round with identical"):
+        check_not_collapsed({0: same, 1: same.clone(), 2: other}, {0: 3, 1: 3, 2: 0}, world_size=1)
 
 
 def trainer_with_adam(parameter: torch.nn.Parameter) -> SimpleNamespace:

@@ -237,6 +237,21 @@ def test_ranks_that_end_a_round_with_different_global_encoders_are_stopped(
     assert "RanksDisagreeError: round 2: the ranks hold different global encoders after averaging" in stderr
 
 
+@pytest.mark.multiprocess
+def test_clients_whose_gradients_are_synchronized_are_stopped_under_dp_too(
+    tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    """Each rank all-reduces the encoder's gradients over the world, as plain DDP would if it slipped past the
+    strategy check: the two clients end round 1 with the same encoder, and the run stops although DP keeps each
+    client's distance from the global encoder home."""
+    federation = {**FEDERATION, "weighting": "uniform", "dp": {"noise_multiplier": 0.5, "clip_norm": 0.1}}
+    config = write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation)
+    process = start_faulty(tmp_path / "out", config, "sync:0:0:0")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0, stderr[-3000:]
+    assert "CollapsedClientsError: all 2 clients that trained ended the round with identical encoders" in stderr, stderr[-4000:]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

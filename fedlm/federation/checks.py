@@ -62,11 +62,28 @@ def check_all_finite(failed: list[int], round_index: int) -> None:
         )
 
 
-def check_not_collapsed(distances: torch.Tensor, sampled: list[int], steps: int) -> None:
-    """Exactly 0 for every sampled client after local steps: the clients trained as one."""
-    if len(sampled) > 1 and steps > 0 and float(distances[sampled].max()) == 0.0:
+def digest(vector: torch.Tensor) -> int:
+    """56 bits of the SHA-256 of a vector's bytes: equal for bitwise equal vectors, and nothing else about them."""
+    return int.from_bytes(hashlib.sha256(vector.detach().cpu().numpy().tobytes()).digest()[:7], "little")
+
+
+def check_not_collapsed(sent: dict[int, torch.Tensor], steps: dict[int, int], world_size: int) -> None:
+    """Every client that trained this round sent bitwise the same vector: the clients trained as one.
+
+    Compared by digest, not by distance, so that it also runs under DP, where distances stay home: what travels is
+    the count of clients that trained and the smallest and largest digest (two all-reduces of 8 and 16 bytes).
+    ``sent`` holds this rank's clients (those it leads), ``steps`` their local step counts.
+    """
+    digests = [digest(vector) for client, vector in sent.items() if steps[client] > 0]
+    count = torch.tensor([len(digests)], dtype=torch.int64)
+    spread = torch.tensor([max(digests, default=-1), -min(digests, default=2**56)], dtype=torch.int64)
+    if world_size > 1:
+        dist.all_reduce(count)
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    if int(count) > 1 and int(spread[0]) == -int(spread[1]):
         raise CollapsedClientsError(
-            "all clients ended the round with identical encoders: gradients were synchronized across clients "
-            "(plain `strategy: ddp` all-reduces over the whole world). Use fedlm's ClientStrategy (the default "
-            "when a federation section is given) so that each client trains on its own data."
+            f"all {int(count)} clients that trained ended the round with identical encoders: gradients were "
+            "synchronized across clients (a strategy or callback that all-reduces over the whole world). Use "
+            "fedlm's ClientStrategy (the default when a federation section is given) so that each client trains "
+            "on its own data."
         )

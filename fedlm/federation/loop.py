@@ -423,7 +423,7 @@ class FederatedLoop(L.Callback):
         distances = divergence(own, self.global_params[shared], clients)
         if figures:
             distances = self._sum(distances)
-        else:  # each rank reports only its own clients', and the collapse check, which would need them all, is off
+        else:  # each rank reports only its own clients'
             distances[[client for client in range(clients) if client not in own]] = float("nan")
         losses = telemetry.client_losses(totals.loss, totals.steps, None if figures else r.losses, clients)
         skipped = [client for client in range(clients) if client not in r.sampled]
@@ -441,8 +441,7 @@ class FederatedLoop(L.Callback):
         )
         pl_module.log_dict(telemetry.metrics(report), on_step=False, on_epoch=True, batch_size=1)
         rank_zero_info(telemetry.log_line(report, self.config.rounds))
-        if figures:
-            checks.check_not_collapsed(distances, r.sampled, int(totals.steps.sum()))
+        checks.check_not_collapsed(own, {c: len(r.losses[c]) for c in own}, self.topology.world_size)
 
     def _open_releases(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ReleaseJournal:
         """This run's DP release journal, beside its logs; a restart of the same run finds the one it left."""
