@@ -11,6 +11,7 @@ import yaml
 
 from fedlm.experiment import TriadConfig, markdown, run_experiment, write_report
 from fedlm.experiment.report import find_runs, group, model_section, read_curve
+from fedlm.errors import ConfigError
 from fedlm.experiment.runner import plan
 from fedlm.experiment.stats import example_bootstrap, hierarchical_bootstrap, mean_interval
 from fedlm.federation.aggregate import payload_layout
@@ -138,6 +139,9 @@ def test_a_run_kind_may_compose_several_configs_in_order(tmp_path: Path) -> None
     assert runs["centralized"][:3] == ["fit", "--config", str(base)]
     with pytest.raises(FileNotFoundError, match=r"local: .*missing.yaml does not exist"):
         plan(replace(config, local=[str(base), str(tmp_path / "missing.yaml")]))
+    assert [run.name for run in plan(replace(config, arms=["federated"]))] == ["federated"]
+    with pytest.raises(ConfigError, match=r"arms=\['federal'\]: give one or more of"):
+        plan(replace(config, arms=["federal"]))
 
 
 @pytest.mark.multiprocess

@@ -25,6 +25,9 @@ from fedlm.experiment.report import write_report
 from fedlm.experiment.runs import LOGS
 
 
+ARMS = ("centralized", "federated", "local")
+
+
 @dataclass
 class TriadConfig:
     """What ``fedlm experiment`` runs.
@@ -45,6 +48,8 @@ class TriadConfig:
         threads: each run's CPU threads (``OMP_NUM_THREADS``, written into its ``command.json``); null: torch's
             default, all cores. A CPU kernel may split a sum differently over another thread count, so a result
             holds still for a given ``threads``, whatever ``jobs`` is.
+        arms: which of centralized, federated and local to run (all three by default); ``[federated]`` compares
+            federation settings over seeds without retraining the others.
     """
 
     centralized: str | list[str] = "configs/fpb_centralized.yaml"
@@ -57,6 +62,7 @@ class TriadConfig:
     wandb_project: str | None = None
     jobs: int = 1
     threads: int | None = None
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ def plan(config: TriadConfig) -> list[PlannedRun]:
     centralized, federated, local = (config_args(n, getattr(config, n)) for n in ("centralized", "federated", "local"))
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds={config.seeds}: give one or more distinct seeds.")
+    if not config.arms or set(config.arms) - set(ARMS):
+        raise ConfigError(f"arms={config.arms}: give one or more of {list(ARMS)}.")
     clients = clients_of(config.federated)
     runs = []
     for seed in config.seeds:
@@ -103,9 +111,11 @@ def plan(config: TriadConfig) -> list[PlannedRun]:
                   "--data.init_args.partition_seed", str(seed)]  # fmt: skip
         if config.zero_shot:
             runs.append(PlannedRun("zero-shot", seed, ["test", *centralized, *seeded]))
-        runs.append(PlannedRun("centralized", seed, ["fit", *centralized, *seeded]))
-        runs.append(PlannedRun("federated", seed, ["fit", *federated, *seeded, "--federation.seed", str(seed)]))
-        for client in range(clients):
+        if "centralized" in config.arms:
+            runs.append(PlannedRun("centralized", seed, ["fit", *centralized, *seeded]))
+        if "federated" in config.arms:
+            runs.append(PlannedRun("federated", seed, ["fit", *federated, *seeded, "--federation.seed", str(seed)]))
+        for client in range(clients if "local" in config.arms else 0):
             local_args = ["--data.init_args.local_client", str(client), "--data.init_args.local_clients", str(clients)]
             runs.append(PlannedRun(f"local{client}", seed, ["fit", *local, *seeded, *local_args]))
     return runs
