@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
+from fedlm.errors import ConfigError
 from fedlm.experiment import TriadConfig, markdown, run_experiment, write_report
 from fedlm.experiment.report import find_runs, group, model_section, read_curve
-from fedlm.errors import ConfigError
 from fedlm.experiment.runner import plan
 from fedlm.experiment.stats import example_bootstrap, hierarchical_bootstrap, mean_interval
 from fedlm.federation.aggregate import payload_layout

@@ -15,6 +15,7 @@ from fedlm.data.partition import iid_partition
 from fedlm.data.sampler import ClientBlock, RoundBatchSampler
 from fedlm.data.sources import DataError
 from fedlm.federation import FederationConfig, Topology, TopologyError
+from fedlm.federation.secure import SecureAggregationConfig
 
 # -- topology, partition, sampler ------------------------------------------------------------------------
 
@@ -93,6 +94,9 @@ def test_federation_config_errors_name_the_field() -> None:
         FederationConfig(clients=3, rounds=2).validate()
     with pytest.raises(ValueError, match="federation.rounds=0"):
         FederationConfig(clients=3, rounds=0, local_steps=1).validate()
+    masked = SecureAggregationConfig(enabled=True)
+    with pytest.raises(ValueError, match="federation.payload='bfloat16': secure aggregation masks the sum as 64-bit"):
+        FederationConfig(clients=3, rounds=2, local_steps=1, payload="bfloat16", secure_aggregation=masked).validate()
 
 
 def test_client_files_give_each_client_only_its_own_file(synthetic_fpb: Path, tmp_path: Path) -> None:
@@ -194,6 +198,33 @@ def test_single_process_simulation_equals_the_multi_process_run(
                 simulated["rounds"][round_index]["client_params"][client],
                 records[client]["rounds"][round_index]["client_params"][client],
             )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("payload", "nproc"), [("float32", 1), ("bfloat16", 2)])
+def test_a_narrow_payload_averages_within_its_stated_bound_of_float64(
+    payload: str, nproc: int, tiny_gpt2_dir: str, synthetic_fpb: Path, tmp_path: Path
+) -> None:
+    """One round: the global encoder is the float64 average of the clients' vectors within
+    ``2 * R * u * sum_i |w_i (v_i - g)| / sum_i w_i`` (and its float32 rounding); the summands travel in the
+    payload's dtype, the weights and counts in float64."""
+    federation = {**FEDERATION, "rounds": 1, "payload": payload}
+    result, records = run_ranks(tmp_path, write_config(tmp_path, tiny_gpt2_dir, synthetic_fpb, federation), nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = records[0]["initial"].double()
+    vectors = {c: v.double() for r in records for c, v in r["rounds"][0]["client_params"].items()}
+    weights = {c: w for r in records for c, w in r["rounds"][0]["weights"].items()}
+    total = sum(weights.values())
+    exact = sum(weights[c] * vectors[c] for c in vectors) / total
+    unit = {"float32": 2.0**-24, "bfloat16": 2.0**-8}[payload]
+    bound = 2 * nproc * unit * sum(weights[c] * (vectors[c] - start).abs() for c in vectors) / total
+    got = records[0]["rounds"][0]["global"].double()
+    float32_step = exact.float().double().abs() * 2.0**-24
+    assert ((got - exact).abs() <= bound + float32_step).all()
+    assert (got != start).any() and not torch.equal(got, exact.float().double())  # it moved, and not exactly
+    wire = {str(t.dtype) for c in records[0]["collectives"] if c["name"] == "all_reduce" and c["round"] == 0
+            for t in c["tensors"] if t.numel() > 100}  # fmt: skip
+    assert wire == ({f"torch.{payload}"} if nproc > 1 else set())  # one process sums without a collective
 
 
 @pytest.mark.multiprocess

@@ -249,7 +249,9 @@ def test_clients_whose_gradients_are_synchronized_are_stopped_under_dp_too(
     process = start_faulty(tmp_path / "out", config, "sync:0:0:0")
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0, stderr[-3000:]
-    assert "CollapsedClientsError: all 2 clients that trained ended the round with identical encoders" in stderr, stderr[-4000:]
+    assert "CollapsedClientsError: all 2 clients that trained ended the round with identical encoders" in stderr, (
+        stderr[-4000:]
+    )
 
 
 def free_port() -> int:

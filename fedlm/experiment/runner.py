@@ -24,7 +24,6 @@ from fedlm.errors import ConfigError
 from fedlm.experiment.report import write_report
 from fedlm.experiment.runs import LOGS
 
-
 ARMS = ("centralized", "federated", "local")
 
 

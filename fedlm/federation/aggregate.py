@@ -107,6 +107,21 @@ def unpack(payload: torch.Tensor, size: int, clients: int) -> Totals:
     )
 
 
+WIRE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def wire_parts(payload: torch.Tensor, width: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The payload as it travels, each part summed over the world on its own: the summands (the first ``width``
+    values) in ``dtype``, the weights and counts in float64, which must stay exact; one part in float64."""
+    if dtype == torch.float64:
+        return [payload]
+    return [payload[:width].to(dtype), payload[width:]]
+
+
+def from_wire(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([part.double() for part in parts])
+
+
 class Aggregation(Protocol):
     """A rule: what each client adds to the sum, and what the sums make of the global vector."""
 

@@ -44,6 +44,11 @@ class FederationConfig:
             null: no limit.
         average: what is averaged: the encoder's ``parameters``, or its output ``table`` (the virtual-token
             embeddings; see ``fedlm.federation.exchange``).
+        payload: the precision the round's sum travels in. ``float64``: each client's weighted vector, summed
+            exactly (the same bits on any layout of clients over processes). ``float32`` or ``bfloat16``: each
+            client's weighted update from the global vector, so that small values keep their precision, summed
+            in that precision: within ``2 * R * u * sum_i |w_i (v_i - g)| / sum_i w_i`` per value of the float64
+            average over ``R`` processes (``u``: 2^-24 or 2^-8); the counts and weights stay float64.
         private_tokens: split prompts: the last this many virtual tokens are private to each client, trained
             locally and never sent; the global model keeps their initial values.
         personalize_steps: local fine-tuning: after the last round, each client trains its model (the global one,
@@ -78,6 +83,7 @@ class FederationConfig:
     skip_unsampled: bool = True
     client_state_budget_mb: float | None = None
     average: Averaged = "parameters"
+    payload: Literal["float64", "float32", "bfloat16"] = "float64"
     private_tokens: int = 0
     personalize_steps: int = 0
     dp: DPConfig | None = None
@@ -127,6 +133,7 @@ class FederationConfig:
         self.robust.validate()
         self.poison.validate(self.clients)
         self._validate_robust()
+        self._validate_payload()
         if self.enrollment is not None:
             self.enrollment.validate()
         if self.dp is not None:
@@ -136,6 +143,13 @@ class FederationConfig:
                     "federation.dp bounds what one client adds to the round's sum, so every client must count once: "
                     "set federation.weighting: uniform."
                 )
+
+    def _validate_payload(self) -> None:
+        if self.payload != "float64" and self.secure_aggregation.enabled:
+            raise ConfigError(
+                f"federation.payload={self.payload!r}: secure aggregation masks the sum as 64-bit fixed-point "
+                "integers, so a narrower payload would save nothing; set federation.payload: float64."
+            )
 
     def _validate_robust(self) -> None:
         """The combinations a robust rule cannot serve, refused rather than quietly changed."""

@@ -38,7 +38,16 @@ from torch.nn.utils import parameters_to_vector
 
 from fedlm.errors import ConfigError
 from fedlm.federation import checks, telemetry
-from fedlm.federation.aggregate import Aggregation, Contribution, divergence, pack, unpack
+from fedlm.federation.aggregate import (
+    WIRE_DTYPES,
+    Aggregation,
+    Contribution,
+    divergence,
+    from_wire,
+    pack,
+    unpack,
+    wire_parts,
+)
 from fedlm.federation.clients import (
     ClientStates,
     HostedClient,
@@ -93,6 +102,7 @@ class FederatedLoop(L.Callback):
         )
         rule = robust_rule(config.robust, config.sampled_per_round, self.sampled)
         self.rule: Aggregation = PrivateAggregation(self.privacy, rule) if self.privacy else rule
+        self.wire_dtype = WIRE_DTYPES[config.payload]
         self.rounds_to_train = (
             self.privacy.planned_rounds() if self.privacy else config.rounds
         )  # DP: refuses overspending
@@ -393,6 +403,10 @@ class FederatedLoop(L.Callback):
         for client in set(own) & set(poison.clients):  # a simulated attack: what this client sends instead
             own[client] = poisoned(own[client], global_shared, poison.scale)
         weights = {h.client: h.weight for h in self.hosted}
+        # a narrow payload carries updates, whose small values keep their precision: the rule works in the frame
+        # whose origin is the global vector, which is added back to its average
+        origin = None if self.wire_dtype == torch.float64 else global_shared.double()
+        frame = global_shared if origin is None else torch.zeros_like(origin)
 
         def contributions() -> Iterator[Contribution]:
             """One client at a time, so that only one float64 summand is alive while the payload is packed."""
@@ -400,9 +414,8 @@ class FederatedLoop(L.Callback):
                 losses, summand, weight, count = r.losses[client], None, 0.0, 0.0
                 failed = lead and client in r.failed
                 if client in own and not failed:  # only a client's lead rank sends its vector
-                    summand, weight, count = self.rule.summand(
-                        client, own[client], weights[client], global_shared, r.index
-                    )
+                    vector = own[client] if origin is None else own[client].double() - origin
+                    summand, weight, count = self.rule.summand(client, vector, weights[client], frame, r.index)
                 loss = sum(losses) if figures else None
                 yield Contribution(client, len(losses), loss, summand, weight, count, failed)
 
@@ -411,10 +424,12 @@ class FederatedLoop(L.Callback):
         payload = pack(contributions(), samples, width, clients, global_shared.device)
         if self.releases is not None:
             self.releases.record(r.index, payload)  # a re-run of a released round must send the same bits
-        totals = unpack(self._sum(payload), width, clients)
+        parts = wire_parts(payload, width, self.wire_dtype)
+        totals = unpack(from_wire([self._sum(part) for part in parts]), width, clients)
         checks.check_all_finite(totals.failed, r.index)
 
-        self.global_params[shared] = self.server.step(global_shared, self.rule.average(totals, global_shared))
+        average = self.rule.average(totals, frame)
+        self.global_params[shared] = self.server.step(global_shared, average if origin is None else average + origin)
         self.exchange.write(self.global_params)
         if self.topology.world_size > 1:
             checks.check_ranks_agree(self.global_params, r.index)
@@ -434,7 +449,7 @@ class FederatedLoop(L.Callback):
             losses=losses.tolist(),
             distances=distances.tolist(),
             samples=totals.samples.tolist(),
-            client_bytes=telemetry.exchanged_bytes(r.sampled, clients, self._wire_bytes(payload)),
+            client_bytes=telemetry.exchanged_bytes(r.sampled, clients, self._wire_bytes(parts)),
             compute_seconds=time.perf_counter() - r.started - r.comm_seconds,
             comm_seconds=r.comm_seconds,
             privacy=(p.epsilon(), p.peer_epsilon(), p.clip_norm) if p else None,
@@ -450,10 +465,11 @@ class FederatedLoop(L.Callback):
                     "world_size": self.topology.world_size}  # fmt: skip
         return ReleaseJournal.open(Path(trainer.default_root_dir), self.topology.rank, fingerprint(settings))
 
-    def _wire_bytes(self, payload: torch.Tensor) -> int:
-        """What one rank hands to the round's all-reduce: the float64 payload (a robust rule's holds a row per
-        client), or under secure aggregation its int64 encoding with the control slots."""
-        return (payload.numel() + (CONTROL if self.secure is not None else 0)) * payload.element_size()
+    def _wire_bytes(self, parts: list[torch.Tensor]) -> int:
+        """What one rank hands to the round's all-reduces: the payload (a robust rule's holds a row per client) in
+        its wire precision, or under secure aggregation its int64 encoding with the control slots."""
+        values = sum(part.numel() * part.element_size() for part in parts)
+        return values + (CONTROL * parts[0].element_size() if self.secure is not None else 0)
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over the world: plain, or through secure aggregation (also in one process, for its rounding)."""
