@@ -1,6 +1,8 @@
+import hashlib
 import json
 from pathlib import Path
 
+import numpy
 import pytest
 from conftest import REAL_FPB, train_tokenizer
 
@@ -78,6 +80,21 @@ def test_nemo_split_of_the_real_all_agree_file_is_1811_226_227() -> None:
     assert data.splits == again.splits
     texts = {split: {e.fields["sentence"] for e in examples} for split, examples in data.splits.items()}
     assert sum(len(v) for v in texts.values()) >= 2264 - 10  # a few duplicate sentences exist in the file
+
+
+@pytest.mark.skipif(not REAL_FPB.is_dir(), reason="Financial PhraseBank is not beside the project")
+def test_flowertune_split_is_the_leaderboards_1212_test_sentences() -> None:
+    """FlowerTune's test part: ``datasets``' ``train_test_split(seed=42)`` of the 50%-agree file's 4,846 lines in
+    order, which is ``numpy.random.default_rng(42).permutation(4846)[:1212]``; pinned by a hash of its indices."""
+    data = FinancialPhraseBank(path=str(REAL_FPB), agreement="50", split="flowertune", val_fraction=0.1)
+    data.setup("fit")
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 3271, "val": 363, "test": 1212}
+    lines = [int(e.origin.rsplit(":", 1)[1]) - 1 for e in data.splits["test"]]  # the file has no blank lines
+    assert lines == numpy.random.default_rng(42).permutation(4846)[:1212].tolist()
+    digest = hashlib.sha256(numpy.array(lines, dtype=numpy.int64).tobytes()).hexdigest()
+    assert digest == "e92fdcce34a01f4359ab0aa4e2d273732399e6ca30084618d7b7c4362bccb716"
+    held = {e.origin for split in ("train", "val") for e in data.splits[split]}
+    assert len(held) == 4846 - 1212 and not held & {e.origin for e in data.splits["test"]}
 
 
 def test_split_is_seeded_and_complete(synthetic_fpb: Path) -> None:

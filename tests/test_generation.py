@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from fedlm.cli import cli
 from fedlm.cli.export import export_main, peft_usage
+from fedlm.errors import ConfigError
 from fedlm.model.decoding import DecodingConfig, decode
 from fedlm.model.template import VIRTUAL_MARKER
 from fedlm.ptuning.export import TrainedPrompt
@@ -124,6 +125,24 @@ def test_generated_text_maps_to_the_label_it_names_first() -> None:
     assert label_named(" Positive, not negative", words) == 2
     assert label_named("negative outlook; positive later", words) == 0
     assert label_named("no idea", words) == -1
+
+
+def test_flowertunes_rule_checks_positive_then_negative_and_defaults_to_neutral() -> None:
+    """Flower's benchmarks/flowertune-llm/evaluation/finance: "positive" or "Positive" anywhere wins, then
+    "negative" or "Negative", else neutral; the rule is a config, checked against the label words."""
+    words, order = ["negative", "neutral", "positive"], [2, 0]
+    assert label_named("negative outlook; positive later", words, order, default=1) == 2
+    assert label_named(" Negative.", words, order, default=1) == 0
+    assert label_named("NEGATIVE", words, order, default=1) == 1  # their check is case-sensitive but for a capital
+    assert label_named("no idea", words, order, default=1) == 1
+    flowertune = TaskConfig(
+        generated_labels=True, generated_order=["positive", "negative"], generated_default="neutral"
+    )
+    flowertune.validate()
+    with pytest.raises(ConfigError, match=r"generated_order=\['positive', 'bullish'\] .* name classes"):
+        TaskConfig(generated_labels=True, generated_order=["positive", "bullish"]).validate()
+    with pytest.raises(ConfigError, match="set model.task.generated_labels: true"):
+        TaskConfig(generated_default="neutral").validate()
 
 
 SENTENCES = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -29,6 +29,7 @@ from fedlm.data.sources import (
     Agreement,
     DataError,
     existing_file,
+    flowertune_split,
     phrasebank_file,
     phrasebank_levels,
     read_phrasebank,
@@ -415,7 +416,12 @@ class FinancialPhraseBank(TaskData):
             Its file holds every client's training sentences, so a site that must not see them gives
             ``val_file`` and ``test_file`` instead.
         agreement: which file: sentences with at least 50, 66, 75 percent or all annotators agreeing.
-        train_fraction, split_seed: NeMo's split of that file (``split_examples``).
+        split: ``nemo``: NeMo's split (``train_fraction`` for training, the rest halved into validation and test);
+            ``flowertune``: the FlowerTune LLM leaderboard's finance test set (with ``agreement: "50"``, 1,212
+            sentences), and ``val_fraction`` of the other sentences for validation (``flowertune_split``).
+        train_fraction, split_seed: NeMo's split of that file (``split_examples``); ``split_seed`` also draws
+            the flowertune split's validation part.
+        val_fraction: the flowertune split's share of the non-test sentences held out for validation.
         val_file, test_file: validation and test as files of ``sentence@label`` lines (``fedlm split-data`` cuts
             them from the NeMo split); with them ``path`` is never opened. Give both, or neither.
         train_file: the pooled training split as such a file, for a run that trains on it (centralized, or
@@ -430,8 +436,10 @@ class FinancialPhraseBank(TaskData):
         self,
         path: str | None = None,
         agreement: Agreement = "all",
+        split: Literal["nemo", "flowertune"] = "nemo",
         train_fraction: float = 0.8,
         split_seed: int = 1234,
+        val_fraction: float = 0.1,
         val_file: str | None = None,
         test_file: str | None = None,
         train_file: str | None = None,
@@ -461,8 +469,13 @@ class FinancialPhraseBank(TaskData):
                 f"data.partition.kind=agreement takes validation and test from the all-agree split, but "
                 f"data.agreement={agreement!r}; set data.agreement: all (data.partition.levels picks the clients)."
             )
-        self.path, self.agreement = path, agreement
-        self.train_fraction, self.split_seed = train_fraction, split_seed
+        if split == "flowertune" and (val_file is not None or self.partition.kind == "agreement"):
+            raise DataError(
+                "data.split=flowertune cuts validation and test from data.path's file by FlowerTune's protocol; "
+                "remove data.val_file, data.test_file and data.train_file, and give another data.partition.kind."
+            )
+        self.path, self.agreement, self.split = path, agreement, split
+        self.train_fraction, self.split_seed, self.val_fraction = train_fraction, split_seed, val_fraction
         self.train_levels: list[str] = []  # with the agreement partition: each training sentence's level
 
     def load_splits(self) -> dict[str, list[Record]]:
@@ -475,6 +488,8 @@ class FinancialPhraseBank(TaskData):
                 "(data.val_file, data.test_file), so that a site needs only its own training file."
             )
         examples = read_phrasebank(phrasebank_file(self.path, self.agreement))
+        if self.split == "flowertune":
+            return flowertune_split(examples, self.val_fraction, self.split_seed)
         splits = split_examples(examples, self.train_fraction, self.split_seed)
         if self.partition.kind == "agreement":
             held_out = {example.fields["sentence"] for split in ("val", "test") for example in splits[split]}

@@ -23,11 +23,14 @@ from fedlm.tasks.outputs import gather_rows
 Logged = dict[str, Any]
 
 
-def label_named(text: str, words: list[str]) -> int:
-    """The class whose label word ``text`` names first (case-insensitive), or -1 when it names none."""
+def label_named(text: str, words: list[str], order: list[int] | None = None, default: int = -1) -> int:
+    """The class whose label word ``text`` names first (case-insensitive); or, given ``order``, the first class in
+    that order whose word it contains as written or capitalized (FlowerTune's rule); ``default`` when none."""
+    if order is not None:
+        return next((i for i in order if words[i] in text or words[i].capitalize() in text), default)
     lowered = text.lower()
     found = [(lowered.find(word), i) for i, word in enumerate(words) if word and word in lowered]
-    return min(found)[1] if found else -1
+    return min(found)[1] if found else default
 
 
 class ClassificationTask(nn.Module):
@@ -133,8 +136,11 @@ class ClassificationTask(nn.Module):
         prompts = None if batch is None else self.template.prompts(batch)
         generated = decode(lm, prompts, self.config.decoding, self.template.tokenizer)
         words = [word.strip().lower() for word in self.config.label_words.values()]
+        names, c = list(self.config.label_words), self.config
+        order = None if c.generated_order is None else [names.index(name) for name in c.generated_order]
+        default = -1 if c.generated_default is None else names.index(c.generated_default)
         texts = self.template.tokenizer.batch_decode(generated)
-        return [label_named(cut_at_stop(text, self.config.decoding.stop), words) for text in texts]
+        return [label_named(cut_at_stop(text, c.decoding.stop), words, order, default) for text in texts]
 
     # -- evaluation --------------------------------------------------------------------------------------------
 

@@ -46,6 +46,10 @@ class TaskConfig:
             text do: ``generated_acc``, and ``generated_agreement`` with the label-scoring prediction. Greedy decoding
             with one-token label words agrees wherever the first generated token is a label word, which training
             with ``loss: answer_tokens`` teaches and ``label_words`` does not.
+        generated_order, generated_default: how generated text maps to a class, for a leaderboard's rule: with
+            ``generated_order``, the first of these classes whose label word the text contains (as written or
+            capitalized), else ``generated_default`` (null: no class, counted wrong). FlowerTune's finance
+            evaluation: ``[positive, negative]``, default ``neutral``. Without them: the class named first.
         generate_every: validate by generation every this many rounds (epochs): generation on the first
             ``generate_examples`` validation examples, classification with ``generated_labels`` on all of them (0:
             generate at test only). Validation always logs the teacher-forced answer loss.
@@ -65,6 +69,8 @@ class TaskConfig:
     metrics: list[str] = field(default_factory=lambda: ["squad", "rouge"])
     calibrate: Objective | None = None
     generated_labels: bool = False
+    generated_order: list[str] | None = None
+    generated_default: str | None = None
     generate_every: int = 0
     generate_examples: int = 64
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -95,6 +101,14 @@ class TaskConfig:
                 raise ConfigError(f"model.task.metrics={self.metrics!r}: use one or more of {list(METRICS)}.")
         elif self.references_field is not None:
             raise ConfigError("model.task.references_field is for generation; a class's label word is its reference.")
+        named = [*(self.generated_order or []), *([self.generated_default] if self.generated_default else [])]
+        if named and (not self.generated_labels or set(named) - set(self.label_words or {})):
+            raise ConfigError(
+                f"model.task.generated_order={self.generated_order!r} and generated_default="
+                f"{self.generated_default!r} name classes of model.task.label_words "
+                f"({list(self.label_words or {})}) that generated answers map to: set model.task.generated_labels: "
+                "true and use those names."
+            )
         if self.calibrate is not None and self.calibrate not in OBJECTIVES:
             raise ConfigError(f"model.task.calibrate={self.calibrate!r} is unknown; use one of {OBJECTIVES} or null.")
         if self.generate_every < 0 or self.generate_examples <= 0:
