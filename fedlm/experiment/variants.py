@@ -133,10 +133,10 @@ def write(root: Path, out: Path, baseline: str, notes: Path | None = None) -> st
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = plot(runs, out.with_suffix(".png"))
     text = [
-        "# Federation settings on the blog's protocol: validation accuracy against traffic",
+        "# Federation settings: validation accuracy against traffic",
         "",
         f"Built from `{root}` by `{markdown.command_line(PROG, root, out, notes)} --baseline {baseline}`.",
-        "Validation only (226 sentences; nothing here reads the test set). A client's bytes are what it sends and",
+        "Validation only (nothing here reads the test set). A client's bytes are what it sends and",
         "receives in a round; a run's are every client's over all its rounds.",
         "",
         table(runs, baseline),
