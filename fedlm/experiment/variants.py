@@ -80,8 +80,9 @@ def read_runs(root: Path) -> dict[str, list[VariantRun]]:
     return runs
 
 
-def interval(values: list[float], scale: float = 1.0) -> str:
-    i = mean_interval([v * scale for v in values])
+def interval(values: list[float]) -> str:
+    """An accuracy's mean over seeds [95 % t-interval, clipped to [0, 1]]."""
+    i = mean_interval(values, bounds=(0.0, 1.0))
     return f"{i.mean:.3f}" if i.n < 2 else f"{i.mean:.3f} [{i.low:.3f}, {i.high:.3f}]"
 
 
