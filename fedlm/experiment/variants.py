@@ -50,12 +50,10 @@ class VariantRun:
         return self.exchanged[0] / self.clients if self.exchanged else 0.0
 
     def describe(self) -> str:
-        federation, optimizer = (
-            self.config.get("federation") or {},
-            (self.config.get("model") or {}).get("optimizer") or {},
-        )
+        federation = self.config.get("federation") or {}
+        optimizer = (self.config.get("model") or {}).get("optimizer") or {}
         parts = [
-            f"{'slot table' if federation.get('average') == 'table' else 'MLP parameters'}",
+            "slot table" if federation.get("average") == "table" else "MLP parameters",
             str(federation.get("payload", "float64")),
             f"lr {optimizer.get('lr')}",
         ]

@@ -25,9 +25,15 @@ class RanksDisagreeError(FedlmError, RuntimeError):
     """Ranks hold different global encoders (or resumed from different rounds)."""
 
 
-def extremes_over_ranks(value: int) -> tuple[int, int]:
-    """The smallest and largest ``value`` over the world's ranks, in one 16-byte all-reduce."""
-    extremes = torch.tensor([value, -value], dtype=torch.int64)
+def digest(vector: torch.Tensor) -> int:
+    """56 bits of the SHA-256 of a vector's bytes: equal for bitwise equal vectors, and nothing else about them."""
+    return int.from_bytes(hashlib.sha256(vector.detach().cpu().numpy().tobytes()).digest()[:7], "little")
+
+
+def extremes_over_ranks(low: int, high: int | None = None) -> tuple[int, int]:
+    """The smallest ``low`` and the largest ``high`` (by default ``low``) over the world's ranks, in one 16-byte
+    all-reduce."""
+    extremes = torch.tensor([low if high is None else high, -low], dtype=torch.int64)
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
     return -int(extremes[1]), int(extremes[0])
 
@@ -43,8 +49,7 @@ def check_resumed_together(completed_rounds: int) -> None:
 
 def check_ranks_agree(global_params: torch.Tensor, round_index: int) -> None:
     """Every rank must now hold bitwise the same global encoder."""
-    digest = hashlib.sha256(global_params.cpu().numpy().tobytes()).digest()
-    low, high = extremes_over_ranks(int.from_bytes(digest[:7], "little"))  # 56 bits: fits int64
+    low, high = extremes_over_ranks(digest(global_params))
     if low != high:
         raise RanksDisagreeError(
             f"round {round_index + 1}: the ranks hold different global encoders after averaging (checksums "
@@ -62,11 +67,6 @@ def check_all_finite(failed: list[int], round_index: int) -> None:
         )
 
 
-def digest(vector: torch.Tensor) -> int:
-    """56 bits of the SHA-256 of a vector's bytes: equal for bitwise equal vectors, and nothing else about them."""
-    return int.from_bytes(hashlib.sha256(vector.detach().cpu().numpy().tobytes()).digest()[:7], "little")
-
-
 def check_not_collapsed(sent: dict[int, torch.Tensor], steps: dict[int, int], world_size: int) -> None:
     """Every client that trained this round sent bitwise the same vector: the clients trained as one.
 
@@ -76,11 +76,11 @@ def check_not_collapsed(sent: dict[int, torch.Tensor], steps: dict[int, int], wo
     """
     digests = [digest(vector) for client, vector in sent.items() if steps[client] > 0]
     count = torch.tensor([len(digests)], dtype=torch.int64)
-    spread = torch.tensor([max(digests, default=-1), -min(digests, default=2**56)], dtype=torch.int64)
+    low, high = min(digests, default=2**56), max(digests, default=-1)  # a rank without digests: neutral
     if world_size > 1:
         dist.all_reduce(count)
-        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-    if int(count) > 1 and int(spread[0]) == -int(spread[1]):
+        low, high = extremes_over_ranks(low, high)
+    if int(count) > 1 and low == high:
         raise CollapsedClientsError(
             f"all {int(count)} clients that trained ended the round with identical encoders: gradients were "
             "synchronized across clients (a strategy or callback that all-reduces over the whole world). Use "
